@@ -1,0 +1,359 @@
+//! `apply`, `export`, `integrations`, `connections`, `activate`,
+//! `deactivate`, `pause`, `resume`, `test`, `mid-servers`, `status`.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::client::{seg, ApiClient};
+use super::table::{cell, print};
+use super::{split_target, CliError, CliResult};
+
+fn show_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::Usage(format!("standard input: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| CliError::Usage(format!("{file}: cannot be read: {e}")))?
+    };
+    let v = api
+        .post_raw("/v1/apply", "application/toml", Bytes::from(text), &[])
+        .await?;
+    if json {
+        show_json(&v);
+        return Ok(());
+    }
+    let changed = v["changed"].as_array().cloned().unwrap_or_default();
+    if changed.is_empty() {
+        println!("applied {file}: nothing changed");
+    } else {
+        println!("applied {file}:");
+        for c in changed {
+            println!(
+                "  {}: {}{}",
+                cell(&c, "integration"),
+                cell(&c, "state"),
+                c["active_connection"]
+                    .as_str()
+                    .map(|a| format!(", active connection {a}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn export(api: &ApiClient) -> CliResult {
+    print!("{}", api.get_text("/v1/export").await?);
+    Ok(())
+}
+
+pub async fn list(api: &ApiClient, json: bool) -> CliResult {
+    let v = api.get("/v1/integrations").await?;
+    if json {
+        show_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    vec![
+                        cell(i, "name"),
+                        cell(i, "state"),
+                        cell(i, "active_connection"),
+                        cell(i, "environment"),
+                        cell(i, "queue_depth"),
+                        cell(i, "errors"),
+                        cell(i, "last_error"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print(
+        &[
+            "name",
+            "state",
+            "connection",
+            "environment",
+            "queued",
+            "errors",
+            "last error",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn connections(api: &ApiClient, json: bool, integration: Option<&str>) -> CliResult {
+    let integrations = match integration {
+        Some(i) => vec![api.get(&format!("/v1/integrations/{}", seg(i))).await?],
+        None => api
+            .get("/v1/integrations")
+            .await?
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let mut all = Vec::new();
+    for i in &integrations {
+        for c in i["connections"].as_array().cloned().unwrap_or_default() {
+            let mut c = c;
+            c["integration"] = i["name"].clone();
+            all.push(c);
+        }
+    }
+    if json {
+        show_json(&Value::Array(all));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|c| {
+            vec![
+                cell(c, "integration"),
+                cell(c, "name"),
+                cell(c, "environment"),
+                if c["active"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                cell(c, "endpoint_url"),
+                cell(c, "instance_name"),
+                c["auth"]["type"].as_str().unwrap_or("none").to_string(),
+                cell(c, "mid_server"),
+            ]
+        })
+        .collect();
+    print(
+        &[
+            "integration",
+            "connection",
+            "environment",
+            "active",
+            "endpoint",
+            "instance",
+            "auth",
+            "mid server",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn toggle(api: &ApiClient, json: bool, target: &str, action: &str) -> CliResult {
+    let (i, c) = split_target(target)?;
+    let path = match c {
+        None => format!("/v1/integrations/{}/{action}", seg(i)),
+        Some(c) => format!(
+            "/v1/integrations/{}/connections/{}/{action}",
+            seg(i),
+            seg(c)
+        ),
+    };
+    let v = api.post(&path, None).await?;
+    summary(json, &v);
+    Ok(())
+}
+
+pub async fn action(api: &ApiClient, json: bool, integration: &str, action: &str) -> CliResult {
+    let v = api
+        .post(
+            &format!("/v1/integrations/{}/{action}", seg(integration)),
+            None,
+        )
+        .await?;
+    summary(json, &v);
+    Ok(())
+}
+
+fn summary(json: bool, v: &Value) {
+    if json {
+        show_json(v);
+    } else {
+        println!(
+            "{}: {}{}",
+            cell(v, "name"),
+            cell(v, "state"),
+            match (v["active_connection"].as_str(), v["environment"].as_str()) {
+                (Some(c), Some(e)) => format!(", active connection {c} ({e})"),
+                _ => ", no active connection".into(),
+            }
+        );
+    }
+}
+
+pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
+    let (i, Some(c)) = split_target(target)? else {
+        return Err(CliError::Usage(format!(
+            "{target:?}: test needs INTEGRATION/CONNECTION"
+        )));
+    };
+    let v = api
+        .post(
+            &format!("/v1/integrations/{}/connections/{}/test", seg(i), seg(c)),
+            None,
+        )
+        .await?;
+    if json {
+        show_json(&v);
+    } else {
+        let ok = v["ok"].as_bool() == Some(true);
+        println!(
+            "{i}/{c} ({}): {}",
+            cell(&v, "environment"),
+            if ok { "reachable" } else { "FAILED" }
+        );
+        for a in v["attempts"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "  {} {} -> {} ({} ms)",
+                cell(&a, "method"),
+                cell(&a, "url"),
+                match a["status"].as_u64() {
+                    Some(s) => s.to_string(),
+                    None => cell(&a, "error"),
+                },
+                cell(&a, "duration_ms")
+            );
+        }
+        println!(
+            "  instance guard: {} ({})",
+            if v["guard"]["ok"].as_bool() == Some(true) {
+                "passes"
+            } else {
+                "BLOCKS"
+            },
+            v["guard"]["message"].as_str().unwrap_or("")
+        );
+        match (v["tls_days_left"].as_i64(), v["tls_error"].as_str()) {
+            (Some(d), _) => println!("  TLS certificate: {d} days left"),
+            (None, Some(e)) => println!("  TLS certificate: {e}"),
+            _ => {}
+        }
+    }
+    if v["ok"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(CliError::Refused(format!(
+            "connection test of {target} failed"
+        )))
+    }
+}
+
+pub async fn mid_servers(api: &ApiClient, json: bool) -> CliResult {
+    let v = api.get("/v1/mid-servers").await?;
+    if json {
+        show_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    vec![
+                        cell(s, "name"),
+                        cell(s, "address"),
+                        cell(s, "since"),
+                        cell(s, "in_flight"),
+                        cell(s, "protocol_version"),
+                        cell(s, "relay_version"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print(
+        &[
+            "name",
+            "address",
+            "connected since",
+            "in flight",
+            "protocol",
+            "version",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn status(api: &ApiClient, json: bool) -> CliResult {
+    let v = api.get("/v1/status").await?;
+    if json {
+        show_json(&v);
+        return Ok(());
+    }
+    println!(
+        "outboxd {} on {}: {} queued, {} sending, {} in error, store {} bytes",
+        cell(&v, "version"),
+        cell(&v, "instance_name"),
+        cell(&v, "queued"),
+        cell(&v, "sending"),
+        cell(&v, "errors"),
+        cell(&v, "store_bytes"),
+    );
+    println!();
+    let rows: Vec<Vec<String>> = v["integrations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    vec![
+                        cell(i, "name"),
+                        cell(i, "state"),
+                        format!(
+                            "{} ({})",
+                            cell(i, "active_connection"),
+                            cell(i, "environment")
+                        ),
+                        cell(i, "queue_depth"),
+                        cell(i, "errors"),
+                        cell(i, "last_sent_at"),
+                        match i["last_error"].as_str() {
+                            Some(e) => format!("{} at {}", e, cell(i, "last_error_at")),
+                            None => "-".into(),
+                        },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print(
+        &[
+            "integration",
+            "state",
+            "connection",
+            "queued",
+            "errors",
+            "last sent",
+            "last error",
+        ],
+        &rows,
+    );
+    if let Some(mids) = v["mid_servers"].as_array() {
+        println!();
+        for m in mids {
+            println!(
+                "MID server {}: {} relay(s) connected",
+                cell(m, "name"),
+                m["sessions"].as_array().map_or(0, |s| s.len())
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Outbound HTTP clients: rustls settings, a cached client per TLS setting,
+//! and one request with a deadline and a bounded response excerpt.
+//!
+//! A client's TLS identity lives in its rustls `ClientConfig`, so connections
+//! with different client certificates cannot share one; connections with the
+//! same [`TlsSettings`] do, and so share their pooled HTTP/1.1 and HTTP/2
+//! connections.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::model::ProtocolProfile;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How much of a response body an attempt keeps.
+pub const EXCERPT_BYTES: usize = 2048;
+/// How much of a response body is read (and dropped) so the connection can
+/// be reused; a larger body closes the connection instead.
+const DRAIN_LIMIT: usize = 1 << 20;
+
+/// The system CA bundle on Debian and most distributions.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// What a TLS client needs: extra trusted CAs and an optional identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsSettings {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsSettings {
+    pub fn from_profile(profile: Option<&ProtocolProfile>) -> TlsSettings {
+        match profile {
+            None => TlsSettings::default(),
+            Some(p) => TlsSettings {
+                ca: p.ca.clone(),
+                identity: p.client_cert.clone().zip(p.client_key.clone()),
+            },
+        }
+    }
+}
+
+/// The process-wide crypto provider: ring, for the whole workspace.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds a rustls client config: the system and webpki roots plus the
+/// settings' CA, and the client certificate when there is one.
+pub fn tls_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Ok(iter) = CertificateDer::pem_file_iter(SYSTEM_BUNDLE) {
+        for cert in iter.flatten() {
+            let _ = roots.add(cert);
+        }
+    }
+    if let Some(ca) = &settings.ca {
+        let certs = read_certs(ca)?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    match &settings.identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let certs = read_certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("client key {} cannot be read: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))
+        }
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("certificate file {} cannot be read: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "certificate file {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// Clients by TLS settings, built on first use.
+#[derive(Default)]
+pub struct Clients {
+    cache: Mutex<HashMap<TlsSettings, HttpClient>>,
+}
+
+impl Clients {
+    pub fn get(&self, settings: &TlsSettings) -> Result<HttpClient, String> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(settings) {
+            return Ok(c.clone());
+        }
+        let config = tls_config(settings)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        cache.insert(settings.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Drops every client, so changed certificate files are read again.
+    pub fn clear(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// What came back for one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub excerpt: Bytes,
+    pub duration: Duration,
+}
+
+/// Why no response came back.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Sends `req` and reads the response within `timeout`, keeping the first
+/// `keep` bytes of the body.
+pub async fn send(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    keep: usize,
+) -> (Result<Reply, SendError>, Duration) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| SendError::Failed(error_chain(&e)))?;
+        let status = resp.status().as_u16();
+        let (parts, mut body) = resp.into_parts();
+        let mut excerpt = BytesMut::new();
+        let mut read = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                read += data.len();
+                let room = keep.saturating_sub(excerpt.len());
+                excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                if read > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        }
+        Ok(Reply {
+            status,
+            headers: parts.headers,
+            excerpt: excerpt.freeze(),
+            duration: started.elapsed(),
+        })
+    })
+    .await
+    .unwrap_or(Err(SendError::Timeout(timeout)));
+    (result, started.elapsed())
+}
+
+/// An error and its causes on one line: hyper's top-level messages alone
+/// ("client error (Connect)") do not say what went wrong.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,520 @@
+//! The daemon's configuration: parsed, then validated into typed values.
+//!
+//! Three phases, so that everything a file can get wrong is found before a
+//! port is bound: [`RawConfig`] is what serde reads (unknown keys refused),
+//! [`Config::load`] validates it into durations, socket addresses and read
+//! secrets, and only then does the daemon open its store and listen.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::{Secret, SecretValue};
+use crate::units::{parse_duration, parse_size};
+
+/// The prefix of environment overrides (`OUTBOX_API__LISTEN`).
+pub const ENV_PREFIX: &str = "OUTBOX";
+
+/// Name of the generated API token file inside the data dir.
+pub const TOKEN_FILE: &str = "api-token";
+
+/// A configuration problem: the key and what is wrong with it, in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    instance_name: Option<String>,
+    data_dir: Option<String>,
+    retention: Option<String>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    apply: Vec<String>,
+    #[serde(default)]
+    api: RawApi,
+    inbound: Option<RawInbound>,
+    tunnel: Option<RawTunnel>,
+    #[serde(default)]
+    mid_servers: BTreeMap<String, RawMidServer>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    token: Option<Secret>,
+    max_body: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    listen: Option<String>,
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMidServer {
+    token: Secret,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    cache_capacity: Option<String>,
+}
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The instance-name guard's property (SPEC §3.4).
+    pub instance_name: String,
+    pub data_dir: PathBuf,
+    /// How long sent and ignored messages are kept.
+    pub retention: Duration,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Integration files (glob patterns) applied at start and on SIGHUP.
+    pub apply: Vec<String>,
+    pub api: ApiConfig,
+    pub inbound: Option<SocketAddr>,
+    pub tunnel: Option<TunnelConfig>,
+    pub mid_servers: BTreeMap<String, MidServerConfig>,
+    pub log: LogConfig,
+    /// sled page cache in bytes.
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// From the config; `None` means "use or generate `data_dir/api-token`".
+    pub token: Option<SecretValue>,
+    /// Largest request body the API accepts (413 above it).
+    pub max_body: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct MidServerConfig {
+    pub token: SecretValue,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Defaults, named so the README and the code agree.
+pub mod defaults {
+    pub const DATA_DIR: &str = "./outbox-data";
+    pub const RETENTION: &str = "7d";
+    pub const SHUTDOWN_GRACE: &str = "30s";
+    pub const API_LISTEN: &str = "127.0.0.1:8425";
+    /// Large enough for any sensible message, small enough that a runaway
+    /// producer cannot fill memory with one request.
+    pub const API_MAX_BODY: &str = "4MiB";
+    pub const TUNNEL_LISTEN: &str = "0.0.0.0:4433";
+    pub const LOG_LEVEL: &str = "info";
+    /// sled's default page cache is 1 GiB; 64 MiB keeps the daemon's memory
+    /// small while holding the hot part of a queue of a few hundred thousand
+    /// messages.
+    pub const CACHE_CAPACITY: &str = "64MiB";
+}
+
+impl Config {
+    /// Loads the optional file plus `OUTBOX_*` overrides from `env`, then
+    /// validates. `env` is passed in so tests need not touch the process
+    /// environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let raw = Self::read(file, env)?;
+        Self::validate(raw)
+    }
+
+    fn read(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<RawConfig, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(err(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("apply")
+                .try_parsing(false)
+                .source(Some(overrides(env))),
+        );
+        let merged = builder.build().map_err(|e| from_config_error(e, file))?;
+        merged
+            .try_deserialize::<RawConfig>()
+            .map_err(|e| from_config_error(e, file))
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let instance_name = match raw.instance_name {
+            Some(name) if name.trim().is_empty() => {
+                return Err(err("instance_name", "must not be blank"))
+            }
+            Some(name) => name,
+            None => host_name(),
+        };
+        let duration = |key: &str, value: Option<String>, default: &str| {
+            let text = value.unwrap_or_else(|| default.to_string());
+            parse_duration(&text).map_err(|p| err(key, p))
+        };
+        let retention = duration("retention", raw.retention, defaults::RETENTION)?;
+        let shutdown_grace = duration(
+            "shutdown_grace",
+            raw.shutdown_grace,
+            defaults::SHUTDOWN_GRACE,
+        )?;
+        for (i, pattern) in raw.apply.iter().enumerate() {
+            glob::Pattern::new(pattern)
+                .map_err(|e| err(format!("apply[{i}]"), format!("{pattern:?}: {e}")))?;
+        }
+
+        let listen = socket_addr(
+            "api.listen",
+            raw.api.listen.as_deref().unwrap_or(defaults::API_LISTEN),
+        )?;
+        let token = match raw.api.token {
+            Some(secret) => Some(resolve("api.token", &secret)?),
+            None => None,
+        };
+        let max_body = parse_size(
+            raw.api
+                .max_body
+                .as_deref()
+                .unwrap_or(defaults::API_MAX_BODY),
+        )
+        .map_err(|p| err("api.max_body", p))? as usize;
+
+        let inbound = raw
+            .inbound
+            .map(|i| socket_addr("inbound.listen", &i.listen))
+            .transpose()?;
+        let tunnel = match raw.tunnel {
+            Some(t) => {
+                let listen = socket_addr(
+                    "tunnel.listen",
+                    t.listen.as_deref().unwrap_or(defaults::TUNNEL_LISTEN),
+                )?;
+                let cert = readable_file("tunnel.cert", &t.cert)?;
+                let key = readable_file("tunnel.key", &t.key)?;
+                Some(TunnelConfig { listen, cert, key })
+            }
+            None => None,
+        };
+        let mut mid_servers = BTreeMap::new();
+        for (name, mid) in raw.mid_servers {
+            if !crate::model::valid_name(&name) {
+                return Err(err(
+                    format!("mid_servers.{name}"),
+                    "a MID server name uses letters, digits, '.', '_' and '-' only",
+                ));
+            }
+            let token = resolve(&format!("mid_servers.{name}.token"), &mid.token)?;
+            mid_servers.insert(name, MidServerConfig { token });
+        }
+
+        let level = raw
+            .log
+            .level
+            .unwrap_or_else(|| defaults::LOG_LEVEL.to_string());
+        tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+            err(
+                "log.level",
+                format!("{level:?} is not a tracing filter: {e}"),
+            )
+        })?;
+        let format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "log.format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+        let cache_capacity = parse_size(
+            raw.store
+                .cache_capacity
+                .as_deref()
+                .unwrap_or(defaults::CACHE_CAPACITY),
+        )
+        .map_err(|p| err("store.cache_capacity", p))?;
+
+        Ok(Config {
+            instance_name,
+            data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| defaults::DATA_DIR.into())),
+            retention,
+            shutdown_grace,
+            apply: raw.apply,
+            api: ApiConfig {
+                listen,
+                token,
+                max_body,
+            },
+            inbound,
+            tunnel,
+            mid_servers,
+            log: LogConfig { level, format },
+            cache_capacity,
+        })
+    }
+
+    /// The files the `apply` patterns name now, sorted, so they apply in a
+    /// stable order.
+    pub fn apply_files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        let mut files = Vec::new();
+        for (i, pattern) in self.apply.iter().enumerate() {
+            let paths =
+                glob::glob(pattern).map_err(|e| err(format!("apply[{i}]"), e.to_string()))?;
+            for path in paths {
+                files.push(path.map_err(|e| err(format!("apply[{i}]"), e.to_string()))?);
+            }
+        }
+        files.sort();
+        files.dedup();
+        Ok(files)
+    }
+}
+
+/// The process environment's `OUTBOX_*` variables that name config keys.
+///
+/// The same prefix also carries the CLI's `OUTBOX_API` and `OUTBOX_TOKEN`
+/// and, by convention, secrets such as `OUTBOX_MID_DC1_TOKEN`; those are not
+/// config keys. An override is therefore either a known top-level key or has
+/// a `__` section separator; anything else is left alone rather than
+/// refused as an unknown key.
+fn overrides(env: impl IntoIterator<Item = (String, String)>) -> config::Map<String, String> {
+    const TOP_LEVEL: [&str; 5] = [
+        "INSTANCE_NAME",
+        "DATA_DIR",
+        "RETENTION",
+        "SHUTDOWN_GRACE",
+        "APPLY",
+    ];
+    let prefix = format!("{ENV_PREFIX}_");
+    env.into_iter()
+        .filter(|(k, _)| {
+            k.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.contains("__") || TOP_LEVEL.contains(&rest))
+        })
+        .collect()
+}
+
+fn from_config_error(e: config::ConfigError, file: Option<&Path>) -> ConfigError {
+    let text = e.to_string();
+    // The config crate words unknown keys as "unknown field `x`, expected ..."
+    // and type errors "... for key `a.b` in FILE"; keep that, but on one line
+    // and with the file named once.
+    let between = |marker: &str| {
+        text.split(marker)
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string)
+    };
+    let key = match (between("unknown field `"), between("for key `")) {
+        (Some(field), Some(section)) => Some(format!("{section}.{field}")),
+        (Some(field), None) => Some(field),
+        (None, section) => section,
+    }
+    .unwrap_or_else(|| {
+        file.map(|f| f.display().to_string())
+            .unwrap_or_else(|| "config".into())
+    });
+    err(key, text.replace('\n', " "))
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        err(
+            key,
+            format!("{text:?} is not a socket address like \"127.0.0.1:8425\""),
+        )
+    })
+}
+
+fn resolve(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError> {
+    secret
+        .resolve()
+        .map(SecretValue::new)
+        .map_err(|e| err(key, e.to_string()))
+}
+
+fn readable_file(key: &str, path: &str) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(path);
+    std::fs::metadata(&path)
+        .map_err(|e| err(key, format!("{} cannot be read: {e}", path.display())))?;
+    Ok(path)
+}
+
+/// The machine's host name, the default `instance_name`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), Vec::new())
+    }
+
+    #[test]
+    fn runs_on_defaults_without_a_file() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.api.listen, "127.0.0.1:8425".parse().unwrap());
+        assert_eq!(c.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.data_dir, PathBuf::from("./outbox-data"));
+        assert!(c.api.token.is_none());
+        assert!(!c.instance_name.is_empty());
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let env = vec![
+            (
+                "OUTBOX_API__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            ("OUTBOX_INSTANCE_NAME".to_string(), "acme-dev".to_string()),
+            // Not config keys: the CLI's variables and a secret.
+            ("OUTBOX_API".to_string(), "http://x".to_string()),
+            ("OUTBOX_TOKEN".to_string(), "t".to_string()),
+            ("OUTBOX_MID_DC1_TOKEN".to_string(), "t".to_string()),
+        ];
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!(c.api.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.instance_name, "acme-dev");
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            ("retention = \"forever\"", "retention"),
+            ("[api]\nlisten = \"localhost\"", "api.listen"),
+            ("[api]\nlisten = \"127.0.0.1:1\"\nlisen = 1", "api.lisen"),
+            ("colour = \"blue\"", "colour"),
+            (
+                "[api]\ntoken = { env = \"OUTBOX_TEST_SURELY_UNSET_VAR\" }",
+                "api.token",
+            ),
+            (
+                "[api]\ntoken = { file = \"/nonexistent/token\" }",
+                "api.token",
+            ),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[log]\nlevel = \"[[[\"", "log.level"),
+            ("instance_name = \"  \"", "instance_name"),
+            (
+                "[mid_servers.dc1]\ntoken = { env = \"OUTBOX_TEST_SURELY_UNSET_VAR\" }",
+                "mid_servers.dc1.token",
+            ),
+            ("[store]\ncache_capacity = \"big\"", "store.cache_capacity"),
+            (
+                "[tunnel]\ncert = \"/nonexistent.crt\"\nkey = \"/nonexistent.key\"",
+                "tunnel.cert",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = load_str(text).expect_err(text);
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn apply_patterns_expand_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.toml", "a.toml", "c.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let pattern = format!("{}/*.toml", dir.path().display());
+        let c = load_str(&format!("apply = [{pattern:?}]")).unwrap();
+        let files = c.apply_files().unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.toml", "b.toml"]);
+    }
+}

@@ -1,0 +1,184 @@
+//! The daemon's life: open the store, apply the files, listen, dispatch,
+//! and stop cleanly when `shutdown` completes.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{self, App};
+use crate::config::{Config, LogFormat};
+use crate::queue::Queue;
+use crate::store::Store;
+
+/// Sets up tracing to stderr in the configured format.
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Why the daemon could not start: bad apply files are a configuration
+/// problem (exit 2); the rest are operational (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Runs the daemon until `shutdown` completes. `ready` is called once the
+/// store is open and the API listens.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&Arc<App>),
+) -> Result<(), StartError> {
+    let store = {
+        let dir = config.data_dir.clone();
+        let cache = config.cache_capacity;
+        tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+            .await
+            .context("store open task")?
+            .map_err(anyhow::Error::from)?
+    };
+    let catalog = store.load_catalog().context("loading the catalog")?;
+    let queue = Queue::open(&store).context("loading the queue")?;
+    let token = app::api_token(&config, &config.data_dir)?;
+    let app = Arc::new(App::new(config, store, queue, token, catalog));
+
+    let texts =
+        app::read_apply_files(&app.config).map_err(|e| StartError::Config(e.to_string()))?;
+    if !texts.is_empty() {
+        let changes = app
+            .apply_texts(&texts)
+            .await
+            .map_err(|e| StartError::Config(format!("apply files: {e}")))?;
+        tracing::info!(
+            files = texts.len(),
+            changed = changes.len(),
+            "applied integration files"
+        );
+    }
+
+    let listener = tokio::net::TcpListener::bind(app.config.api.listen)
+        .await
+        .with_context(|| format!("api.listen {}: cannot listen", app.config.api.listen))?;
+    let (queued, _, errors) = app.queue.totals();
+    tracing::info!(
+        api = %app.config.api.listen,
+        data_dir = %app.config.data_dir.display(),
+        instance_name = %app.config.instance_name,
+        queued,
+        errors,
+        "outboxd is up"
+    );
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let workers = TaskTracker::new();
+    tasks.spawn(crate::api::serve(listener, app.clone(), stop.clone()));
+    tasks.spawn(crate::dispatch::run(
+        app.clone(),
+        stop.clone(),
+        workers.clone(),
+    ));
+    tasks.spawn(crate::dispatch::prune(app.clone(), stop.clone()));
+    ready(&app);
+
+    shutdown.await;
+    tracing::info!(grace = ?app.config.shutdown_grace, "stopping: no new messages; waiting for attempts in flight");
+    app.queue.close();
+    stop.cancel();
+    tasks.close();
+    workers.close();
+    let drained = tokio::time::timeout(app.config.shutdown_grace, async {
+        tasks.wait().await;
+        workers.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        // Whatever is still in flight is queued on disk already (sending is
+        // never written), so it goes out again after the restart.
+        tracing::warn!(
+            in_flight = app.queue.in_flight_total(),
+            "grace period over; attempts still in flight will be made again after restart"
+        );
+    }
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("final flush task")?
+        .context("final flush")?;
+    tracing::info!("outboxd stopped");
+    Ok(())
+}
+
+/// Reloads on each message of `hup` (SIGHUP): reads the config file again
+/// and re-applies the `apply` files. A bad config or file is logged and the
+/// running state kept; no queued message is touched either way. Settings
+/// that only take effect at start (listen addresses, data dir) are reported.
+pub fn spawn_reloader(
+    app: &Arc<App>,
+    config_path: Option<std::path::PathBuf>,
+    mut hup: tokio::sync::mpsc::Receiver<()>,
+) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload(&app, config_path.as_deref()).await;
+        }
+    });
+}
+
+async fn reload(app: &Arc<App>, config_path: Option<&std::path::Path>) {
+    tracing::info!("reloading configuration");
+    let new = match Config::load(config_path, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: invalid configuration; the running configuration stays");
+            return;
+        }
+    };
+    let old = &app.config;
+    let mut restart = Vec::new();
+    if new.api.listen != old.api.listen {
+        restart.push("api.listen");
+    }
+    if new.data_dir != old.data_dir {
+        restart.push("data_dir");
+    }
+    if new.instance_name != old.instance_name {
+        restart.push("instance_name");
+    }
+    if new.mid_servers.keys().ne(old.mid_servers.keys()) {
+        restart.push("mid_servers");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "these settings changed and take effect at the next restart");
+    }
+    let texts = match app::read_apply_files(&new) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the running integrations stay");
+            return;
+        }
+    };
+    match app.apply_texts(&texts).await {
+        Ok(changes) => {
+            app.clients.clear();
+            app.tokens.clear();
+            tracing::info!(files = texts.len(), changed = changes.len(), "reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "reload refused: the running integrations stay"),
+    }
+}

@@ -1,0 +1,249 @@
+//! Dispatch: the scheduler that decides what goes now, and the workers that
+//! make one attempt each.
+//!
+//! The scheduler sleeps until the earliest due message, or until the queue
+//! wakes it (enqueue, a finished attempt, replay) or the catalog changes
+//! (activation, pause). It never polls on a fixed tick. Per-integration
+//! concurrency is the number of messages a lane may have in flight; the
+//! scheduler takes no more than that, so a slow remote system cannot starve
+//! the others.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::catalog::State;
+use crate::deliver::{self, Outcome, Senders};
+use crate::model::FinalState;
+use crate::queue::{format_id, now_ms, Attempt, Disposition, MessageState};
+
+/// How often sent messages past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a message waits before trying again for a MID server that has
+/// no relay connected (a relay connecting wakes the scheduler sooner).
+const MID_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the scheduler until `shutdown`; attempts are spawned on `workers`
+/// so the caller can wait for them within the grace period.
+pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracker) {
+    loop {
+        let catalog = app.catalog();
+        let now = now_ms();
+        let (jobs, next) = app.queue.take_due(now, |name| {
+            let e = catalog.integrations.get(name)?;
+            (e.state() == State::Active).then_some(e.spec.concurrency as usize)
+        });
+        for (integration, seq) in jobs {
+            let app = app.clone();
+            let span = tracing::info_span!("deliver", %integration, id = %format_id(seq));
+            workers.spawn(async move { attempt(&app, &integration, seq).await }.instrument(span));
+        }
+        let sleep = match next {
+            Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = app.queue.wake.notified() => {}
+            _ = app.catalog_changed.notified() => {}
+            _ = app.relay_connected.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+/// Prunes sent and ignored messages older than the retention, every minute.
+pub async fn prune(app: Arc<App>, shutdown: CancellationToken) {
+    loop {
+        let cutoff = now_ms().saturating_sub(app.config.retention.as_millis() as u64);
+        let queue = app.clone();
+        match tokio::task::spawn_blocking(move || queue.queue.prune(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(pruned = n, "pruned messages past their retention"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),
+            Err(e) => tracing::warn!(error = %e, "pruning task failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}
+
+/// One attempt for message `seq` of `integration`.
+async fn attempt(app: &App, integration: &str, seq: u64) {
+    let job = match app.queue.job(seq) {
+        Ok(Some(job)) => job,
+        Ok(None) => return app.queue.release(integration, seq),
+        Err(e) => {
+            tracing::error!(error = %e, "message cannot be read; left queued");
+            return app.queue.release(integration, seq);
+        }
+    };
+    let rec = job.record;
+    let catalog = app.catalog();
+    let Some(entry) = catalog.integrations.get(integration) else {
+        return finish(app, rec, None, Disposition::PutBack);
+    };
+    let spec = &entry.spec;
+    let (true, Some(connection)) = (entry.state() == State::Active, spec.active_connection())
+    else {
+        return finish(app, rec, None, Disposition::PutBack);
+    };
+    let n = rec.attempts + 1;
+    let mut base = Attempt {
+        n,
+        at_ms: now_ms(),
+        connection: Some(connection.name.clone()),
+        environment: Some(connection.environment.to_string()),
+        via: "direct".into(),
+        ..Default::default()
+    };
+    let where_ = format!(
+        "{integration}/{} ({})",
+        connection.name, connection.environment
+    );
+
+    if let Err(e) = deliver::guard(&app.config.instance_name, connection) {
+        tracing::warn!(connection = %connection.name, error = %e, "{where_}: not sent");
+        base.error = Some(e);
+        base.outcome = "error".into();
+        return finish(
+            app,
+            rec,
+            Some(base),
+            Disposition::Final(MessageState::Error),
+        );
+    }
+    let prepared = spec
+        .message_type(&rec.message)
+        .ok_or_else(|| {
+            format!(
+                "message type {:?} no longer exists in integration {integration}",
+                rec.message
+            )
+        })
+        .and_then(|mt| deliver::build(connection, mt, &rec, job.body.clone()));
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "{where_}: request cannot be built");
+            base.error = Some(e);
+            base.outcome = "error".into();
+            return finish(
+                app,
+                rec,
+                Some(base),
+                Disposition::Final(MessageState::Error),
+            );
+        }
+    };
+    if let Some(mid) = &connection.mid_server {
+        base.via = format!("mid:{mid}");
+        base.method = Some(prepared.method.to_string());
+        base.url = Some(prepared.url.clone());
+        base.error = Some(format!("MID server {mid} is not connected"));
+        base.outcome = format!("waiting for MID server {mid}");
+        let due = now_ms() + MID_WAIT.as_millis() as u64;
+        return finish(
+            app,
+            rec,
+            Some(base),
+            Disposition::Retry {
+                due_ms: due,
+                counts: false,
+            },
+        );
+    }
+
+    let senders = Senders {
+        clients: &app.clients,
+        tokens: &app.tokens,
+        catalog: &catalog,
+    };
+    let started = Instant::now();
+    let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout).await;
+    let mut rng = rand::thread_rng();
+    let (mut record, outcome) = match exchange {
+        Ok(x) => {
+            let status = x.result.as_ref().ok().map(|r| r.status);
+            let ra = x
+                .result
+                .as_ref()
+                .ok()
+                .and_then(|r| deliver::retry_after(&r.headers));
+            let via = base.via.clone();
+            (
+                deliver::attempt_record(n, connection, &via, &x),
+                deliver::classify(spec, n, status, ra, &mut rng),
+            )
+        }
+        Err(e) => {
+            // Nothing was sent: a credential or profile could not be read.
+            // It may be fixed without touching the message, so retry.
+            base.error = Some(e);
+            base.duration_ms = started.elapsed().as_millis() as u64;
+            (base, deliver::classify(spec, n, None, None, &mut rng))
+        }
+    };
+    let disposition = match &outcome {
+        Outcome::Sent => Disposition::Sent,
+        Outcome::Retry(after) => Disposition::Retry {
+            due_ms: now_ms() + after.as_millis() as u64,
+            counts: true,
+        },
+        Outcome::Final(FinalState::Sent) => Disposition::Sent,
+        Outcome::Final(FinalState::Error) => Disposition::Final(MessageState::Error),
+        Outcome::Final(FinalState::Ignored) => Disposition::Final(MessageState::Ignored),
+    };
+    record.outcome = match &outcome {
+        Outcome::Sent => "sent".into(),
+        Outcome::Retry(after) => format!(
+            "retry in {}",
+            crate::units::format_duration(Duration::from_millis(after.as_millis() as u64))
+        ),
+        Outcome::Final(s) => format!("{s:?}").to_lowercase(),
+    };
+    let status = record.status.map(i64::from).unwrap_or(-1);
+    match &outcome {
+        Outcome::Sent => tracing::info!(
+            connection = %connection.name,
+            environment = %connection.environment,
+            status,
+            duration_ms = record.duration_ms,
+            attempt = n,
+            "delivered"
+        ),
+        _ => tracing::info!(
+            connection = %connection.name,
+            environment = %connection.environment,
+            status,
+            duration_ms = record.duration_ms,
+            attempt = n,
+            error = record.error.as_deref().unwrap_or(""),
+            outcome = %record.outcome,
+            "not delivered"
+        ),
+    }
+    finish(app, rec, Some(record), disposition)
+}
+
+fn finish(
+    app: &App,
+    rec: crate::queue::MessageRecord,
+    attempt: Option<Attempt>,
+    disposition: Disposition,
+) {
+    let integration = rec.integration.clone();
+    let seq = rec.seq;
+    if let Err(e) = app.queue.finish(rec, attempt, disposition) {
+        // The record could not be updated; in memory it is released, and on
+        // disk it is still queued, so it will be attempted again.
+        tracing::error!(error = %e, "message state cannot be written");
+        app.queue.release(&integration, seq);
+    }
+}

@@ -1,0 +1,23 @@
+//! The Outbox daemon library: everything `outboxd` and `outbox` run, so
+//! tests reach it without going through the binaries.
+
+pub mod api;
+pub mod app;
+pub mod apply;
+pub mod catalog;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod conntest;
+pub mod daemon;
+pub mod deliver;
+pub mod dispatch;
+pub mod docs;
+pub mod model;
+pub mod oauth;
+pub mod queue;
+pub mod secret;
+pub mod status;
+pub mod store;
+pub mod template;
+pub mod units;

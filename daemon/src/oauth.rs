@@ -1,0 +1,165 @@
+//! OAuth 2.0 client credentials: one cached token per profile.
+//!
+//! A token is used until 80% of its `expires_in` has passed, then fetched
+//! again. Each profile has one async mutex around its token, so however many
+//! deliveries need a token at once, one request goes to the token endpoint
+//! and the rest wait for its answer. A 401 from the remote system
+//! invalidates the token it was sent with (not a newer one), and the
+//! delivery fetches a fresh one once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, Method, Request};
+use http_body_util::Full;
+
+use crate::client::{send, Clients, TlsSettings};
+use crate::model::OAuthProfile;
+use crate::secret::SecretValue;
+
+/// Fraction of `expires_in` after which a token is refreshed.
+const REFRESH_AT: f64 = 0.8;
+/// Used when the token endpoint does not say how long a token lives.
+const DEFAULT_EXPIRES_IN: u64 = 3600;
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Token answers are small JSON documents; JWTs reach a few KiB.
+const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct Token {
+    value: SecretValue,
+    refresh_at: Instant,
+}
+
+#[derive(Default)]
+pub struct TokenCache {
+    profiles: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Token>>>>>,
+    /// Tokens fetched, for metrics and tests.
+    pub fetched: std::sync::atomic::AtomicU64,
+}
+
+impl TokenCache {
+    fn slot(&self, profile: &str) -> Arc<tokio::sync::Mutex<Option<Token>>> {
+        self.profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(profile.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A valid token for `profile`, fetching one if needed.
+    pub async fn token(
+        &self,
+        profile: &OAuthProfile,
+        clients: &Clients,
+    ) -> Result<SecretValue, String> {
+        let slot = self.slot(&profile.name);
+        let mut guard = slot.lock().await;
+        if let Some(t) = guard.as_ref() {
+            if Instant::now() < t.refresh_at {
+                return Ok(t.value.clone());
+            }
+        }
+        let token = fetch(profile, clients).await?;
+        self.fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *guard = Some(token.clone());
+        Ok(token.value)
+    }
+
+    /// Forgets `used` if it is still the cached token of `profile`.
+    pub async fn invalidate(&self, profile: &str, used: &SecretValue) {
+        let slot = self.slot(profile);
+        let mut guard = slot.lock().await;
+        if guard.as_ref().is_some_and(|t| t.value == *used) {
+            *guard = None;
+        }
+    }
+
+    /// Drops every cached token (profiles may have changed).
+    pub fn clear(&self) {
+        self.profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+async fn fetch(profile: &OAuthProfile, clients: &Clients) -> Result<Token, String> {
+    let what = format!("oauth profile {}", profile.name);
+    let secret = profile
+        .client_secret
+        .resolve()
+        .map_err(|e| format!("{what}: client_secret: {e}"))?;
+    let client = clients
+        .get(&TlsSettings {
+            ca: profile.ca.clone(),
+            identity: None,
+        })
+        .map_err(|e| format!("{what}: {e}"))?;
+    let mut form = String::from("grant_type=client_credentials");
+    if !profile.scope.is_empty() {
+        form.push_str("&scope=");
+        form.push_str(&form_encode(&profile.scope));
+    }
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        form_encode(&profile.client_id),
+        form_encode(&secret)
+    ));
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(&profile.token_url)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .header(header::AUTHORIZATION, format!("Basic {basic}"))
+        .body(Full::new(Bytes::from(form)))
+        .map_err(|e| format!("{what}: token_url {}: {e}", profile.token_url))?;
+    let started = Instant::now();
+    let (reply, _) = send(&client, req, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT).await;
+    let reply = reply.map_err(|e| format!("{what}: token endpoint {}: {e}", profile.token_url))?;
+    if reply.status != 200 {
+        return Err(format!(
+            "{what}: token endpoint {} answered {}: {}",
+            profile.token_url,
+            reply.status,
+            String::from_utf8_lossy(&reply.excerpt).trim()
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        access_token: String,
+        expires_in: Option<u64>,
+    }
+    let answer: Answer = serde_json::from_slice(&reply.excerpt).map_err(|e| {
+        format!(
+            "{what}: token endpoint {} answered without an access_token: {e}",
+            profile.token_url
+        )
+    })?;
+    let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN));
+    Ok(Token {
+        value: SecretValue::new(answer.access_token),
+        refresh_at: started + lifetime.mul_f64(REFRESH_AT),
+    })
+}
+
+/// `application/x-www-form-urlencoded` encoding (RFC 6749 §2.3.1 asks for
+/// it on client credentials in the basic header too).
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}

@@ -1,0 +1,991 @@
+//! The durable message queue: records in sled, the schedule in memory.
+//!
+//! The message records in the store are the truth; what is due, what waits
+//! behind an ordering key and what is in flight is an index kept in memory
+//! and rebuilt from the records at start. That keeps a delivery to three
+//! sled writes (attempt, record, retention index) and no index to keep
+//! consistent on disk. `sending` exists only in memory: a message on disk is
+//! `queued` until it is `sent`, `error` or `ignored`, so after a crash every
+//! message that was being sent is simply queued again (at-least-once).
+//!
+//! Enqueue inserts under the queue lock (so ids, idempotency keys and
+//! ordering lines agree), then waits outside it for a shared flush
+//! ([`GroupCommit`]): one fsync acknowledges every enqueue of its round.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+
+use crate::store::{MessageTrees, Store, StoreError};
+
+/// A message's state as users see it (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageState {
+    Queued,
+    Sending,
+    Sent,
+    Error,
+    Ignored,
+}
+
+impl MessageState {
+    pub fn parse(text: &str) -> Option<MessageState> {
+        serde_json::from_value(serde_json::Value::String(text.to_string())).ok()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Queued => "queued",
+            MessageState::Sending => "sending",
+            MessageState::Sent => "sent",
+            MessageState::Error => "error",
+            MessageState::Ignored => "ignored",
+        }
+    }
+}
+
+/// One message as stored (the body lives in its own tree).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub seq: u64,
+    pub integration: String,
+    pub message: String,
+    pub state: MessageState,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub ordering_key: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Position in its ordering line: its own seq, or the seq position of
+    /// the message it replays, so a replay takes the original's place.
+    pub order: u64,
+    pub replay_of: Option<u64>,
+    pub replayed_by: Option<u64>,
+    /// Attempts made so far (attempts waiting for a MID server not counted).
+    pub attempts: u32,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// When the next attempt is due.
+    pub due_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// One HTTP request made for a message, with what came back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub n: u32,
+    pub at_ms: u64,
+    pub connection: Option<String>,
+    pub environment: Option<String>,
+    /// `direct`, or `mid:NAME (ADDRESS)` for a request through a relay.
+    pub via: String,
+    pub method: Option<String>,
+    pub url: Option<String>,
+    /// Request headers as sent, with credentials masked.
+    pub request_headers: BTreeMap<String, String>,
+    pub status: Option<u16>,
+    pub response_headers: BTreeMap<String, String>,
+    /// The first bytes of the response body (lossy UTF-8).
+    pub response_excerpt: Option<String>,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    /// What the daemon decided: `sent`, `retry in 2s`, `error`, ...
+    pub outcome: String,
+}
+
+/// What a producer hands in.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub integration: String,
+    pub message: String,
+    pub body: Bytes,
+    pub params: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
+    pub ordering_key: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to an enqueue.
+#[derive(Debug, Clone, Serialize)]
+pub struct Enqueued {
+    pub id: String,
+    pub state: MessageState,
+    /// True when the idempotency key was seen before and nothing was added.
+    pub duplicate: bool,
+}
+
+/// Per-integration numbers for the API and status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IntegrationStats {
+    pub queue_depth: u64,
+    pub sending: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+    pub last_sent_at_ms: Option<u64>,
+}
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("there is no message {0}")]
+    UnknownMessage(String),
+    #[error("{0:?} is not a message id")]
+    BadId(String),
+    #[error("message {id} is {state}; {what}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        what: &'static str,
+    },
+    #[error("the store could not write the message to disk: {0}; nothing was acknowledged, retry")]
+    Flush(String),
+    #[error("the daemon is shutting down and takes no new messages; retry once it is back")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Ids as people see them: the sequence number in 16 hex digits, so they
+/// sort in enqueue order.
+pub fn format_id(seq: u64) -> String {
+    format!("{seq:016x}")
+}
+
+pub fn parse_id(id: &str) -> Result<u64, QueueError> {
+    if id.len() != 16 {
+        return Err(QueueError::BadId(id.to_string()));
+    }
+    u64::from_str_radix(id, 16).map_err(|_| QueueError::BadId(id.to_string()))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn corrupt(tree: &'static str, key: u64, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        tree,
+        key: format_id(key),
+        reason: e.to_string(),
+    }
+}
+
+/// A message taken for delivery.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub record: MessageRecord,
+    pub body: Bytes,
+}
+
+/// The in-memory schedule of one integration.
+#[derive(Default)]
+struct Lane {
+    /// Queued messages that may go now or later: `(due_ms, seq)`. Only the
+    /// head of an ordering line is ever here.
+    ready: BTreeSet<(u64, u64)>,
+    /// Ordering lines: key → `(order, seq)` → due_ms, for messages queued,
+    /// sending, or in error at the head (which blocks the line).
+    lines: HashMap<String, BTreeMap<(u64, u64), u64>>,
+    in_flight: BTreeSet<u64>,
+    queued: u64,
+    errors: u64,
+    last_error: Option<(String, u64)>,
+    last_sent_ms: Option<u64>,
+}
+
+impl Lane {
+    /// Puts a queued message where dispatch will find it: in `ready`, unless
+    /// it waits in an ordering line behind another.
+    fn add_queued(&mut self, seq: u64, order: u64, due_ms: u64, key: Option<&str>) {
+        self.queued += 1;
+        match key {
+            None => {
+                self.ready.insert((due_ms, seq));
+            }
+            Some(k) => {
+                let line = self.lines.entry(k.to_string()).or_default();
+                let old_head = line.keys().next().copied();
+                line.insert((order, seq), due_ms);
+                let new_head = line.keys().next().copied();
+                if new_head == Some((order, seq)) {
+                    // It heads the line. If it jumped ahead of an old head (a
+                    // replay taking its original's place), the old head goes
+                    // back to waiting; if the old head is being sent, the new
+                    // one waits for it to finish: one at a time.
+                    let mut old_in_flight = false;
+                    if let Some((o, s)) = old_head {
+                        if let Some(d) = line.get(&(o, s)) {
+                            self.ready.remove(&(*d, s));
+                        }
+                        old_in_flight = self.in_flight.contains(&s);
+                    }
+                    if !old_in_flight {
+                        self.ready.insert((due_ms, seq));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a message from its line; if it was the head, the next one (if
+    /// queued and not blocked) becomes ready.
+    fn leave_line(&mut self, key: &str, order: u64, seq: u64) {
+        let Some(line) = self.lines.get_mut(key) else {
+            return;
+        };
+        line.remove(&(order, seq));
+        if line.is_empty() {
+            self.lines.remove(key);
+        } else {
+            self.release_head(key);
+        }
+    }
+
+    /// Makes the head of a line ready, unless it is in error (due u64::MAX,
+    /// it blocks the line) or already in flight.
+    fn release_head(&mut self, key: &str) {
+        if let Some((&(_, head), &due)) = self.lines.get(key).and_then(|l| l.iter().next()) {
+            if due != u64::MAX && !self.in_flight.contains(&head) {
+                self.ready.insert((due, head));
+            }
+        }
+    }
+
+    fn head_is(&self, key: &str, seq: u64) -> bool {
+        self.lines
+            .get(key)
+            .and_then(|l| l.keys().next())
+            .is_some_and(|&(_, s)| s == seq)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    lanes: HashMap<String, Lane>,
+    shutting_down: bool,
+}
+
+/// The queue. Cheap to share behind an `Arc`.
+pub struct Queue {
+    trees: MessageTrees,
+    state: Mutex<State>,
+    commit: GroupCommit,
+    /// Woken when something may have become due (enqueue, a finished
+    /// delivery, a replay); the dispatcher waits on it.
+    pub wake: Notify,
+}
+
+/// What happened to a message at the end of an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Sent,
+    /// Queued again, due at the given time. `counts` is false for waits
+    /// that are not the remote system's fault (MID server not connected).
+    Retry {
+        due_ms: u64,
+        counts: bool,
+    },
+    Final(MessageState),
+    /// Put back untouched (integration paused or switched off meanwhile).
+    PutBack,
+}
+
+impl Queue {
+    /// Opens the queue over the store's message trees and rebuilds the
+    /// schedule: every message not finished is queued again.
+    pub fn open(store: &Store) -> Result<Queue, StoreError> {
+        let q = Queue {
+            trees: store.messages.clone(),
+            state: Mutex::new(State::default()),
+            commit: GroupCommit::new(store.clone()),
+            wake: Notify::new(),
+        };
+        {
+            let mut st = q.lock();
+            // Error messages that head an ordering line must block it, so
+            // collect lines first and settle them after the scan.
+            let mut blocked: Vec<(String, String, u64, u64)> = Vec::new();
+            for item in q.trees.messages.iter() {
+                let (k, v) = item?;
+                let seq = key_seq(&k);
+                let rec: MessageRecord =
+                    serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+                let lane = st.lanes.entry(rec.integration.clone()).or_default();
+                match rec.state {
+                    MessageState::Queued | MessageState::Sending => {
+                        lane.add_queued(seq, rec.order, rec.due_ms, rec.ordering_key.as_deref())
+                    }
+                    MessageState::Error => {
+                        lane.errors += 1;
+                        if lane
+                            .last_error
+                            .as_ref()
+                            .is_none_or(|(_, t)| *t < rec.updated_ms)
+                        {
+                            lane.last_error =
+                                Some((rec.last_error.clone().unwrap_or_default(), rec.updated_ms));
+                        }
+                        if let Some(key) = &rec.ordering_key {
+                            blocked.push((rec.integration.clone(), key.clone(), rec.order, seq));
+                        }
+                    }
+                    MessageState::Sent => {
+                        if lane.last_sent_ms.is_none_or(|t| t < rec.updated_ms) {
+                            lane.last_sent_ms = Some(rec.updated_ms);
+                        }
+                    }
+                    MessageState::Ignored => {}
+                }
+            }
+            // An error message sits in its line (it blocks what is behind
+            // it) but is never ready itself.
+            for (integration, key, order, seq) in blocked {
+                let lane = st.lanes.entry(integration).or_default();
+                let line = lane.lines.entry(key).or_default();
+                let old_head = line.keys().next().copied();
+                line.insert((order, seq), u64::MAX);
+                if line.keys().next() == Some(&(order, seq)) {
+                    if let Some((o, s)) = old_head {
+                        let due = line[&(o, s)];
+                        lane.ready.remove(&(due, s));
+                    }
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is only changed by short non-panicking sections; after
+        // a panic elsewhere, keep going with what is there.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a message and answers once it is on disk.
+    pub async fn enqueue(&self, new: NewMessage) -> Result<Enqueued, QueueError> {
+        let enqueued = self.insert(new)?;
+        self.commit.wait().await?;
+        if !enqueued.duplicate {
+            self.wake.notify_one();
+        }
+        Ok(enqueued)
+    }
+
+    fn insert(&self, new: NewMessage) -> Result<Enqueued, QueueError> {
+        let mut st = self.lock();
+        if st.shutting_down {
+            return Err(QueueError::ShuttingDown);
+        }
+        let idem_key = new
+            .idempotency_key
+            .as_ref()
+            .map(|k| idempotency_key(&new.integration, k));
+        if let Some(key) = &idem_key {
+            if let Some(existing) = self.trees.idempotency.get(key).map_err(StoreError::from)? {
+                let seq = key_seq(&existing);
+                let state = self
+                    .record(seq)?
+                    .map(|r| r.state)
+                    .unwrap_or(MessageState::Queued);
+                return Ok(Enqueued {
+                    id: format_id(seq),
+                    state,
+                    duplicate: true,
+                });
+            }
+        }
+        let seq = self.commit.store.generate_id()?;
+        let now = now_ms();
+        let rec = MessageRecord {
+            seq,
+            integration: new.integration,
+            message: new.message,
+            state: MessageState::Queued,
+            params: new.params,
+            headers: new.headers,
+            ordering_key: new.ordering_key,
+            idempotency_key: new.idempotency_key,
+            order: seq,
+            replay_of: None,
+            replayed_by: None,
+            attempts: 0,
+            created_ms: now,
+            updated_ms: now,
+            due_ms: now,
+            last_error: None,
+        };
+        self.trees
+            .bodies
+            .insert(seq.to_be_bytes(), new.body.as_ref())
+            .map_err(StoreError::from)?;
+        self.put(&rec)?;
+        if let Some(key) = idem_key {
+            self.trees
+                .idempotency
+                .insert(key, &seq.to_be_bytes())
+                .map_err(StoreError::from)?;
+        }
+        st.lanes
+            .entry(rec.integration.clone())
+            .or_default()
+            .add_queued(seq, rec.order, rec.due_ms, rec.ordering_key.as_deref());
+        Ok(Enqueued {
+            id: format_id(seq),
+            state: MessageState::Queued,
+            duplicate: false,
+        })
+    }
+
+    fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
+        // A record is plain data; JSON encoding cannot fail.
+        let value = serde_json::to_vec(rec).unwrap_or_default();
+        self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
+        Ok(())
+    }
+
+    /// The stored record of `seq`.
+    pub fn record(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        match self.trees.messages.get(seq.to_be_bytes())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The record as users see it: `sending` while in flight.
+    pub fn view(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        let Some(mut rec) = self.record(seq)? else {
+            return Ok(None);
+        };
+        let st = self.lock();
+        if st
+            .lanes
+            .get(&rec.integration)
+            .is_some_and(|l| l.in_flight.contains(&seq))
+        {
+            rec.state = MessageState::Sending;
+        }
+        Ok(Some(rec))
+    }
+
+    pub fn body(&self, seq: u64) -> Result<Bytes, StoreError> {
+        Ok(self
+            .trees
+            .bodies
+            .get(seq.to_be_bytes())?
+            .map(|b| Bytes::copy_from_slice(&b))
+            .unwrap_or_default())
+    }
+
+    pub fn attempts(&self, seq: u64) -> Result<Vec<Attempt>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.trees.attempts.scan_prefix(seq.to_be_bytes()) {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| corrupt("attempts", seq, e))?);
+        }
+        Ok(out)
+    }
+
+    /// Messages, newest first, filtered.
+    pub fn list(
+        &self,
+        integration: Option<&str>,
+        state: Option<MessageState>,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.trees.messages.iter().rev() {
+            let (k, v) = item?;
+            let seq = key_seq(&k);
+            let mut rec: MessageRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+            if integration.is_some_and(|i| i != rec.integration) {
+                continue;
+            }
+            if rec.state == MessageState::Queued && self.in_flight(&rec.integration, seq) {
+                rec.state = MessageState::Sending;
+            }
+            if state.is_some_and(|s| s != rec.state) {
+                continue;
+            }
+            out.push(rec);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn in_flight(&self, integration: &str, seq: u64) -> bool {
+        self.lock()
+            .lanes
+            .get(integration)
+            .is_some_and(|l| l.in_flight.contains(&seq))
+    }
+
+    pub fn stats(&self, integration: &str) -> IntegrationStats {
+        let st = self.lock();
+        match st.lanes.get(integration) {
+            None => IntegrationStats::default(),
+            Some(l) => IntegrationStats {
+                queue_depth: l.queued,
+                sending: l.in_flight.len() as u64,
+                errors: l.errors,
+                last_error: l.last_error.as_ref().map(|(e, _)| e.clone()),
+                last_error_at_ms: l.last_error.as_ref().map(|(_, t)| *t),
+                last_sent_at_ms: l.last_sent_ms,
+            },
+        }
+    }
+
+    /// Takes the messages that are due now from each integration `may_send`
+    /// allows, up to `room(integration)` more in flight each. Returns them
+    /// with the time the next one falls due (among lanes with room).
+    pub fn take_due(
+        &self,
+        now: u64,
+        may_send: impl Fn(&str) -> Option<usize>,
+    ) -> (Vec<(String, u64)>, Option<u64>) {
+        let mut st = self.lock();
+        let mut taken = Vec::new();
+        let mut next: Option<u64> = None;
+        for (name, lane) in st.lanes.iter_mut() {
+            let Some(limit) = may_send(name) else {
+                continue;
+            };
+            while lane.in_flight.len() < limit {
+                let Some(&(due, seq)) = lane.ready.first() else {
+                    break;
+                };
+                if due > now {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                    break;
+                }
+                lane.ready.pop_first();
+                lane.in_flight.insert(seq);
+                taken.push((name.clone(), seq));
+            }
+        }
+        (taken, next)
+    }
+
+    /// Loads the record and body of a message taken by [`Queue::take_due`].
+    /// `None` if it vanished (pruned or ignored meanwhile).
+    pub fn job(&self, seq: u64) -> Result<Option<Job>, StoreError> {
+        let Some(record) = self.record(seq)? else {
+            return Ok(None);
+        };
+        if record.state != MessageState::Queued {
+            return Ok(None);
+        }
+        let body = self.body(seq)?;
+        Ok(Some(Job { record, body }))
+    }
+
+    /// Gives back a taken message that could not be loaded.
+    pub fn release(&self, integration: &str, seq: u64) {
+        let mut st = self.lock();
+        if let Some(lane) = st.lanes.get_mut(integration) {
+            lane.in_flight.remove(&seq);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Records an attempt (when one was made) and moves the message on.
+    pub fn finish(
+        &self,
+        mut rec: MessageRecord,
+        attempt: Option<Attempt>,
+        disposition: Disposition,
+    ) -> Result<(), StoreError> {
+        let seq = rec.seq;
+        let now = now_ms();
+        if let Some(a) = &attempt {
+            let mut key = seq.to_be_bytes().to_vec();
+            key.extend_from_slice(&a.n.to_be_bytes());
+            let value = serde_json::to_vec(a).unwrap_or_default();
+            self.trees.attempts.insert(key, value)?;
+            if a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
+                rec.last_error = Some(attempt_error(a));
+            }
+        }
+        rec.updated_ms = now;
+        let mut st = self.lock();
+        let lane = st.lanes.entry(rec.integration.clone()).or_default();
+        lane.in_flight.remove(&seq);
+        let key = rec.ordering_key.clone();
+        match disposition {
+            Disposition::PutBack => {
+                // Nothing changes on disk: it is ready again where it was.
+                if key.as_deref().is_none_or(|k| lane.head_is(k, seq)) {
+                    lane.ready.insert((rec.due_ms, seq));
+                }
+            }
+            Disposition::Retry { due_ms, counts } => {
+                if counts {
+                    rec.attempts += 1;
+                }
+                rec.due_ms = due_ms;
+                self.put(&rec)?;
+                match &key {
+                    Some(k) => {
+                        if let Some(line) = lane.lines.get_mut(k) {
+                            line.insert((rec.order, seq), due_ms);
+                        }
+                        lane.release_head(k);
+                    }
+                    None => {
+                        lane.ready.insert((due_ms, seq));
+                    }
+                }
+                if let Some(e) = &rec.last_error {
+                    lane.last_error = Some((e.clone(), now));
+                }
+            }
+            Disposition::Sent
+            | Disposition::Final(MessageState::Sent)
+            | Disposition::Final(MessageState::Ignored)
+            | Disposition::Final(MessageState::Queued)
+            | Disposition::Final(MessageState::Sending) => {
+                let state = match disposition {
+                    Disposition::Final(MessageState::Ignored) => MessageState::Ignored,
+                    _ => MessageState::Sent,
+                };
+                rec.attempts += u32::from(attempt.is_some());
+                rec.state = state;
+                if state == MessageState::Sent {
+                    rec.last_error = None;
+                }
+                self.put(&rec)?;
+                self.mark_finished(now, seq)?;
+                lane.queued = lane.queued.saturating_sub(1);
+                if state == MessageState::Sent {
+                    lane.last_sent_ms = Some(now);
+                }
+                if let Some(k) = &key {
+                    lane.leave_line(k, rec.order, seq);
+                }
+            }
+            Disposition::Final(MessageState::Error) => {
+                rec.attempts += u32::from(attempt.is_some());
+                rec.state = MessageState::Error;
+                self.put(&rec)?;
+                lane.queued = lane.queued.saturating_sub(1);
+                lane.errors += 1;
+                lane.last_error = Some((rec.last_error.clone().unwrap_or_default(), now));
+                if let Some(k) = &key {
+                    // Stays at the head, blocking the line, never ready.
+                    if let Some(line) = lane.lines.get_mut(k) {
+                        line.insert((rec.order, seq), u64::MAX);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn mark_finished(&self, now: u64, seq: u64) -> Result<(), StoreError> {
+        let mut key = now.to_be_bytes().to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.trees.finished.insert(key, &[])?;
+        Ok(())
+    }
+
+    /// Ignore (SPEC §4): marks the message `ignored` and releases what waits
+    /// behind it. Only a queued (not in flight) or errored message can be.
+    pub fn ignore(&self, seq: u64) -> Result<MessageRecord, QueueError> {
+        let mut st = self.lock();
+        let mut rec = self
+            .record(seq)?
+            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
+        let lane = st.lanes.entry(rec.integration.clone()).or_default();
+        if lane.in_flight.contains(&seq) {
+            return Err(QueueError::WrongState {
+                id: format_id(seq),
+                state: "sending",
+                what: "wait until the attempt ends",
+            });
+        }
+        match rec.state {
+            MessageState::Queued => {
+                lane.queued = lane.queued.saturating_sub(1);
+                lane.ready.remove(&(rec.due_ms, seq));
+            }
+            MessageState::Error => lane.errors = lane.errors.saturating_sub(1),
+            s => {
+                return Err(QueueError::WrongState {
+                    id: format_id(seq),
+                    state: s.as_str(),
+                    what: "only queued and error messages can be ignored",
+                })
+            }
+        }
+        if let Some(k) = rec.ordering_key.clone() {
+            lane.leave_line(&k, rec.order, seq);
+        }
+        let now = now_ms();
+        rec.state = MessageState::Ignored;
+        rec.updated_ms = now;
+        self.put(&rec)?;
+        self.mark_finished(now, seq)?;
+        drop(st);
+        self.commit_sync()?;
+        self.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// Replay (SPEC §4): enqueues a copy in the message's place in its
+    /// order; an `error` original becomes `ignored`. A queued message is
+    /// going out anyway and cannot be replayed.
+    pub fn replay(&self, seq: u64) -> Result<MessageRecord, QueueError> {
+        let mut st = self.lock();
+        let mut orig = self
+            .record(seq)?
+            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
+        if orig.state == MessageState::Queued {
+            return Err(QueueError::WrongState {
+                id: format_id(seq),
+                state: "queued",
+                what: "it will be sent anyway",
+            });
+        }
+        let copy_seq = self.commit.store.generate_id()?;
+        let now = now_ms();
+        let body = self.body(seq)?;
+        let copy = MessageRecord {
+            seq: copy_seq,
+            state: MessageState::Queued,
+            order: orig.order,
+            replay_of: Some(seq),
+            replayed_by: None,
+            attempts: 0,
+            created_ms: now,
+            updated_ms: now,
+            due_ms: now,
+            last_error: None,
+            // A replay is a new message: the idempotency key stays with the
+            // original, so a producer's retry still finds the first id.
+            idempotency_key: None,
+            ..orig.clone()
+        };
+        self.trees
+            .bodies
+            .insert(copy_seq.to_be_bytes(), body.as_ref())
+            .map_err(StoreError::from)?;
+        self.put(&copy)?;
+        let lane = st.lanes.entry(orig.integration.clone()).or_default();
+        if orig.state == MessageState::Error {
+            lane.errors = lane.errors.saturating_sub(1);
+            if let Some(k) = &orig.ordering_key {
+                // Remove the blocking original without releasing the next:
+                // the copy takes its place.
+                if let Some(line) = lane.lines.get_mut(k) {
+                    line.remove(&(orig.order, seq));
+                }
+            }
+            orig.state = MessageState::Ignored;
+            self.mark_finished(now, seq)?;
+        }
+        lane.add_queued(copy_seq, copy.order, now, copy.ordering_key.as_deref());
+        orig.replayed_by = Some(copy_seq);
+        orig.updated_ms = now;
+        self.put(&orig)?;
+        drop(st);
+        self.commit_sync()?;
+        self.wake.notify_one();
+        Ok(copy)
+    }
+
+    /// Repair (SPEC §4): replays every `error` message of the integration,
+    /// oldest first. Returns the copies.
+    pub fn repair(&self, integration: &str) -> Result<Vec<MessageRecord>, QueueError> {
+        let mut errors: Vec<MessageRecord> = Vec::new();
+        for item in self.trees.messages.iter() {
+            let (k, v) = item.map_err(StoreError::from)?;
+            let rec: MessageRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt("messages", key_seq(&k), e))?;
+            if rec.integration == integration && rec.state == MessageState::Error {
+                errors.push(rec);
+            }
+        }
+        errors.sort_by_key(|r| (r.order, r.seq));
+        let mut copies = Vec::new();
+        for rec in errors {
+            copies.push(self.replay(rec.seq)?);
+        }
+        Ok(copies)
+    }
+
+    /// Deletes sent and ignored messages (and their attempts) that finished
+    /// before `cutoff_ms`. Returns how many.
+    pub fn prune(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        let end = cutoff_ms.to_be_bytes();
+        for item in self.trees.finished.range(..end.as_slice()) {
+            let (k, _) = item?;
+            let seq = key_seq(&k[8..]);
+            if let Some(rec) = self.record(seq)? {
+                if matches!(rec.state, MessageState::Sent | MessageState::Ignored) {
+                    if let Some(key) = &rec.idempotency_key {
+                        self.trees
+                            .idempotency
+                            .remove(idempotency_key(&rec.integration, key))?;
+                    }
+                    let attempt_keys: Vec<_> = self
+                        .trees
+                        .attempts
+                        .scan_prefix(seq.to_be_bytes())
+                        .keys()
+                        .collect::<Result<_, _>>()?;
+                    for ak in attempt_keys {
+                        self.trees.attempts.remove(ak)?;
+                    }
+                    self.trees.bodies.remove(seq.to_be_bytes())?;
+                    self.trees.messages.remove(seq.to_be_bytes())?;
+                    pruned += 1;
+                }
+            }
+            self.trees.finished.remove(k)?;
+        }
+        Ok(pruned)
+    }
+
+    /// Refuses new messages from now on (shutdown).
+    pub fn close(&self) {
+        self.lock().shutting_down = true;
+    }
+
+    /// Number of messages in flight across all integrations.
+    pub fn in_flight_total(&self) -> usize {
+        self.lock().lanes.values().map(|l| l.in_flight.len()).sum()
+    }
+
+    /// Queue depth by state, across integrations: (queued, sending, error).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        st.lanes.values().fold((0, 0, 0), |(q, s, e), l| {
+            (q + l.queued, s + l.in_flight.len() as u64, e + l.errors)
+        })
+    }
+
+    /// Waits for a flush of everything written so far.
+    pub async fn sync(&self) -> Result<(), QueueError> {
+        self.commit.wait().await
+    }
+
+    fn commit_sync(&self) -> Result<(), StoreError> {
+        self.commit.store.flush()
+    }
+}
+
+/// A one-line summary of what went wrong in an attempt.
+fn attempt_error(a: &Attempt) -> String {
+    match (&a.error, a.status) {
+        (Some(e), _) => e.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => "no response".into(),
+    }
+}
+
+fn idempotency_key(integration: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(integration.len() + key.len() + 1);
+    k.extend_from_slice(integration.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn key_seq(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = k.len().min(8);
+    b[..n].copy_from_slice(&k[..n]);
+    u64::from_be_bytes(b)
+}
+
+/// Group commit: every waiter of a round is answered by one flush.
+///
+/// A waiter registers after its inserts, so the flush that starts after it
+/// registered covers them. While a flush runs, new waiters gather for the
+/// next round; under load one fsync acknowledges hundreds of messages.
+type Waiters = Arc<Mutex<Vec<oneshot::Sender<Result<(), String>>>>>;
+
+struct GroupCommit {
+    store: Store,
+    waiters: Waiters,
+    kick: Arc<Notify>,
+}
+
+impl GroupCommit {
+    fn new(store: Store) -> GroupCommit {
+        let gc = GroupCommit {
+            store,
+            waiters: Arc::default(),
+            kick: Arc::default(),
+        };
+        gc.spawn_flusher();
+        gc
+    }
+
+    fn spawn_flusher(&self) {
+        let store = self.store.clone();
+        let waiters = self.waiters.clone();
+        let kick = self.kick.clone();
+        // The flusher lives as long as the runtime; it holds no state that
+        // needs a clean stop (a round in progress completes or fails its
+        // waiters).
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            loop {
+                kick.notified().await;
+                loop {
+                    let round: Vec<_> =
+                        std::mem::take(&mut *waiters.lock().unwrap_or_else(|p| p.into_inner()));
+                    if round.is_empty() {
+                        break;
+                    }
+                    let s = store.clone();
+                    let result = tokio::task::spawn_blocking(move || s.flush())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, waiters = round.len(), "store flush failed");
+                    }
+                    for w in round {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            }
+        });
+    }
+
+    async fn wait(&self) -> Result<(), QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        self.kick.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(QueueError::Flush(e)),
+            Err(_) => Err(QueueError::Flush("the flusher stopped".into())),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Secrets: a literal, an environment variable or a file, never printed.
+//!
+//! A secret is written as a literal string, `{ env = "NAME" }` or
+//! `{ file = "PATH" }`. Its `Debug` and `Display` show only the reference
+//! (`env:NAME`, `file:PATH`) or `***` for a literal, so a secret can be logged,
+//! exported or returned by the API without leaking.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a masked literal looks like in every output.
+pub const MASK: &str = "***";
+
+/// A secret value, kept as the reference the user wrote.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Secret {
+    Literal(String),
+    Env { env: String },
+    File { file: PathBuf },
+}
+
+/// A secret's value once read. Only [`SecretValue::expose`] shows it; `Debug`
+/// prints the mask.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretValue(value.into())
+    }
+
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+/// Why a secret could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("secret file {path} cannot be read: {reason}")]
+    FileUnreadable { path: String, reason: String },
+    #[error("secret file {0} is empty")]
+    FileEmpty(String),
+    #[error("secret is masked (\"***\"): give the value or an env/file reference")]
+    Masked,
+}
+
+impl Secret {
+    /// Reads the secret's value now. A relative file is looked up under
+    /// systemd's `$CREDENTIALS_DIRECTORY` first, then relative to the
+    /// working directory; one trailing newline is removed from file contents.
+    pub fn resolve(&self) -> Result<String, SecretError> {
+        match self {
+            Secret::Literal(s) if s == MASK => Err(SecretError::Masked),
+            Secret::Literal(s) => Ok(s.clone()),
+            Secret::Env { env } => {
+                std::env::var(env).map_err(|_| SecretError::EnvMissing(env.clone()))
+            }
+            Secret::File { file } => {
+                let path = locate(file);
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| SecretError::FileUnreadable {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let value = text.strip_suffix('\n').unwrap_or(&text);
+                let value = value.strip_suffix('\r').unwrap_or(value);
+                if value.is_empty() {
+                    return Err(SecretError::FileEmpty(path.display().to_string()));
+                }
+                Ok(value.to_string())
+            }
+        }
+    }
+
+    /// The same reference with a literal value replaced by the mask, for
+    /// exports and API answers.
+    pub fn masked(&self) -> Secret {
+        match self {
+            Secret::Literal(_) => Secret::Literal(MASK.to_string()),
+            other => other.clone(),
+        }
+    }
+
+    /// True for the masked literal an export writes.
+    pub fn is_mask(&self) -> bool {
+        matches!(self, Secret::Literal(s) if s == MASK)
+    }
+}
+
+/// Where a `{ file = .. }` secret is read from: a relative path is tried under
+/// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) before the working
+/// directory.
+fn locate(file: &Path) -> PathBuf {
+    if file.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&dir).join(file);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    file.to_path_buf()
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Literal(_) => f.write_str(MASK),
+            Secret::Env { env } => write!(f, "env:{env}"),
+            Secret::File { file } => write!(f, "file:{}", file.display()),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_a_literal() {
+        let s = Secret::Literal("hunter2".into());
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(s.to_string(), "***");
+        assert_eq!(
+            Secret::Env { env: "PW".into() }.to_string(),
+            "env:PW".to_string()
+        );
+        assert_eq!(
+            format!("{:?}", Secret::File { file: "a/b".into() }),
+            "file:a/b"
+        );
+    }
+
+    #[test]
+    fn file_secret_strips_one_newline_and_reports_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let s = Secret::File { file: path.clone() };
+        assert_eq!(s.resolve().unwrap(), "s3cret");
+        let missing = Secret::File {
+            file: dir.path().join("nope"),
+        };
+        assert!(matches!(
+            missing.resolve(),
+            Err(SecretError::FileUnreadable { .. })
+        ));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(s.resolve(), Err(SecretError::FileEmpty(_))));
+    }
+
+    #[test]
+    fn masked_literal_cannot_be_resolved() {
+        let s = Secret::Literal("x".into()).masked();
+        assert!(s.is_mask());
+        assert_eq!(s.resolve(), Err(SecretError::Masked));
+    }
+
+    #[test]
+    fn parses_all_three_forms_from_toml() {
+        #[derive(Deserialize)]
+        struct T {
+            a: Secret,
+            b: Secret,
+            c: Secret,
+        }
+        let t: T =
+            toml::from_str("a = \"lit\"\nb = { env = \"E\" }\nc = { file = \"f\" }").unwrap();
+        assert_eq!(t.a, Secret::Literal("lit".into()));
+        assert_eq!(t.b, Secret::Env { env: "E".into() });
+        assert_eq!(t.c, Secret::File { file: "f".into() });
+    }
+}

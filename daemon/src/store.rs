@@ -1,0 +1,355 @@
+//! The store: the only module that touches sled.
+//!
+//! Trees: `meta` (schema version), `integrations`, `connections` (keyed
+//! `integration \0 connection`), `oauth_profiles`, `protocol_profiles`,
+//! `inbound_users`, and the message trees of [`crate::queue`] (see
+//! [`MessageTrees`]). Catalog records are JSON, so a store can be read with
+//! any sled tool; message bodies are kept apart from message records so a
+//! scan of records does not drag bodies through the cache.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::{Db, Transactional, Tree};
+
+use crate::catalog::{Catalog, Entry};
+use crate::model::Connection;
+
+/// The layout version this build writes. A store with a larger number was
+/// written by a newer Outbox and is refused rather than misread.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_KEY: &[u8] = b"schema_version";
+const LOCK_FILE: &str = "outboxd.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {dir} is in use by another outboxd (lock file {lock}); stop it first or use another data_dir")]
+    Locked { dir: PathBuf, lock: PathBuf },
+    #[error("store in {dir} was written by a newer Outbox (schema version {found}, this build reads up to {supported}); upgrade outboxd")]
+    TooNew {
+        dir: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("store in {dir} cannot be opened: {reason}")]
+    Open { dir: PathBuf, reason: String },
+    #[error("store record {tree}/{key} is damaged: {reason}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// The trees that hold messages; [`crate::queue`] gives them meaning.
+#[derive(Clone)]
+pub struct MessageTrees {
+    /// `seq` (u64 BE) → message record (JSON).
+    pub messages: Tree,
+    /// `seq` → body bytes.
+    pub bodies: Tree,
+    /// `seq ++ attempt number` (u64 BE ++ u32 BE) → attempt (JSON).
+    pub attempts: Tree,
+    /// `integration \0 idempotency key` → `seq`.
+    pub idempotency: Tree,
+    /// `finished at ms ++ seq` → () for retention pruning.
+    pub finished: Tree,
+}
+
+/// The open store. Cloning is cheap (sled handles are reference counted).
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+    dir: PathBuf,
+    integrations: Tree,
+    connections: Tree,
+    oauth_profiles: Tree,
+    protocol_profiles: Tree,
+    inbound_users: Tree,
+    pub messages: MessageTrees,
+    /// Held for the life of the store: a second outboxd on the same data dir
+    /// is refused with a clear message instead of sled's lock error.
+    _lock: std::sync::Arc<File>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    lock: lock_path,
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        lock.set_len(0)?;
+        writeln!(lock, "{}", std::process::id())?;
+
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::Open {
+                dir: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(SCHEMA_KEY)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        tree: "meta",
+                        key: "schema_version".into(),
+                        reason: format!("{} bytes where 4 were expected", v.len()),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::TooNew {
+                        dir: dir.to_path_buf(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(Store {
+            integrations: db.open_tree("integrations")?,
+            connections: db.open_tree("connections")?,
+            oauth_profiles: db.open_tree("oauth_profiles")?,
+            protocol_profiles: db.open_tree("protocol_profiles")?,
+            inbound_users: db.open_tree("inbound_users")?,
+            messages: MessageTrees {
+                messages: db.open_tree("messages")?,
+                bodies: db.open_tree("bodies")?,
+                attempts: db.open_tree("attempts")?,
+                idempotency: db.open_tree("idempotency")?,
+                finished: db.open_tree("finished")?,
+            },
+            db,
+            dir: dir.to_path_buf(),
+            _lock: std::sync::Arc::new(lock),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new id, larger than every earlier one (sled persists the counter).
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Writes everything inserted so far to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Reads the whole catalog.
+    pub fn load_catalog(&self) -> Result<Catalog, StoreError> {
+        let mut catalog = Catalog {
+            integrations: read_tree(&self.integrations, "integrations")?,
+            oauth_profiles: read_tree(&self.oauth_profiles, "oauth_profiles")?,
+            protocol_profiles: read_tree(&self.protocol_profiles, "protocol_profiles")?,
+            inbound_users: read_tree(&self.inbound_users, "inbound_users")?,
+        };
+        let connections: BTreeMap<String, Connection> =
+            read_tree(&self.connections, "connections")?;
+        for (key, connection) in connections {
+            let integration = key.split('\0').next().unwrap_or_default();
+            match catalog.integrations.get_mut(integration) {
+                Some(e) => e.spec.connections.push(connection),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        tree: "connections",
+                        key: key.replace('\0', "/"),
+                        reason: "its integration is missing".into(),
+                    })
+                }
+            }
+        }
+        for e in catalog.integrations.values_mut() {
+            e.spec.connections.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(catalog)
+    }
+
+    /// Persists `new` in one transaction across the catalog trees (writing
+    /// only what differs from `old`), then flushes: an admin change answers
+    /// only once it is on disk.
+    pub fn save_catalog(&self, old: &Catalog, new: &Catalog) -> Result<(), StoreError> {
+        let (old_i, old_c) = split(old);
+        let (new_i, new_c) = split(new);
+        let diffs = [
+            diff(&old_i, &new_i)?,
+            diff(&old_c, &new_c)?,
+            diff(
+                &encode_map(&old.oauth_profiles)?,
+                &encode_map(&new.oauth_profiles)?,
+            )?,
+            diff(
+                &encode_map(&old.protocol_profiles)?,
+                &encode_map(&new.protocol_profiles)?,
+            )?,
+            diff(
+                &encode_map(&old.inbound_users)?,
+                &encode_map(&new.inbound_users)?,
+            )?,
+        ];
+        if diffs.iter().all(Vec::is_empty) {
+            return Ok(());
+        }
+        (
+            &self.integrations,
+            &self.connections,
+            &self.oauth_profiles,
+            &self.protocol_profiles,
+            &self.inbound_users,
+        )
+            .transaction(|(a, b, c, d, e)| {
+                for (tree, ops) in [a, b, c, d, e].into_iter().zip(&diffs) {
+                    for (key, value) in ops {
+                        match value {
+                            Some(v) => tree.insert(key.as_bytes(), v.as_slice())?,
+                            None => tree.remove(key.as_bytes())?,
+                        };
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })?;
+        self.flush()
+    }
+}
+
+type Encoded = BTreeMap<String, Vec<u8>>;
+
+/// The catalog as integration records (without connections) and connection
+/// records keyed `integration \0 connection`.
+fn split(catalog: &Catalog) -> (Encoded, Encoded) {
+    let mut integrations = BTreeMap::new();
+    let mut connections = BTreeMap::new();
+    for (name, entry) in &catalog.integrations {
+        let mut bare: Entry = entry.clone();
+        for c in std::mem::take(&mut bare.spec.connections) {
+            connections.insert(format!("{name}\0{}", c.name), json(&c));
+        }
+        integrations.insert(name.clone(), json(&bare));
+    }
+    (integrations, connections)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs (string keys, no custom failing
+    // serializers) to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn encode_map<T: serde::Serialize>(map: &BTreeMap<String, T>) -> Result<Encoded, StoreError> {
+    Ok(map.iter().map(|(k, v)| (k.clone(), json(v))).collect())
+}
+
+/// Inserts and removals that turn `old` into `new`.
+#[allow(clippy::type_complexity)]
+fn diff(old: &Encoded, new: &Encoded) -> Result<Vec<(String, Option<Vec<u8>>)>, StoreError> {
+    let mut ops = Vec::new();
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            ops.push((k.clone(), Some(v.clone())));
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            ops.push((k.clone(), None));
+        }
+    }
+    Ok(ops)
+}
+
+fn read_tree<T: serde::de::DeserializeOwned>(
+    tree: &Tree,
+    name: &'static str,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let mut out = BTreeMap::new();
+    for item in tree.iter() {
+        let (k, v) = item?;
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let value = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+            tree: name,
+            key: key.replace('\0', "/"),
+            reason: e.to_string(),
+        })?;
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_opener_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), 1 << 20).unwrap();
+        let second = Store::open(dir.path(), 1 << 20);
+        assert!(matches!(second, Err(StoreError::Locked { .. })));
+        let text = second.err().unwrap().to_string();
+        assert!(text.contains("in use by another outboxd"), "{text}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let e = Store::open(dir.path(), 1 << 20).err().unwrap();
+        assert!(matches!(e, StoreError::TooNew { found: 2, .. }), "{e}");
+    }
+}

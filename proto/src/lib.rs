@@ -1,0 +1,1 @@
+//! The daemon-relay wire protocol of Outbox.
