@@ -87,25 +87,38 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let workers = TaskTracker::new();
     tasks.spawn(crate::api::serve(listener, app.clone(), stop.clone()));
+    let dispatch_stop = CancellationToken::new();
     tasks.spawn(crate::dispatch::run(
         app.clone(),
-        stop.clone(),
+        dispatch_stop.clone(),
         workers.clone(),
     ));
     tasks.spawn(crate::dispatch::prune(app.clone(), stop.clone()));
+    crate::telemetry::install();
     ready(&app);
+    notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = spawn_watchdog();
 
     shutdown.await;
+    notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(grace = ?app.config.shutdown_grace, "stopping: no new messages; waiting for attempts in flight");
+    // Enqueues now get 503 while the API keeps answering; dispatch takes no
+    // new work; attempts in flight get the grace period to finish.
     app.queue.close();
+    dispatch_stop.cancel();
+    workers.close();
+    let drained = tokio::time::timeout(app.config.shutdown_grace, workers.wait()).await;
     stop.cancel();
     tasks.close();
-    workers.close();
-    let drained = tokio::time::timeout(app.config.shutdown_grace, async {
-        tasks.wait().await;
-        workers.wait().await;
-    })
-    .await;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!("api connections still open at exit");
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     if drained.is_err() {
         // Whatever is still in flight is queued on disk already (sending is
         // never written), so it goes out again after the restart.
@@ -141,6 +154,12 @@ pub fn spawn_reloader(
 }
 
 async fn reload(app: &Arc<App>, config_path: Option<&std::path::Path>) {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    reload_inner(app, config_path).await;
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
     tracing::info!("reloading configuration");
     let new = match Config::load(config_path, std::env::vars()) {
         Ok(c) => c,
@@ -181,4 +200,27 @@ async fn reload(app: &Arc<App>, config_path: Option<&std::path::Path>) {
         }
         Err(e) => tracing::error!(error = %e, "reload refused: the running integrations stay"),
     }
+}
+
+/// Tells systemd (when it started us with `Type=notify`) where we are.
+/// Without `$NOTIFY_SOCKET` this does nothing.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Pings systemd's watchdog at half the unit's `WatchdogSec`, when set.
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = std::time::Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        loop {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            tokio::time::sleep(period).await;
+        }
+    }))
 }

@@ -208,6 +208,18 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         ),
         Outcome::Final(s) => format!("{s:?}").to_lowercase(),
     };
+    let labels = [
+        ("integration", integration.to_string()),
+        ("connection", connection.name.clone()),
+    ];
+    metrics::histogram!(crate::telemetry::ATTEMPT_SECONDS, &labels)
+        .record(record.duration_ms as f64 / 1000.0);
+    let counter = match &outcome {
+        Outcome::Sent | Outcome::Final(FinalState::Sent) => crate::telemetry::SENT,
+        Outcome::Retry(_) => crate::telemetry::RETRIED,
+        Outcome::Final(_) => crate::telemetry::FAILED,
+    };
+    metrics::counter!(counter, &labels).increment(1);
     let status = record.status.map(i64::from).unwrap_or(-1);
     match &outcome {
         Outcome::Sent => tracing::info!(

@@ -19,5 +19,6 @@ pub mod queue;
 pub mod secret;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod template;
 pub mod units;

@@ -221,6 +221,15 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if method == Method::GET && path == "/healthz" {
         return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}));
     }
+    // Metrics carry counts and names, never secrets; like /healthz they
+    // need no token, so a Prometheus scrape needs no credentials.
+    if method == Method::GET && path == "/metrics" {
+        return response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::telemetry::render(app),
+        );
+    }
     if let Err(e) = check_token(app, req.headers()) {
         return e.into_response();
     }
