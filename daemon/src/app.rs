@@ -35,8 +35,10 @@ pub struct App {
     pub queue: Queue,
     pub clients: Clients,
     pub tokens: TokenCache,
+    /// Relays connected now, by MID server name.
+    pub relays: Arc<crate::tunnel::Relays>,
     /// Woken when a relay connects (messages waiting for it may go).
-    pub relay_connected: tokio::sync::Notify,
+    pub relay_connected: Arc<tokio::sync::Notify>,
     catalog: RwLock<Arc<Catalog>>,
     changes: tokio::sync::Mutex<()>,
     /// Woken after every catalog change (dispatch re-reads what is active).
@@ -58,7 +60,8 @@ impl App {
             queue,
             clients: Clients::default(),
             tokens: TokenCache::default(),
-            relay_connected: tokio::sync::Notify::new(),
+            relays: Arc::default(),
+            relay_connected: Arc::default(),
             catalog: RwLock::new(Arc::new(catalog)),
             changes: tokio::sync::Mutex::new(()),
             catalog_changed: tokio::sync::Notify::new(),

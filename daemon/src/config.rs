@@ -204,7 +204,9 @@ impl Config {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("apply")
-                .try_parsing(false)
+                // List parsing only happens with try_parsing on; numbers and
+                // booleans it produces still deserialize into string keys.
+                .try_parsing(true)
                 .source(Some(overrides(env))),
         );
         let merged = builder.build().map_err(|e| from_config_error(e, file))?;
@@ -457,6 +459,11 @@ mod tests {
                 "127.0.0.1:9999".to_string(),
             ),
             ("OUTBOX_INSTANCE_NAME".to_string(), "acme-dev".to_string()),
+            (
+                "OUTBOX_APPLY".to_string(),
+                "/a/*.toml,/b/*.toml".to_string(),
+            ),
+            ("OUTBOX_RETENTION".to_string(), "3d".to_string()),
             // Not config keys: the CLI's variables and a secret.
             ("OUTBOX_API".to_string(), "http://x".to_string()),
             ("OUTBOX_TOKEN".to_string(), "t".to_string()),
@@ -465,6 +472,8 @@ mod tests {
         let c = Config::load(Some(&path), env).unwrap();
         assert_eq!(c.api.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(c.instance_name, "acme-dev");
+        assert_eq!(c.apply, ["/a/*.toml", "/b/*.toml"]);
+        assert_eq!(c.retention, Duration::from_secs(3 * 86_400));
     }
 
     #[test]

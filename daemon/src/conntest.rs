@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::app::App;
 use crate::catalog::Catalog;
 use crate::client::{tls_config, TlsSettings};
-use crate::deliver::{self, Prepared, Senders};
+use crate::deliver::{self, Prepared, Senders, Via};
 use crate::model::Connection;
 
 /// How long each test request may take.
@@ -38,6 +38,8 @@ pub struct TestAttempt {
     pub status: Option<u16>,
     pub error: Option<String>,
     pub duration_ms: u64,
+    /// `direct`, or the relay that carried it.
+    pub via: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +88,11 @@ pub async fn run(
             break;
         }
     }
-    let (tls_days_left, tls_error) = if connection.endpoint_url.starts_with("https://") {
+    let (tls_days_left, tls_error) = if connection.mid_server.is_some() {
+        // The endpoint is only reachable from the relay's network; the
+        // certificate check is not carried over the tunnel.
+        (None, Some("not measured through a MID server".to_string()))
+    } else if connection.endpoint_url.starts_with("https://") {
         match tls_days(catalog, connection).await {
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(e)),
@@ -108,15 +114,22 @@ pub async fn run(
 
 async fn one(app: &App, catalog: &Catalog, connection: &Connection, method: Method) -> TestAttempt {
     let url = connection.endpoint_url.clone();
-    if let Some(mid) = &connection.mid_server {
-        return TestAttempt {
-            method: method.to_string(),
-            url,
-            status: None,
-            error: Some(format!("MID server {mid} is not connected")),
-            duration_ms: 0,
-        };
-    }
+    let via = match &connection.mid_server {
+        None => Via::Direct,
+        Some(mid) => match app.relays.pick(mid) {
+            Some(session) => Via::Relay(session),
+            None => {
+                return TestAttempt {
+                    method: method.to_string(),
+                    url,
+                    status: None,
+                    error: Some(format!("MID server {mid} is not connected")),
+                    duration_ms: 0,
+                    via: format!("mid:{mid}"),
+                }
+            }
+        },
+    };
     let senders = Senders {
         clients: &app.clients,
         tokens: &app.tokens,
@@ -128,13 +141,14 @@ async fn one(app: &App, catalog: &Catalog, connection: &Connection, method: Meth
         headers: HeaderMap::new(),
         body: Bytes::new(),
     };
-    match deliver::exchange(&senders, connection, prepared, TEST_TIMEOUT).await {
+    match deliver::exchange(&senders, connection, prepared, TEST_TIMEOUT, &via).await {
         Ok(x) => TestAttempt {
             method: method.to_string(),
             url,
             status: x.result.as_ref().ok().map(|r| r.status),
             error: x.result.as_ref().err().map(|e| e.to_string()),
             duration_ms: x.duration.as_millis() as u64,
+            via: via.label(),
         },
         Err(e) => TestAttempt {
             method: method.to_string(),
@@ -142,6 +156,7 @@ async fn one(app: &App, catalog: &Catalog, connection: &Connection, method: Meth
             status: None,
             error: Some(e),
             duration_ms: 0,
+            via: via.label(),
         },
     }
 }

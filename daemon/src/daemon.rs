@@ -46,10 +46,18 @@ pub async fn run(
     let store = {
         let dir = config.data_dir.clone();
         let cache = config.cache_capacity;
-        tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+        match tokio::task::spawn_blocking(move || Store::open(&dir, cache))
             .await
             .context("store open task")?
-            .map_err(anyhow::Error::from)?
+        {
+            Ok(store) => store,
+            // A store from a newer Outbox will not open by restarting: exit
+            // as a configuration problem so systemd does not loop on it.
+            Err(e @ crate::store::StoreError::TooNew { .. }) => {
+                return Err(StartError::Config(e.to_string()))
+            }
+            Err(e) => return Err(StartError::Other(e.into())),
+        }
     };
     let catalog = store.load_catalog().context("loading the catalog")?;
     let queue = Queue::open(&store).context("loading the queue")?;
@@ -70,6 +78,10 @@ pub async fn run(
         );
     }
 
+    let tunnel = match &app.config.tunnel {
+        Some(t) => Some(crate::tunnel::endpoint(t)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(app.config.api.listen)
         .await
         .with_context(|| format!("api.listen {}: cannot listen", app.config.api.listen))?;
@@ -87,6 +99,16 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let workers = TaskTracker::new();
     tasks.spawn(crate::api::serve(listener, app.clone(), stop.clone()));
+    if let Some(endpoint) = tunnel {
+        tracing::info!(tunnel = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel listening for relays");
+        tasks.spawn(crate::tunnel::serve(
+            endpoint,
+            app.relays.clone(),
+            app.config.mid_servers.clone().into_iter().collect(),
+            app.relay_connected.clone(),
+            stop.clone(),
+        ));
+    }
     let dispatch_stop = CancellationToken::new();
     tasks.spawn(crate::dispatch::run(
         app.clone(),

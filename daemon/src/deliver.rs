@@ -18,7 +18,6 @@ use crate::client::{send, Clients, Reply, SendError, TlsSettings, EXCERPT_BYTES}
 use crate::model::{Auth, Backoff, Connection, FinalState, Integration, MessageType};
 use crate::oauth::TokenCache;
 use crate::queue::{format_id, Attempt, MessageRecord};
-use crate::secret::SecretValue;
 use crate::template::{self, Ref};
 
 /// The instance-name guard (SPEC §3.4): a connection whose `instance_name`
@@ -213,6 +212,24 @@ pub struct Senders<'a> {
     pub catalog: &'a crate::catalog::Catalog,
 }
 
+/// How a request reaches the remote system.
+#[derive(Clone)]
+pub enum Via {
+    Direct,
+    /// Through a connected relay of the connection's MID server, which
+    /// applies mutual TLS from its own protocol profile of the same name.
+    Relay(std::sync::Arc<crate::tunnel::Session>),
+}
+
+impl Via {
+    pub fn label(&self) -> String {
+        match self {
+            Via::Direct => "direct".into(),
+            Via::Relay(s) => s.via(),
+        }
+    }
+}
+
 /// The result of sending a prepared request with authentication.
 pub struct Exchange {
     pub method: String,
@@ -221,6 +238,8 @@ pub struct Exchange {
     pub result: Result<Reply, SendError>,
     pub duration: Duration,
     pub note: Option<String>,
+    /// Set when a relay carried the request and did not deliver a response.
+    pub relay_error: Option<crate::tunnel::RelayError>,
 }
 
 /// Adds the connection's authentication and sends; with OAuth, a 401
@@ -230,20 +249,27 @@ pub async fn exchange(
     connection: &Connection,
     prepared: Prepared,
     timeout: Duration,
+    via: &Via,
 ) -> Result<Exchange, String> {
-    let profile = match &connection.protocol_profile {
-        Some(name) => Some(
-            s.catalog
-                .protocol_profiles
-                .get(name)
-                .ok_or_else(|| format!("protocol profile {name:?} does not exist"))?,
-        ),
-        None => None,
+    let client = match via {
+        Via::Relay(_) => None,
+        Via::Direct => {
+            let profile = match &connection.protocol_profile {
+                Some(name) => Some(
+                    s.catalog
+                        .protocol_profiles
+                        .get(name)
+                        .ok_or_else(|| format!("protocol profile {name:?} does not exist"))?,
+                ),
+                None => None,
+            };
+            Some(
+                s.clients
+                    .get(&TlsSettings::from_profile(profile))
+                    .map_err(|e| format!("protocol profile: {e}"))?,
+            )
+        }
     };
-    let client = s
-        .clients
-        .get(&TlsSettings::from_profile(profile))
-        .map_err(|e| format!("protocol profile: {e}"))?;
     let oauth_profile = match &connection.auth {
         Auth::Oauth { profile } => Some(
             s.catalog
@@ -284,7 +310,25 @@ pub async fn exchange(
             req.headers_mut().insert(header::AUTHORIZATION, value);
         }
         let request_headers = masked_headers(req.headers());
-        let (result, elapsed) = send(&client, req, timeout, EXCERPT_BYTES).await;
+        let (result, elapsed, relay_error) = match (&client, via) {
+            (Some(client), _) => {
+                let (r, e) = send(client, req, timeout, EXCERPT_BYTES).await;
+                (r, e, None)
+            }
+            (None, Via::Relay(session)) => {
+                let started = std::time::Instant::now();
+                let out = crate::tunnel::Outbound {
+                    method: prepared.method.as_str(),
+                    url: &prepared.url,
+                    headers: req.headers(),
+                    protocol_profile: connection.protocol_profile.as_deref(),
+                    body: prepared.body.clone(),
+                };
+                let (r, relay) = session.request(out, timeout, EXCERPT_BYTES).await;
+                (r, started.elapsed(), relay.err())
+            }
+            (None, Via::Direct) => return Err("no HTTP client for a direct request".into()),
+        };
         total += elapsed;
         let unauthorized = matches!(&result, Ok(r) if r.status == 401);
         if round == 0 && unauthorized {
@@ -302,6 +346,7 @@ pub async fn exchange(
             result,
             duration: total,
             note,
+            relay_error,
         });
     }
     // The loop returns in its second round at the latest.
@@ -369,10 +414,6 @@ pub fn attempt_record(n: u32, connection: &Connection, via: &str, x: &Exchange) 
     }
     a
 }
-
-/// Secrets must never reach an attempt; this is the one type that carries a
-/// token around, and it masks itself.
-pub type Token = SecretValue;
 
 #[cfg(test)]
 mod tests {

@@ -17,15 +17,21 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::catalog::State;
-use crate::deliver::{self, Outcome, Senders};
+use crate::deliver::{self, Outcome, Senders, Via};
 use crate::model::FinalState;
 use crate::queue::{format_id, now_ms, Attempt, Disposition, MessageState};
+use crate::tunnel::RelayError;
+use outbox_proto::ErrorKind;
 
 /// How often sent messages past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a message waits before trying again for a MID server that has
 /// no relay connected (a relay connecting wakes the scheduler sooner).
 const MID_WAIT: Duration = Duration::from_secs(5);
+/// Pause before retrying a request whose relay dropped mid-request.
+const RELAY_DROP_PAUSE: Duration = Duration::from_millis(200);
+/// Pause before retrying a request a stopping relay turned away.
+const RELAY_BUSY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Runs the scheduler until `shutdown`; attempts are spawned on `workers`
 /// so the caller can wait for them within the grace period.
@@ -50,7 +56,17 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
             _ = shutdown.cancelled() => break,
             _ = app.queue.wake.notified() => {}
             _ = app.catalog_changed.notified() => {}
-            _ = app.relay_connected.notified() => {}
+            _ = app.relay_connected.notified() => {
+                // Messages waiting for a MID server that now has a relay go
+                // at once instead of at their next retry.
+                let catalog = app.catalog();
+                for (name, e) in &catalog.integrations {
+                    let mid = e.spec.active_connection().and_then(|c| c.mid_server.as_deref());
+                    if mid.is_some_and(|m| app.relays.pick(m).is_some()) {
+                        app.queue.wake_waiting(name);
+                    }
+                }
+            }
             _ = tokio::time::sleep(sleep) => {}
         }
     }
@@ -142,31 +158,40 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             );
         }
     };
-    if let Some(mid) = &connection.mid_server {
-        base.via = format!("mid:{mid}");
-        base.method = Some(prepared.method.to_string());
-        base.url = Some(prepared.url.clone());
-        base.error = Some(format!("MID server {mid} is not connected"));
-        base.outcome = format!("waiting for MID server {mid}");
-        let due = now_ms() + MID_WAIT.as_millis() as u64;
-        return finish(
-            app,
-            rec,
-            Some(base),
-            Disposition::Retry {
-                due_ms: due,
-                counts: false,
-            },
-        );
-    }
-
+    let via = match &connection.mid_server {
+        None => Via::Direct,
+        Some(mid) => match app.relays.pick(mid) {
+            Some(session) => Via::Relay(session),
+            None => {
+                // Not the remote system's fault: the message stays queued
+                // without using up an attempt, and goes when a relay connects.
+                base.via = format!("mid:{mid}");
+                base.method = Some(prepared.method.to_string());
+                base.url = Some(prepared.url.clone());
+                base.error = Some(format!("MID server {mid} is not connected"));
+                base.outcome = format!("waiting for MID server {mid}");
+                let due = now_ms() + MID_WAIT.as_millis() as u64;
+                return finish(
+                    app,
+                    rec,
+                    Some(base),
+                    Disposition::Retry {
+                        due_ms: due,
+                        counts: false,
+                    },
+                );
+            }
+        },
+    };
+    base.via = via.label();
     let senders = Senders {
         clients: &app.clients,
         tokens: &app.tokens,
         catalog: &catalog,
     };
+
     let started = Instant::now();
-    let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout).await;
+    let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout, &via).await;
     let mut rng = rand::thread_rng();
     let (mut record, outcome) = match exchange {
         Ok(x) => {
@@ -176,11 +201,44 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                 .as_ref()
                 .ok()
                 .and_then(|r| deliver::retry_after(&r.headers));
-            let via = base.via.clone();
-            (
-                deliver::attempt_record(n, connection, &via, &x),
-                deliver::classify(spec, n, status, ra, &mut rng),
-            )
+            let record = deliver::attempt_record(n, connection, &base.via, &x);
+            match &x.relay_error {
+                // The relay dropped mid-request, or is stopping: go again at
+                // once through another member of the cluster, without using
+                // an attempt.
+                Some(e @ RelayError::Dropped { .. })
+                | Some(
+                    e @ RelayError::Remote {
+                        kind: ErrorKind::Overloaded,
+                        ..
+                    },
+                ) => {
+                    let mut record = record;
+                    record.outcome = "retry through another relay".into();
+                    // A short pause keeps a dying session from spinning the
+                    // message; a stopping relay gets a little longer.
+                    let pause = match e {
+                        RelayError::Dropped { .. } => RELAY_DROP_PAUSE,
+                        _ => RELAY_BUSY_PAUSE,
+                    };
+                    return finish(
+                        app,
+                        rec,
+                        Some(record),
+                        Disposition::Retry {
+                            due_ms: now_ms() + pause.as_millis() as u64,
+                            counts: false,
+                        },
+                    );
+                }
+                // A target outside the relay's allow-list or a body over its
+                // limit will not change by retrying: fix and replay.
+                Some(RelayError::Remote {
+                    kind: ErrorKind::NotAllowed | ErrorKind::BodyTooLarge,
+                    ..
+                }) => (record, Outcome::Final(FinalState::Error)),
+                _ => (record, deliver::classify(spec, n, status, ra, &mut rng)),
+            }
         }
         Err(e) => {
             // Nothing was sent: a credential or profile could not be read.

@@ -21,4 +21,5 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod template;
+pub mod tunnel;
 pub mod units;

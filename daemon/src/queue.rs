@@ -197,6 +197,10 @@ struct Lane {
     /// sending, or in error at the head (which blocks the line).
     lines: HashMap<String, BTreeMap<(u64, u64), u64>>,
     in_flight: BTreeSet<u64>,
+    /// Messages retried without using an attempt (no relay connected for
+    /// their MID server): seq → (due, ordering key and order). A relay
+    /// connecting makes them due at once.
+    waiting: BTreeMap<u64, (u64, Option<(String, u64)>)>,
     queued: u64,
     errors: u64,
     last_error: Option<(String, u64)>,
@@ -573,8 +577,12 @@ impl Queue {
                     break;
                 }
                 lane.ready.pop_first();
-                lane.in_flight.insert(seq);
-                taken.push((name.clone(), seq));
+                lane.waiting.remove(&seq);
+                // A message is in flight at most once, whatever the index
+                // says.
+                if lane.in_flight.insert(seq) {
+                    taken.push((name.clone(), seq));
+                }
             }
         }
         (taken, next)
@@ -636,6 +644,9 @@ impl Queue {
             Disposition::Retry { due_ms, counts } => {
                 if counts {
                     rec.attempts += 1;
+                } else {
+                    let line = key.clone().map(|k| (k, rec.order));
+                    lane.waiting.insert(seq, (due_ms, line));
                 }
                 rec.due_ms = due_ms;
                 self.put(&rec)?;
@@ -862,6 +873,34 @@ impl Queue {
             self.trees.finished.remove(k)?;
         }
         Ok(pruned)
+    }
+
+    /// Makes every message of `integration` that waits for a MID server
+    /// due now (a relay connected).
+    pub fn wake_waiting(&self, integration: &str) {
+        let now = now_ms();
+        let mut st = self.lock();
+        let Some(lane) = st.lanes.get_mut(integration) else {
+            return;
+        };
+        for (seq, (due, line)) in std::mem::take(&mut lane.waiting) {
+            if lane.ready.remove(&(due, seq)) {
+                lane.ready.insert((now, seq));
+            }
+            if let Some((key, order)) = line {
+                if let Some(entry) = lane
+                    .lines
+                    .get_mut(&key)
+                    .and_then(|l| l.get_mut(&(order, seq)))
+                {
+                    if *entry != u64::MAX {
+                        *entry = now;
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// Refuses new messages from now on (shutdown).

@@ -20,18 +20,22 @@ pub struct Status {
 #[derive(Serialize)]
 pub struct MidServerStatus {
     pub name: String,
-    pub sessions: Vec<serde_json::Value>,
+    pub sessions: Vec<crate::tunnel::SessionView>,
 }
 
-/// Relay sessions of every configured MID server. Without a `[tunnel]`
-/// listener no relay can connect, so each list is empty.
+/// Every configured MID server with its connected relays.
 pub fn mid_servers(app: &App) -> Vec<MidServerStatus> {
+    let sessions = app.relays.sessions();
     app.config
         .mid_servers
         .keys()
         .map(|name| MidServerStatus {
             name: name.clone(),
-            sessions: Vec::new(),
+            sessions: sessions
+                .iter()
+                .filter(|s| &s.name == name)
+                .cloned()
+                .collect(),
         })
         .collect()
 }

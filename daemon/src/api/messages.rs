@@ -116,8 +116,20 @@ async fn enqueue_envelope(app: &Arc<App>, call: &Call, integration: &str) -> Api
 }
 
 async fn enqueue_raw(app: &Arc<App>, call: &Call, integration: &str, message: &str) -> ApiResult {
+    // The producer's Content-Type travels with the body, unless the message
+    // type fixes one (then the type's wins: it describes the remote API).
+    let typed_ct = app
+        .catalog()
+        .integrations
+        .get(integration)
+        .and_then(|e| e.spec.message_type(message).cloned())
+        .is_some_and(|m| {
+            m.headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-type"))
+        });
     let mut headers = BTreeMap::new();
-    if let Some(ct) = call.header("content-type") {
+    if let (false, Some(ct)) = (typed_ct, call.header("content-type")) {
         headers.insert("Content-Type".to_string(), ct.to_string());
     }
     enqueue(

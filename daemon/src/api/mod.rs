@@ -377,13 +377,7 @@ async fn route(app: &Arc<App>, call: &Call) -> ApiResult {
         ) => integrations::connection_action(app, i, c, action).await,
         (Method::POST, ["v1", "apply"]) => integrations::apply(app, call).await,
         (Method::GET, ["v1", "export"]) => integrations::export(app),
-        (Method::GET, ["v1", "mid-servers"]) => {
-            let sessions: Vec<serde_json::Value> = crate::status::mid_servers(app)
-                .into_iter()
-                .flat_map(|m| m.sessions)
-                .collect();
-            ok(&sessions)
-        }
+        (Method::GET, ["v1", "mid-servers"]) => ok(&app.relays.sessions()),
         (Method::GET, ["v1", "docs"]) => Ok(response(
             StatusCode::OK,
             "text/markdown; charset=utf-8",

@@ -1,0 +1,513 @@
+//! The relay tunnel, daemon side: a QUIC listener for MID servers, the
+//! registry of connected relays, and requests sent through them.
+//!
+//! A relay is the QUIC client. It opens a control stream and sends `Hello`
+//! (name, token, versions); the token is checked in constant time against
+//! `[mid_servers.NAME]`, and the daemon answers `Accept` or `Reject{reason}`.
+//! Heartbeats flow on the control stream. For each request the daemon opens
+//! a bidirectional stream: request head, body chunks, end; the relay answers
+//! with a response head, body chunks, end, or an error frame. Several relays
+//! under one name form a cluster: requests go to the one with the fewest in
+//! flight, and when a relay drops, its requests fail as retryable and go
+//! through another.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use outbox_proto::{ErrorKind, Frame, Limits};
+use quinn::{RecvStream, SendStream};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Reply, SendError};
+use crate::config::{MidServerConfig, TunnelConfig};
+use crate::secret::SecretValue;
+
+/// ALPN of the tunnel protocol; a client speaking anything else fails the
+/// TLS handshake.
+pub const ALPN: &[u8] = b"outbox-relay/1";
+/// Relays send a heartbeat this often; three missed ones end the session.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A relay must say hello this soon after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Body chunk size on request streams: well under the frame limit.
+const CHUNK: usize = 64 * 1024;
+
+/// One connected relay.
+pub struct Session {
+    pub id: u64,
+    pub name: String,
+    pub address: SocketAddr,
+    pub since_ms: u64,
+    pub protocol_version: u32,
+    pub relay_version: String,
+    in_flight: AtomicUsize,
+    conn: quinn::Connection,
+}
+
+/// What the API shows of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    pub name: String,
+    pub id: u64,
+    pub address: String,
+    pub since: String,
+    pub in_flight: usize,
+    pub protocol_version: u32,
+    pub relay_version: String,
+}
+
+/// The relays connected now, by MID server name.
+#[derive(Default)]
+pub struct Relays {
+    sessions: Mutex<HashMap<String, Vec<Arc<Session>>>>,
+    next_id: AtomicU64,
+}
+
+/// Why a request through a relay did not get a response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RelayError {
+    #[error("MID server {0} is not connected")]
+    NotConnected(String),
+    /// The relay went away mid-request: retry through another.
+    #[error("relay {name} ({address}) disconnected: {reason}")]
+    Dropped {
+        name: String,
+        address: SocketAddr,
+        reason: String,
+    },
+    /// The relay answered with an error frame.
+    #[error("relay {name} ({address}): {kind:?}: {message}")]
+    Remote {
+        name: String,
+        address: SocketAddr,
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+impl Relays {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The member of `name`'s cluster with the fewest requests in flight.
+    pub fn pick(&self, name: &str) -> Option<Arc<Session>> {
+        self.lock()
+            .get(name)?
+            .iter()
+            // A session whose connection is closed is on its way out of the
+            // registry; never hand it a request.
+            .filter(|s| s.conn.close_reason().is_none())
+            .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    pub fn sessions(&self) -> Vec<SessionView> {
+        let mut out: Vec<SessionView> = self
+            .lock()
+            .values()
+            .flatten()
+            .map(|s| SessionView {
+                name: s.name.clone(),
+                id: s.id,
+                address: s.address.to_string(),
+                since: crate::api::time(s.since_ms),
+                in_flight: s.in_flight.load(Ordering::Relaxed),
+                protocol_version: s.protocol_version,
+                relay_version: s.relay_version.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
+        out
+    }
+
+    fn add(&self, s: Arc<Session>) {
+        self.lock().entry(s.name.clone()).or_default().push(s);
+    }
+
+    fn remove(&self, s: &Session) {
+        let mut map = self.lock();
+        if let Some(list) = map.get_mut(&s.name) {
+            list.retain(|x| x.id != s.id);
+            if list.is_empty() {
+                map.remove(&s.name);
+            }
+        }
+    }
+}
+
+/// A request as handed to a relay: authentication headers already added.
+pub struct Outbound<'a> {
+    pub method: &'a str,
+    pub url: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The relay's protocol profile of this name applies mutual TLS.
+    pub protocol_profile: Option<&'a str>,
+    pub body: Bytes,
+}
+
+/// Counts a request in flight on a session for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Session {
+    /// Sends one request through this relay and reads the response, keeping
+    /// the first `keep` bytes of its body.
+    pub async fn request(
+        &self,
+        out: Outbound<'_>,
+        timeout: Duration,
+        keep: usize,
+    ) -> (Result<Reply, SendError>, Result<(), RelayError>) {
+        let Outbound {
+            method,
+            url,
+            headers,
+            protocol_profile,
+            body,
+        } = out;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(&self.in_flight);
+        let started = Instant::now();
+        let limits = Limits::default();
+        let work = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.dropped(e))?;
+            let head = Frame::RequestHead {
+                method: method.to_string(),
+                url: url.to_string(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+                protocol_profile: protocol_profile.map(str::to_string),
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            write_frame(&mut send, &head, &limits)
+                .await
+                .map_err(|e| self.dropped(e))?;
+            for chunk in body.chunks(CHUNK) {
+                write_frame(&mut send, &Frame::BodyChunk(chunk.to_vec()), &limits)
+                    .await
+                    .map_err(|e| self.dropped(e))?;
+            }
+            write_frame(&mut send, &Frame::End, &limits)
+                .await
+                .map_err(|e| self.dropped(e))?;
+            let _ = send.finish();
+            let (status, headers) = match read_frame(&mut recv, &limits)
+                .await
+                .map_err(|e| self.dropped(e))?
+            {
+                Some(Frame::ResponseHead { status, headers }) => (status, headers),
+                Some(Frame::Error { kind, message }) => {
+                    return Err(RelayError::Remote {
+                        name: self.name.clone(),
+                        address: self.address,
+                        kind,
+                        message,
+                    })
+                }
+                other => {
+                    return Err(self.dropped(format!("expected a response head, got {other:?}")))
+                }
+            };
+            let mut excerpt = BytesMut::new();
+            loop {
+                match read_frame(&mut recv, &limits)
+                    .await
+                    .map_err(|e| self.dropped(e))?
+                {
+                    Some(Frame::BodyChunk(data)) => {
+                        let room = keep.saturating_sub(excerpt.len());
+                        excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                    Some(Frame::End) | None => break,
+                    Some(Frame::Error { kind, message }) => {
+                        return Err(RelayError::Remote {
+                            name: self.name.clone(),
+                            address: self.address,
+                            kind,
+                            message,
+                        })
+                    }
+                    Some(other) => {
+                        return Err(
+                            self.dropped(format!("unexpected frame in a response body: {other:?}"))
+                        )
+                    }
+                }
+            }
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_bytes(&v),
+                ) {
+                    map.append(k, v);
+                }
+            }
+            Ok(Reply {
+                status,
+                headers: map,
+                excerpt: excerpt.freeze(),
+                duration: started.elapsed(),
+            })
+        };
+        // The relay enforces the timeout on its request; this bound covers a
+        // relay that stops answering altogether.
+        match tokio::time::timeout(timeout + Duration::from_secs(5), work).await {
+            Ok(Ok(reply)) => (Ok(reply), Ok(())),
+            Ok(Err(RelayError::Remote {
+                kind: ErrorKind::Timeout,
+                message,
+                ..
+            })) => (
+                Err(SendError::Timeout(timeout)),
+                Err(RelayError::Remote {
+                    name: self.name.clone(),
+                    address: self.address,
+                    kind: ErrorKind::Timeout,
+                    message,
+                }),
+            ),
+            Ok(Err(e)) => (Err(SendError::Failed(e.to_string())), Err(e)),
+            Err(_) => (Err(SendError::Timeout(timeout)), Ok(())),
+        }
+    }
+
+    fn dropped(&self, e: impl std::fmt::Display) -> RelayError {
+        RelayError::Dropped {
+            name: self.name.clone(),
+            address: self.address,
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn via(&self) -> String {
+        format!("mid:{} ({})", self.name, self.address)
+    }
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame(
+    send: &mut SendStream,
+    frame: &Frame,
+    limits: &Limits,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+/// Reads one frame; `None` when the stream ended cleanly between frames.
+pub async fn read_frame(recv: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, String> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = outbox_proto::frame_len(header, limits).map_err(|e| e.to_string())?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    outbox_proto::decode_payload(&payload, limits)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Builds the QUIC server endpoint from the tunnel's certificate and key.
+pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
+        .with_context(|| format!("tunnel.cert {}", config.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("tunnel.cert {}", config.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&config.key)
+        .with_context(|| format!("tunnel.key {}", config.key.display()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(crate::client::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("tunnel.cert and tunnel.key do not form a valid pair")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("tunnel TLS settings")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(HEARTBEAT));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(HEARTBEAT * 3)?));
+    // Requests are streams; allow plenty at once (relay concurrency caps
+    // what is really in flight).
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, config.listen)
+        .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))
+}
+
+/// Accepts relays until `shutdown`.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    relays: Arc<Relays>,
+    tokens: HashMap<String, MidServerConfig>,
+    connected: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let tokens = Arc::new(tokens);
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let relays = relays.clone();
+        let tokens = tokens.clone();
+        let connected = connected.clone();
+        tokio::spawn(async move {
+            let address = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => session(conn, address, relays, &tokens, connected).await,
+                Err(e) => tracing::info!(%address, error = %e, "relay connection failed"),
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"daemon stopping");
+}
+
+async fn session(
+    conn: quinn::Connection,
+    address: SocketAddr,
+    relays: Arc<Relays>,
+    tokens: &HashMap<String, MidServerConfig>,
+    connected: Arc<tokio::sync::Notify>,
+) {
+    let limits = Limits::default();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let frame = read_frame(&mut recv, &limits).await?;
+        Ok::<_, String>((send, recv, frame))
+    })
+    .await;
+    let (mut send, mut recv, frame) = match hello {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!(%address, error = %e, "relay refused: no valid hello");
+            conn.close(1u32.into(), b"no valid hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%address, "relay refused: no hello within 10s");
+            conn.close(1u32.into(), b"no hello");
+            return;
+        }
+    };
+    let Some(Frame::Hello {
+        name,
+        token,
+        protocol_version,
+        relay_version,
+    }) = frame
+    else {
+        tracing::warn!(%address, "relay refused: first frame is not a hello");
+        conn.close(1u32.into(), b"expected hello");
+        return;
+    };
+    let refusal = check_hello(tokens, &name, &token, protocol_version);
+    if let Some(reason) = refusal {
+        tracing::warn!(%address, mid_server = %name, relay_version = %relay_version, %reason, "relay refused");
+        let _ = write_frame(
+            &mut send,
+            &Frame::Reject {
+                reason: reason.clone(),
+            },
+            &limits,
+        )
+        .await;
+        let _ = send.finish();
+        // Give the reject a moment to reach the relay before closing.
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        conn.close(2u32.into(), reason.as_bytes());
+        return;
+    }
+    let id = relays.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    let accept = Frame::Accept {
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
+        session_id: id,
+    };
+    if let Err(e) = write_frame(&mut send, &accept, &limits).await {
+        tracing::warn!(%address, mid_server = %name, error = %e, "relay dropped during hello");
+        return;
+    }
+    let s = Arc::new(Session {
+        id,
+        name: name.clone(),
+        address,
+        since_ms: crate::queue::now_ms(),
+        protocol_version,
+        relay_version: relay_version.clone(),
+        in_flight: AtomicUsize::new(0),
+        conn: conn.clone(),
+    });
+    relays.add(s.clone());
+    tracing::info!(%address, mid_server = %name, session = id, %relay_version, "relay connected");
+    connected.notify_one();
+
+    // Control stream: answer heartbeats until the relay goes quiet or away.
+    let reason = loop {
+        match tokio::time::timeout(HEARTBEAT * 3, read_frame(&mut recv, &limits)).await {
+            Err(_) => break "no heartbeat for 15s".to_string(),
+            Ok(Err(e)) => break e,
+            Ok(Ok(None)) => break "control stream closed".to_string(),
+            Ok(Ok(Some(Frame::Heartbeat { seq }))) => {
+                if let Err(e) = write_frame(&mut send, &Frame::Heartbeat { seq }, &limits).await {
+                    break e;
+                }
+            }
+            Ok(Ok(Some(other))) => {
+                break format!("unexpected frame on the control stream: {other:?}")
+            }
+        }
+    };
+    relays.remove(&s);
+    conn.close(3u32.into(), reason.as_bytes());
+    tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+}
+
+/// Why a hello is refused, if it is: unknown name, wrong token (compared in
+/// constant time), or a protocol version this daemon does not speak.
+fn check_hello(
+    tokens: &HashMap<String, MidServerConfig>,
+    name: &str,
+    token: &str,
+    protocol_version: u32,
+) -> Option<String> {
+    use subtle::ConstantTimeEq;
+    if let Err(reason) = outbox_proto::check_version(protocol_version) {
+        return Some(reason);
+    }
+    let Some(mid) = tokens.get(name) else {
+        return Some(format!(
+            "MID server {name:?} is not configured on this daemon"
+        ));
+    };
+    let expected: &SecretValue = &mid.token;
+    if bool::from(token.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        None
+    } else {
+        Some(format!("wrong token for MID server {name:?}"))
+    }
+}

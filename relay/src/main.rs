@@ -1,0 +1,77 @@
+//! `outbox-relay`: parses arguments, validates the config, sets up logging
+//! and signals, and runs the relay.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use futures::StreamExt;
+use outbox_relay::Config;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// The Outbox MID server: dials out to outboxd over QUIC and performs its
+/// requests inside this network.
+#[derive(Parser)]
+#[command(name = "outbox-relay", version)]
+struct Args {
+    /// The relay's TOML configuration.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration and exit: 0 valid, 2 invalid.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.log_json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    // Two workers: the relay's work is I/O; it should stay small on the
+    // host it shares with others.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+        let shutdown = async move {
+            if let Some(signal) = signals.next().await {
+                tracing::info!(signal, "shutdown requested");
+            }
+        };
+        outbox_relay::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outbox-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One daemon session: connect, hello, heartbeat, serve request streams,
+//! and reconnect with capped exponential backoff and jitter.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use outbox_proto::{ErrorKind, Frame, Limits, PROTOCOL_VERSION};
+use quinn::{RecvStream, SendStream};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, Daemon};
+use crate::perform::{next_chunk, Failure};
+use crate::Relay;
+
+/// ALPN of the tunnel protocol (the daemon's `tunnel::ALPN`).
+const ALPN: &[u8] = b"outbox-relay/1";
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Reconnects back off to at most this, so a daemon back from maintenance
+/// is found within a minute.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CHUNK: usize = 64 * 1024;
+
+/// The QUIC client endpoint shared by all sessions.
+pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
+    use anyhow::Context;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::perform::read_certs(&config.server_ca).map_err(anyhow::Error::msg)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("server_ca {}", config.server_ca.display()))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(15))?));
+    // The daemon may open at most this many request streams at once: QUIC
+    // flow control makes it wait, so the relay never holds more than its
+    // concurrency per daemon.
+    transport.max_concurrent_bidi_streams((config.concurrency as u32).into());
+    client.transport_config(Arc::new(transport));
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    let mut endpoint = quinn::Endpoint::client(any6)
+        .or_else(|_| quinn::Endpoint::client(any4))
+        .context("cannot open a UDP socket")?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Keeps a session to `daemon` until `stop`.
+pub async fn keep(
+    relay: Arc<Relay>,
+    endpoint: quinn::Endpoint,
+    daemon: Daemon,
+    stop: CancellationToken,
+) {
+    let span = tracing::info_span!("daemon", address = %daemon.address);
+    async move {
+        let mut backoff = BACKOFF_START;
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = connect(&relay, &endpoint, &daemon) => r,
+            };
+            match outcome {
+                Ok((conn, control)) => {
+                    backoff = BACKOFF_START;
+                    let reason = serve(&relay, conn.clone(), control, &stop).await;
+                    conn.close(0u32.into(), b"relay session ends");
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    tracing::warn!(%reason, "session lost; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot open a session"),
+            }
+            // Full backoff plus up to half again of jitter, so relays that
+            // lost a daemon together do not come back together.
+            let jitter = backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+type Control = (SendStream, RecvStream, Duration);
+
+async fn connect(
+    relay: &Relay,
+    endpoint: &quinn::Endpoint,
+    daemon: &Daemon,
+) -> Result<(quinn::Connection, Control), String> {
+    let addr: SocketAddr = tokio::net::lookup_host((daemon.host.as_str(), daemon.port))
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", daemon.address))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", daemon.address))?;
+    let connecting = endpoint
+        .connect(addr, &daemon.host)
+        .map_err(|e| format!("connect {}: {e}", daemon.address))?;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| {
+            format!(
+                "no QUIC handshake with {} within {HANDSHAKE_TIMEOUT:?}",
+                daemon.address
+            )
+        })?
+        .map_err(|e| format!("QUIC handshake with {}: {e}", daemon.address))?;
+    let limits = Limits::default();
+    let hello = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let frame = Frame::Hello {
+            name: relay.config.name.clone(),
+            token: relay.config.token.expose().to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            relay_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        write_frame(&mut send, &frame, &limits).await?;
+        match read_frame(&mut recv, &limits).await? {
+            Some(Frame::Accept {
+                heartbeat_interval_ms,
+                session_id,
+                daemon_version,
+            }) => {
+                tracing::info!(session = session_id, %daemon_version, "session open");
+                let every = Duration::from_millis(heartbeat_interval_ms.clamp(500, 60_000));
+                Ok((send, recv, every))
+            }
+            Some(Frame::Reject { reason }) => {
+                Err(format!("the daemon refused this relay: {reason}"))
+            }
+            other => Err(format!("expected accept or reject, got {other:?}")),
+        }
+    };
+    let control = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello)
+        .await
+        .map_err(|_| "no answer to hello within 10s".to_string())?
+        .inspect_err(|e| {
+            if e.starts_with("the daemon refused") {
+                tracing::error!(error = %e, "refused");
+            }
+        })?;
+    Ok((conn, control))
+}
+
+/// Serves one session until it ends; returns why it ended.
+async fn serve(
+    relay: &Arc<Relay>,
+    conn: quinn::Connection,
+    control: Control,
+    stop: &CancellationToken,
+) -> String {
+    let (mut send, mut recv, every) = control;
+    let limits = Limits::default();
+    let heartbeat = async {
+        let mut seq = 0u64;
+        loop {
+            seq += 1;
+            write_frame(&mut send, &Frame::Heartbeat { seq }, &limits).await?;
+            let answered = tokio::time::timeout(every * 3, read_frame(&mut recv, &limits)).await;
+            match answered {
+                Err(_) => return Err::<(), String>("no heartbeat answer".into()),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some(Frame::Heartbeat { .. }))) => {}
+                Ok(Ok(other)) => return Err(format!("unexpected control frame {other:?}")),
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    let accept = async {
+        loop {
+            let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let relay = relay.clone();
+            relay
+                .requests
+                .clone()
+                .spawn(async move { request(&relay, s, r).await });
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), String>(())
+    };
+    tokio::select! {
+        _ = stop.cancelled() => "relay stopping".to_string(),
+        r = heartbeat => r.err().unwrap_or_default(),
+        r = accept => r.err().unwrap_or_default(),
+    }
+}
+
+/// One request stream: read the head and body, perform, stream the answer.
+async fn request(relay: &Relay, mut send: SendStream, mut recv: RecvStream) {
+    let limits = Limits::default();
+    let result = perform(relay, &mut send, &mut recv, &limits).await;
+    if let Err(f) = result {
+        tracing::info!(kind = ?f.kind, error = %f.message, "request refused or failed");
+        let _ = write_frame(
+            &mut send,
+            &Frame::Error {
+                kind: f.kind,
+                message: truncate(&f.message, limits.max_text),
+            },
+            &limits,
+        )
+        .await;
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+async fn perform(
+    relay: &Relay,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    limits: &Limits,
+) -> Result<(), Failure> {
+    let protocol = |e: String| Failure::new(ErrorKind::Protocol, e);
+    let Some(Frame::RequestHead {
+        method,
+        url,
+        headers,
+        protocol_profile,
+        timeout_ms,
+    }) = read_frame(recv, limits).await.map_err(protocol)?
+    else {
+        return Err(protocol("expected a request head".into()));
+    };
+    if relay.draining.is_cancelled() {
+        return Err(Failure::new(ErrorKind::Overloaded, "relay is stopping"));
+    }
+    let mut body = BytesMut::new();
+    loop {
+        match read_frame(recv, limits).await.map_err(protocol)? {
+            Some(Frame::BodyChunk(data)) => {
+                if (body.len() + data.len()) as u64 > relay.config.max_body {
+                    return Err(Failure::new(
+                        ErrorKind::BodyTooLarge,
+                        format!(
+                            "request body is over this relay's max_body of {} bytes",
+                            relay.config.max_body
+                        ),
+                    ));
+                }
+                body.extend_from_slice(&data);
+            }
+            Some(Frame::End) => break,
+            other => {
+                return Err(protocol(format!(
+                    "expected a body chunk or end, got {other:?}"
+                )))
+            }
+        }
+    }
+    let _permit = relay
+        .permits
+        .acquire()
+        .await
+        .map_err(|_| Failure::new(ErrorKind::Overloaded, "relay is stopping"))?;
+    let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
+    let mut resp = relay
+        .performer
+        .send(
+            &method,
+            &url,
+            &headers,
+            protocol_profile.as_deref(),
+            body.freeze(),
+            timeout,
+        )
+        .await?;
+    tracing::debug!(%method, %url, status = resp.status, "performed");
+    let io = |e: String| Failure::new(ErrorKind::Other, e);
+    write_frame(
+        send,
+        &Frame::ResponseHead {
+            status: resp.status,
+            headers: resp.headers.into_iter().take(limits.max_headers).collect(),
+        },
+        limits,
+    )
+    .await
+    .map_err(io)?;
+    let mut total = 0u64;
+    while let Some(chunk) = next_chunk(&mut resp.body).await {
+        let chunk: Bytes = chunk.map_err(io)?;
+        total += chunk.len() as u64;
+        if total > relay.config.max_body {
+            return Err(Failure::new(
+                ErrorKind::BodyTooLarge,
+                format!(
+                    "response body is over this relay's max_body of {} bytes",
+                    relay.config.max_body
+                ),
+            ));
+        }
+        for piece in chunk.chunks(CHUNK) {
+            write_frame(send, &Frame::BodyChunk(piece.to_vec()), limits)
+                .await
+                .map_err(io)?;
+        }
+    }
+    write_frame(send, &Frame::End, limits).await.map_err(io)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> Result<(), String> {
+    let mut buf = Vec::new();
+    outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+async fn read_frame(recv: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, String> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = outbox_proto::frame_len(header, limits).map_err(|e| e.to_string())?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    outbox_proto::decode_payload(&payload, limits)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
