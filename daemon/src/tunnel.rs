@@ -30,7 +30,7 @@ use crate::secret::SecretValue;
 
 /// ALPN of the tunnel protocol; a client speaking anything else fails the
 /// TLS handshake.
-pub const ALPN: &[u8] = b"outbox-relay/1";
+pub use outbox_proto::ALPN;
 /// Relays send a heartbeat this often; three missed ones end the session.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A relay must say hello this soon after connecting.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::{ErrorKind, Frame, Limits, PROTOCOL_VERSION};
+use outbox_proto::{ErrorKind, Frame, Limits, ALPN, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +16,6 @@ use crate::config::{Config, Daemon};
 use crate::perform::{next_chunk, Failure};
 use crate::Relay;
 
-/// ALPN of the tunnel protocol (the daemon's `tunnel::ALPN`).
-const ALPN: &[u8] = b"outbox-relay/1";
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Reconnects back off to at most this, so a daemon back from maintenance
 /// is found within a minute.

@@ -6,9 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outbox_proto::{
-    decode_one, decode_payload, encode, DecodeError, Frame, FrameDecoder, Limits,
-};
+use outbox_proto::{decode_one, decode_payload, encode, DecodeError, Frame, FrameDecoder, Limits};
 
 fuzz_target!(|data: &[u8]| {
     // The defaults, and limits small enough that inputs reach every limit
