@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
@@ -26,6 +26,11 @@ use crate::app::{App, ChangeError};
 use crate::catalog::RuleError;
 
 pub type Body = Full<Bytes>;
+
+/// An oversized body is read and dropped up to this many bytes before the
+/// 413 goes out (so the client sees the answer, not a reset); a larger
+/// declared length is refused at once.
+const DRAIN_LIMIT: usize = 64 << 20;
 
 /// An error answer: status and a one-line message (plus, for a refused
 /// integration file, every problem).
@@ -292,24 +297,32 @@ async fn read_call(app: &App, req: Request<Incoming>) -> Result<Call, ApiError> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
-        if len > limit as u64 {
+        if len > DRAIN_LIMIT as u64 {
             return Err(too_large());
         }
     }
-    let (parts, body) = req.into_parts();
-    let body = Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
-                ApiError::bad_request(format!("request body could not be read: {e}"))
+    let (parts, mut body) = req.into_parts();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("request body could not be read: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                // Read (and drop) the rest, up to a bound, so the client gets
+                // its 413 instead of a connection reset mid-upload.
+                let mut drained = buf.len() + data.len();
+                while let Some(Ok(f)) = body.frame().await {
+                    drained += f.data_ref().map_or(0, |d| d.len());
+                    if drained > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+                return Err(too_large());
             }
-        })?
-        .to_bytes();
+            buf.extend_from_slice(&data);
+        }
+    }
+    let body = buf.freeze();
     let segments = parts
         .uri
         .path()

@@ -364,6 +364,54 @@ impl Daemon {
     }
 }
 
+/// A cheap, cloneable client of one daemon's API, for concurrent producers.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    /// `POST /v1/integrations/{i}/messages` with a JSON envelope.
+    pub async fn enqueue(
+        &self,
+        integration: &str,
+        body: &Value,
+    ) -> Result<(StatusCode, Value), String> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!(
+                "{}/v1/integrations/{integration}/messages",
+                self.base
+            ))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+impl Daemon {
+    pub fn api_client(&self) -> Api {
+        Api {
+            base: self.api(),
+            client: self.client.clone(),
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
