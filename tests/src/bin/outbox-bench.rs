@@ -1,0 +1,1476 @@
+//! `outbox-bench`: the load generator of Outbox.
+//!
+//! Every figure is a ratio against a baseline measured in the same run, on
+//! the same machine, with the same client code, because the machine is
+//! shared and noisy:
+//!
+//! - **enqueue**: `--messages` raw 1 KiB enqueues from `--producers`
+//!   concurrent producers into `outboxd` (202 only after the group-commit
+//!   flush), against a baseline hyper server that reads the body and answers
+//!   `202 {"id","state"}`, nothing else. Both are served by the same hyper
+//!   builder and hit by the same client with the same requests, in
+//!   `--rounds` interleaved rounds (baseline and daemon by turns, and by
+//!   turns first), so both see the same neighbours.
+//! - **delivery**: from the activation of the connection until the sink has
+//!   seen every queued message's distinct `Idempotency-Key`, against a plain
+//!   hyper client sending the same requests (method, path, headers, body) to
+//!   the same sink with the integration's `concurrency`, once before and
+//!   once after the daemon (the ratio is against their mean).
+//! - **memory**: the daemon's `VmHWM` (peak RSS, reset at the start of each
+//!   phase through `/proc/PID/clear_refs`) and its `VmRSS` sampled meanwhile.
+//! - **CPU**: CPU time per message of every process taking part, the rest
+//!   of the machine's load, and the daemon's busiest threads; from them a
+//!   "CPU cost ratio" (the ratio the rates would have if CPU were the only
+//!   limit), which neighbours barely move.
+//!
+//! The baseline server and the sink are separate processes (this binary in
+//! `--baseline-server` and `--sink` mode): `outboxd` is a process of its own,
+//! so the baseline is one too, scheduled the same way on the same cores; the
+//! sink must not share a runtime with the load generator, nor with the plain
+//! client it measures.
+//!
+//! Results: one JSON line on stdout, a table on stderr. The run is bounded
+//! (`--phase-timeout` per phase), kills the daemon and its helpers at the
+//! end (also on SIGINT/SIGTERM), and deletes its temporary directory.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "literal-token";
+const INTEGRATION: &str = "bench";
+const MESSAGE_TYPE: &str = "Post";
+const CONNECTION: &str = "sink";
+const CONTENT_TYPE: &str = "application/octet-stream";
+/// What the baseline server answers: the shape of the daemon's 202.
+const BASELINE_ANSWER: &str = "{\"id\":\"00000000000186a0\",\"state\":\"queued\"}\n";
+/// Linux reports CPU times in USER_HZ, which is 100 on every architecture
+/// the daemon runs on.
+const TICKS_PER_SEC: f64 = 100.0;
+/// One request that takes longer than this counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A load phase stops early after this many errors.
+const MAX_ERRORS: usize = 100;
+
+const USAGE: &str = "\
+usage: outbox-bench [OPTIONS]
+       outbox-bench --sink | --baseline-server      (helper processes, started by the bench)
+
+options:
+  --messages N        messages enqueued and delivered          (default 100000)
+  --producers N       concurrent producers for the enqueue     (default 64)
+  --body BYTES        body size                                (default 1024)
+  --concurrency N     the integration's concurrency, and the plain client's (default 64)
+  --rounds N          interleaved enqueue rounds, baseline and daemon by turns (default 10)
+  --outboxd PATH      the daemon binary      (default: outboxd next to this binary)
+  --tmp DIR           where the daemon's temporary data dir goes (default: $TMPDIR or /tmp)
+  --phase-timeout S   seconds one phase may take before the run gives up (default 900)
+  --sample-ms MS      VmRSS sampling period                    (default 50)
+  --daemon-env K=V    an environment variable for outboxd only, for experiments
+                      (OUTBOX_STORE__CACHE_CAPACITY=256MiB, LD_PRELOAD=..., ...); repeatable
+";
+
+#[derive(Clone, Debug)]
+struct Opts {
+    messages: usize,
+    producers: usize,
+    body: usize,
+    concurrency: usize,
+    outboxd: PathBuf,
+    tmp: PathBuf,
+    phase_timeout: Duration,
+    sample_every: Duration,
+    daemon_env: Vec<(String, String)>,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Opts> {
+    let exe = std::env::current_exe().context("where is this binary")?;
+    let mut o = Opts {
+        messages: 100_000,
+        producers: 64,
+        body: 1024,
+        concurrency: 64,
+        outboxd: exe.with_file_name("outboxd"),
+        tmp: std::env::temp_dir(),
+        phase_timeout: Duration::from_secs(900),
+        sample_every: Duration::from_millis(50),
+        daemon_env: Vec::new(),
+        rounds: 10,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| anyhow!("{name} needs a value"));
+        let num = |name: &str, v: String| -> Result<usize> {
+            v.replace('_', "")
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| anyhow!("{name}: {v:?} is not a positive number"))
+        };
+        match a.as_str() {
+            "--messages" => o.messages = num(&a, value(&a)?)?,
+            "--producers" => o.producers = num(&a, value(&a)?)?,
+            "--body" => o.body = num(&a, value(&a)?)?,
+            "--concurrency" => o.concurrency = num(&a, value(&a)?)?,
+            "--rounds" => o.rounds = num(&a, value(&a)?)?,
+            "--outboxd" => o.outboxd = PathBuf::from(value(&a)?),
+            "--tmp" => o.tmp = PathBuf::from(value(&a)?),
+            "--phase-timeout" => o.phase_timeout = Duration::from_secs(num(&a, value(&a)?)? as u64),
+            "--sample-ms" => o.sample_every = Duration::from_millis(num(&a, value(&a)?)? as u64),
+            "--daemon-env" => {
+                let kv = value(&a)?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--daemon-env: {kv:?} is not KEY=VALUE"))?;
+                o.daemon_env.push((k.to_string(), v.to_string()));
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if o.concurrency > 1024 {
+        bail!("--concurrency: the daemon allows at most 1024");
+    }
+    if !o.outboxd.is_file() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p outbox-daemon --bins`, or pass --outboxd",
+            o.outboxd.display()
+        );
+    }
+    Ok(o)
+}
+
+fn main() -> std::process::ExitCode {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let result = match mode.as_str() {
+        "--sink" => helper(Helper::Sink),
+        "--baseline-server" => helper(Helper::Baseline),
+        _ => parse_args().and_then(|o| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(interruptible(bench(o)))
+        }),
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("outbox-bench: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the bench until it ends or SIGINT/SIGTERM arrives; either way its
+/// future is dropped here, which kills the daemon and the helpers and
+/// deletes the temporary directory.
+async fn interruptible(run: impl std::future::Future<Output = Result<bool>>) -> Result<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        r = run => r,
+        _ = term.recv() => Err(anyhow!("terminated; the daemon was stopped and its data deleted")),
+        _ = int.recv() => Err(anyhow!("interrupted; the daemon was stopped and its data deleted")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helper processes: the sink and the baseline server.
+
+#[derive(Clone, Copy, Debug)]
+enum Helper {
+    Sink,
+    Baseline,
+}
+
+impl Helper {
+    fn flag(self) -> &'static str {
+        match self {
+            Helper::Sink => "--sink",
+            Helper::Baseline => "--baseline-server",
+        }
+    }
+}
+
+/// Runs a helper: binds a loopback port, prints it on stdout, serves until
+/// its stdin closes (the bench ended, however it ended).
+fn helper(kind: Helper) -> Result<bool> {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        println!("listening {addr}");
+        std::io::stdout().flush()?;
+        let sink = Arc::new(SinkState::default());
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let io = TokioIo::new(stream);
+            match kind {
+                Helper::Sink => {
+                    let sink = sink.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let sink = sink.clone();
+                        async move { Ok::<_, Infallible>(sink_handle(&sink, req).await) }
+                    });
+                    // HTTP/1.1 with keep-alive: what a remote system speaks
+                    // to the daemon over plain http.
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    });
+                }
+                Helper::Baseline => {
+                    let svc = hyper::service::service_fn(baseline_handle);
+                    // The same server builder as the daemon's API.
+                    tokio::spawn(async move {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    });
+                }
+            }
+        }
+    })
+}
+
+/// The baseline of the enqueue: read the body like the daemon does, answer
+/// 202 with the daemon's JSON shape, nothing else.
+async fn baseline_handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes() == format!("Bearer {TOKEN}").as_bytes());
+    let _ = req.into_body().collect().await;
+    let status = if authorized {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::UNAUTHORIZED
+    };
+    Ok(text(status, "application/json", BASELINE_ANSWER))
+}
+
+/// What the sink has seen since its last reset.
+#[derive(Default)]
+struct SinkState {
+    inner: Mutex<SinkInner>,
+    distinct: AtomicUsize,
+    total: AtomicU64,
+}
+
+#[derive(Default)]
+struct SinkInner {
+    keys: HashSet<Box<str>>,
+    missing_key: u64,
+    target: usize,
+    first: Option<Instant>,
+    done: Option<Instant>,
+}
+
+impl SinkState {
+    fn record(&self, key: Option<&str>) {
+        let now = Instant::now();
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        s.first.get_or_insert(now);
+        match key {
+            None => s.missing_key += 1,
+            Some(k) => {
+                if !s.keys.contains(k) {
+                    s.keys.insert(k.into());
+                    let n = s.keys.len();
+                    self.distinct.store(n, Ordering::Release);
+                    if n == s.target {
+                        s.done = Some(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ago = |t: Option<Instant>| t.map(|t| t.elapsed().as_micros() as u64);
+        json!({
+            "distinct": s.keys.len(),
+            "total": self.total.load(Ordering::Relaxed),
+            "missing_key": s.missing_key,
+            "target": s.target,
+            "first_ago_us": ago(s.first),
+            "done_ago_us": ago(s.done),
+        })
+    }
+
+    fn reset(&self, target: usize) {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *s = SinkInner {
+            target,
+            ..SinkInner::default()
+        };
+        s.keys.reserve(target);
+        self.distinct.store(0, Ordering::Release);
+        self.total.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The sink: `/__reset?target=N`, `/__stats`, `/__wait?n=N&timeout_ms=T`
+/// (answers once N distinct keys were seen, or at the timeout); any other
+/// request is a delivery, counted by its `Idempotency-Key`, answered 200.
+async fn sink_handle(sink: &SinkState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    if let Some(control) = path.strip_prefix("/__") {
+        let q = query(req.uri().query().unwrap_or(""));
+        let n = |k: &str| q.get(k).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+        let body = match control {
+            "reset" => {
+                sink.reset(n("target"));
+                sink.stats()
+            }
+            "stats" => sink.stats(),
+            "wait" => {
+                let until = Instant::now() + Duration::from_millis(n("timeout_ms") as u64);
+                let want = n("n");
+                while sink.distinct.load(Ordering::Acquire) < want && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                sink.stats()
+            }
+            _ => return text(StatusCode::NOT_FOUND, "text/plain", "unknown control\n"),
+        };
+        return text(StatusCode::OK, "application/json", body.to_string());
+    }
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let _ = req.into_body().collect().await;
+    sink.record(key.as_deref());
+    text(StatusCode::OK, "application/json", "{\"ok\":true}\n")
+}
+
+fn query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn text(status: StatusCode, ct: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = ct.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// A helper process, killed when dropped.
+struct Proc {
+    child: Child,
+    _stdin: Option<ChildStdin>,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn spawn_helper(kind: Helper) -> Result<Proc> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg(kind.flag())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", kind.flag()))?;
+        let stdin = child.stdin.take();
+        let mut line = String::new();
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        BufReader::new(out).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow!("{} did not start: {line:?}", kind.flag()))?;
+        Ok(Proc {
+            child,
+            _stdin: stdin,
+            addr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc: memory and CPU of a process.
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of a `/proc/.../stat` line, in seconds, and its `comm`.
+fn stat_cpu(path: &str) -> Option<(String, f64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((comm, ticks as f64 / TICKS_PER_SEC))
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, s)| s)
+}
+
+/// CPU seconds and name of threads, by thread id.
+type ThreadCpu = HashMap<u64, (String, f64)>;
+
+/// CPU seconds of every thread of `pid`, by thread id.
+fn thread_cpu(pid: u32) -> ThreadCpu {
+    let mut out = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            if let Some(v) = stat_cpu(&format!("/proc/{pid}/task/{tid}/stat")) {
+                out.insert(tid, v);
+            }
+        }
+    }
+    out
+}
+
+/// Busy CPU seconds of the whole machine (`/proc/stat`), and seconds some
+/// task waited for a CPU (`/proc/pressure/cpu`, "some" total).
+fn machine_cpu() -> (f64, f64) {
+    let busy = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            let f: Vec<u64> = t
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            Some(
+                [0, 1, 2, 5, 6, 7]
+                    .iter()
+                    .filter_map(|&i| f.get(i))
+                    .sum::<u64>(),
+            )
+        })
+        .unwrap_or(0) as f64
+        / TICKS_PER_SEC;
+    let stall = std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()?
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("total="))?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0) as f64
+        / 1e6;
+    (busy, stall)
+}
+
+/// Resets a process's VmHWM to its current VmRSS (Linux ≥ 4.0).
+fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// Samples VmRSS of a process on a thread of its own.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, u64, u64)>,
+}
+
+impl RssSampler {
+    fn start(pid: u32, every: Duration) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut max, mut sum, mut n) = (0u64, 0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(rss) = proc_status_kib(pid, "VmRSS") {
+                    max = max.max(rss);
+                    sum += rss;
+                    n += 1;
+                }
+                std::thread::sleep(every);
+            }
+            (max, sum.checked_div(n).unwrap_or(0), n)
+        });
+        RssSampler { stop, handle }
+    }
+
+    /// (max VmRSS, mean VmRSS, samples)
+    fn finish(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or((0, 0, 0))
+    }
+}
+
+/// CPU counters of the processes taking part in a phase, taken at its start.
+struct CpuSnap {
+    procs: Vec<(&'static str, u32, f64)>,
+    daemon: Option<(u32, ThreadCpu)>,
+    machine: (f64, f64),
+    at: Instant,
+}
+
+impl CpuSnap {
+    fn take(procs: &[(&'static str, u32)], daemon: Option<u32>) -> CpuSnap {
+        CpuSnap {
+            procs: procs
+                .iter()
+                .map(|&(n, pid)| (n, pid, proc_cpu(pid)))
+                .collect(),
+            daemon: daemon.map(|pid| (pid, thread_cpu(pid))),
+            machine: machine_cpu(),
+            at: Instant::now(),
+        }
+    }
+}
+
+/// CPU used over one phase, or over the rounds of an interleaved phase.
+#[derive(Default)]
+struct CpuAcc {
+    wall: f64,
+    procs: Vec<(&'static str, f64)>,
+    threads: ThreadCpu,
+    busy: f64,
+    stall: f64,
+}
+
+impl CpuAcc {
+    /// Adds what happened since `snap` was taken.
+    fn add(&mut self, snap: CpuSnap) {
+        self.wall += snap.at.elapsed().as_secs_f64();
+        for (name, pid, before) in &snap.procs {
+            let used = proc_cpu(*pid) - before;
+            match self.procs.iter_mut().find(|(n, _)| n == name) {
+                Some((_, s)) => *s += used,
+                None => self.procs.push((name, used)),
+            }
+        }
+        let (busy, stall) = machine_cpu();
+        self.busy += busy - snap.machine.0;
+        self.stall += stall - snap.machine.1;
+        if let Some((pid, before)) = &snap.daemon {
+            for (tid, (comm, secs)) in thread_cpu(*pid) {
+                let prev = before.get(&tid).map_or(0.0, |(_, s)| *s);
+                self.threads.entry(tid).or_insert((comm, 0.0)).1 += secs - prev;
+            }
+        }
+    }
+
+    fn of(snap: CpuSnap, messages: usize) -> Value {
+        let mut acc = CpuAcc::default();
+        acc.add(snap);
+        acc.report(messages)
+    }
+
+    /// For each process, the cores it used on average and its CPU time per
+    /// message; what the rest of the machine ran meanwhile; and the daemon's
+    /// busiest threads (`top -H` over the whole phase; tokio's blocking pool
+    /// threads share the workers' name).
+    fn report(&self, messages: usize) -> Value {
+        let wall = self.wall.max(1e-9);
+        let (mut cores, mut per_msg) = (serde_json::Map::new(), serde_json::Map::new());
+        let mut ours = 0.0;
+        for (name, used) in &self.procs {
+            ours += used;
+            cores.insert(name.to_string(), json!(round(used / wall, 2)));
+            per_msg.insert(
+                name.to_string(),
+                json!(round(used * 1e6 / messages.max(1) as f64, 1)),
+            );
+        }
+        // The machine is shared: what everything else ran meanwhile, and how
+        // much of the time some task waited for a CPU (PSI "some", ours too).
+        let machine = json!({
+            "busy_cores": round(self.busy / wall, 2),
+            "others_cores": round(((self.busy - ours) / wall).max(0.0), 2),
+            "cpu_pressure_pct": round(self.stall / wall * 100.0, 1),
+        });
+        let mut v: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|(tid, (comm, secs))| (format!("{comm}/{tid}"), secs / wall))
+            .filter(|(_, c)| *c >= 0.01)
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let threads: Vec<Value> = v
+            .into_iter()
+            .take(8)
+            .map(|(name, c)| json!([name, round(c, 2)]))
+            .collect();
+        json!({
+            "cores": cores,
+            "cpu_us_per_msg": per_msg,
+            "machine": machine,
+            "daemon_threads": threads,
+        })
+    }
+}
+
+/// CPU time per message of the processes named, summed.
+fn cpu_per_msg(cpu: &Value, names: &[&str]) -> f64 {
+    names
+        .iter()
+        .filter_map(|n| cpu["cpu_us_per_msg"][n].as_f64())
+        .sum()
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+// ---------------------------------------------------------------------------
+// The load generator.
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// Builds request number `i` of a load phase.
+type MakeRequest = Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>;
+
+fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+/// What one load phase did.
+#[derive(Debug, Default)]
+struct Load {
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    secs: f64,
+    latencies_us: Vec<u32>,
+}
+
+impl Load {
+    fn merge(&mut self, other: Load) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.secs += other.secs;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.secs.max(1e-9)
+    }
+
+    fn latency(&self) -> Value {
+        let mut l = self.latencies_us.clone();
+        l.sort_unstable();
+        let p = |q: f64| -> u32 {
+            if l.is_empty() {
+                0
+            } else {
+                l[((l.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        json!({ "p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": p(1.0) })
+    }
+}
+
+/// Sends requests `0..n` from `workers` concurrent tasks, each one request
+/// at a time, and times the whole from the first request to the last answer.
+async fn drive(
+    client: &HttpClient,
+    label: &str,
+    n: usize,
+    workers: usize,
+    deadline: Instant,
+    expect: StatusCode,
+    make: MakeRequest,
+) -> Load {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let progress = {
+        let (done, label) = (done.clone(), label.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let d = done.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {label}: {d}/{n} after {:.0}s ({:.0}/s)",
+                    started.elapsed().as_secs_f64(),
+                    d as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, next, done, failures, make) = (
+            client.clone(),
+            next.clone(),
+            done.clone(),
+            failures.clone(),
+            make.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut r = Load::default();
+            r.latencies_us.reserve(n / workers + 1);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || failures.load(Ordering::Relaxed) >= MAX_ERRORS {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    r.errors += 1;
+                    r.first_error.get_or_insert("phase timeout".into());
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let t = Instant::now();
+                let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                    let resp = client.request(make(i)).await?;
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await?.to_bytes();
+                    Ok::<_, anyhow::Error>((status, body))
+                })
+                .await;
+                let problem = match answer {
+                    Ok(Ok((s, _))) if s == expect => None,
+                    Ok(Ok((s, body))) => Some(format!(
+                        "HTTP {s}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
+                    )),
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some(format!("no answer within {REQUEST_TIMEOUT:?}")),
+                };
+                match problem {
+                    None => {
+                        r.ok += 1;
+                        r.latencies_us
+                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(p) => {
+                        r.errors += 1;
+                        r.first_error.get_or_insert(p);
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            r
+        }));
+    }
+    let mut total = Load::default();
+    for t in tasks {
+        match t.await {
+            Ok(r) => {
+                total.ok += r.ok;
+                total.errors += r.errors;
+                if total.first_error.is_none() {
+                    total.first_error = r.first_error;
+                }
+                total.latencies_us.extend(r.latencies_us);
+            }
+            Err(e) => {
+                total.errors += 1;
+                total.first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    total.secs = started.elapsed().as_secs_f64();
+    progress.abort();
+    if let Some(e) = &total.first_error {
+        eprintln!("  {label}: {} error(s), first: {e}", total.errors);
+    }
+    total
+}
+
+/// One request to a control endpoint (daemon API or sink), JSON answer.
+async fn call(
+    c: &HttpClient,
+    method: Method,
+    url: &str,
+    body: Option<String>,
+    auth: bool,
+) -> Result<(StatusCode, Value)> {
+    let mut b = Request::builder().method(method.clone()).uri(url);
+    if auth {
+        b = b.header("authorization", format!("Bearer {TOKEN}"));
+    }
+    let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.request(req))
+        .await
+        .map_err(|_| anyhow!("{method} {url}: no answer"))??;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}
+
+/// The daemon under test, killed and its data deleted when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    // Dropped after the child is killed (field order).
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(o: &Opts, c: &HttpClient) -> Result<Daemon> {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-bench-")
+            .tempdir_in(&o.tmp)
+            .with_context(|| format!("temporary dir in {}", o.tmp.display()))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let data = dir.path().join("data");
+        let config = dir.path().join("outboxd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "instance_name = \"bench\"\n\
+                 data_dir = {data:?}\n\
+                 [api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nmax_body = \"4MiB\"\n\
+                 [log]\nlevel = \"warn\"\n\
+                 [store]\ncache_capacity = \"64MiB\"\n",
+                data = data.display().to_string()
+            ),
+        )?;
+        let log = dir.path().join("outboxd.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&o.outboxd)
+            .arg("--config")
+            .arg(&config)
+            .envs(o.daemon_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", o.outboxd.display()))?;
+        let mut d = Daemon {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("outboxd exited at start ({status}):\n{}", d.log_tail());
+            }
+            let health = format!("{}/healthz", d.url);
+            if let Ok((StatusCode::OK, _)) = call(c, Method::GET, &health, None, false).await {
+                break;
+            }
+            if Instant::now() > until {
+                bail!("outboxd not healthy after 30s:\n{}", d.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(d)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    async fn api(
+        &self,
+        c: &HttpClient,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Value> {
+        let (s, v) = call(
+            c,
+            method.clone(),
+            &format!("{}{path}", self.url),
+            body,
+            true,
+        )
+        .await?;
+        if !s.is_success() {
+            bail!("{method} {path}: HTTP {s}: {v}");
+        }
+        Ok(v)
+    }
+
+    async fn integration(&self, c: &HttpClient) -> Result<Value> {
+        let status = self.api(c, Method::GET, "/v1/status", None).await?;
+        status["integrations"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == INTEGRATION))
+            .cloned()
+            .ok_or_else(|| anyhow!("integration {INTEGRATION} missing from /v1/status: {status}"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn integration_file(o: &Opts, sink: SocketAddr) -> String {
+    format!(
+        r#"[[integration]]
+name = "{INTEGRATION}"
+concurrency = {conc}
+max_attempts = 3
+
+  [[integration.message]]
+  name = "{MESSAGE_TYPE}"
+  method = "POST"
+  path = "/ingest/${{message.id}}"
+  headers = {{ "Content-Type" = "{CONTENT_TYPE}" }}
+
+  [[integration.connection]]
+  name = "{CONNECTION}"
+  environment = "test"
+  endpoint_url = "http://{sink}"
+  active = false
+"#,
+        conc = o.concurrency
+    )
+}
+
+/// The enqueue request, identical for the daemon and the baseline server.
+fn enqueue_request(base: &str, body: &Bytes) -> MakeRequest {
+    let uri: hyper::Uri = format!("{base}/v1/integrations/{INTEGRATION}/messages/{MESSAGE_TYPE}")
+        .parse()
+        .expect("a valid URI");
+    let body = body.clone();
+    let auth = format!("Bearer {TOKEN}");
+    Arc::new(move |_| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header("authorization", &auth)
+            .header("content-type", CONTENT_TYPE)
+            .body(Full::new(body.clone()))
+            .expect("a valid request")
+    })
+}
+
+/// The request the daemon sends for the message with id `format!("{i:016x}")`:
+/// same method, path, headers and body.
+fn delivery_request(sink: SocketAddr, body: &Bytes) -> MakeRequest {
+    let body = body.clone();
+    Arc::new(move |i| {
+        let id = format!("{i:016x}");
+        Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{sink}/ingest/{id}"))
+            .header("content-type", CONTENT_TYPE)
+            .header("idempotency-key", id)
+            .body(Full::new(body.clone()))
+            .expect("a valid request")
+    })
+}
+
+/// Waits until the sink has seen `n` distinct keys; answers when its
+/// answer came back, with the sink's stats (its times are "how long ago").
+async fn sink_wait(
+    c: &HttpClient,
+    sink: SocketAddr,
+    n: usize,
+    deadline: Instant,
+) -> Result<(Instant, Value)> {
+    let mut last_report = Instant::now();
+    loop {
+        let url = format!("http://{sink}/__wait?n={n}&timeout_ms=1000");
+        let (_, stats) = call(c, Method::GET, &url, None, false).await?;
+        let now = Instant::now();
+        if stats["done_ago_us"].is_u64() {
+            return Ok((now, stats));
+        }
+        if now > deadline {
+            bail!(
+                "the sink saw {} of {n} distinct keys before the phase timeout",
+                stats["distinct"]
+            );
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "  daemon delivery: {}/{n} distinct keys at the sink",
+                stats["distinct"]
+            );
+            last_report = Instant::now();
+        }
+    }
+}
+
+async fn sink_reset(c: &HttpClient, sink: SocketAddr, target: usize) -> Result<()> {
+    let url = format!("http://{sink}/__reset?target={target}");
+    let (s, v) = call(c, Method::POST, &url, None, false).await?;
+    if s != StatusCode::OK {
+        bail!("sink reset: HTTP {s}: {v}");
+    }
+    Ok(())
+}
+
+/// The plain client's delivery: the same requests straight to the sink,
+/// from a fresh client (new connections, like the daemon's first attempts).
+async fn plain_delivery(
+    o: &Opts,
+    c: &HttpClient,
+    sink: &Proc,
+    body: &Bytes,
+    label: &str,
+) -> Result<(Load, Value, Value)> {
+    eprintln!("phase: {label}");
+    sink_reset(c, sink.addr, o.messages).await?;
+    let deadline = Instant::now() + o.phase_timeout;
+    let snap = CpuSnap::take(&[("bench", std::process::id()), ("sink", sink.pid())], None);
+    let load = drive(
+        &client(),
+        label,
+        o.messages,
+        o.concurrency,
+        deadline,
+        StatusCode::OK,
+        delivery_request(sink.addr, body),
+    )
+    .await;
+    let cpu = CpuAcc::of(snap, load.ok);
+    let url = format!("http://{}/__stats", sink.addr);
+    let (_, stats) = call(c, Method::GET, &url, None, false).await?;
+    if stats["distinct"].as_u64() != Some(o.messages as u64) {
+        eprintln!(
+            "  {label}: the sink saw {} distinct keys of {}",
+            stats["distinct"], o.messages
+        );
+    }
+    Ok((load, stats, cpu))
+}
+
+async fn bench(o: Opts) -> Result<bool> {
+    let c = client();
+    let body = Bytes::from(
+        (0..o.body)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let me = std::process::id();
+    let rounds = o.rounds.min(o.messages);
+    eprintln!(
+        "outbox-bench: {} messages, {} producers, {} B bodies, concurrency {}, {} cores",
+        o.messages,
+        o.producers,
+        o.body,
+        o.concurrency,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let sink = Proc::spawn_helper(Helper::Sink)?;
+    let baseline = Proc::spawn_helper(Helper::Baseline)?;
+
+    eprintln!("phase: start outboxd");
+    let daemon = Daemon::start(&o, &c).await?;
+    let pid = daemon.pid();
+    daemon
+        .api(
+            &c,
+            Method::POST,
+            "/v1/apply",
+            Some(integration_file(&o, sink.addr)),
+        )
+        .await
+        .context("applying the bench integration")?;
+    let state = daemon.integration(&c).await?;
+    if state["state"] != "off" {
+        bail!("the bench integration should be off before the enqueue: {state}");
+    }
+    let idle_rss = proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let hwm_reset = reset_hwm(pid);
+
+    // -- enqueue --------------------------------------------------------------
+    // Interleaved rounds, baseline and daemon taking turns (and turns at
+    // going first), so both see the same neighbours on the shared machine.
+    // Each side keeps one client, so its connections live across rounds.
+    eprintln!(
+        "phase: enqueue, {rounds} interleaved round(s) of ~{} messages into the baseline server and outboxd",
+        o.messages / rounds
+    );
+    let (base_client, daemon_client) = (client(), client());
+    let base_make = enqueue_request(&format!("http://{}", baseline.addr), &body);
+    let daemon_make = enqueue_request(&daemon.url, &body);
+    let (mut base, mut enq) = (Load::default(), Load::default());
+    let (mut base_cpu, mut enq_cpu) = (CpuAcc::default(), CpuAcc::default());
+    let mut round_ratios = Vec::new();
+    let sampler = RssSampler::start(pid, o.sample_every);
+    let deadline = Instant::now() + o.phase_timeout;
+    for r in 0..rounds {
+        let n = o.messages / rounds + usize::from(r < o.messages % rounds);
+        let (mut b, mut d) = (Load::default(), Load::default());
+        for daemon_turn in [r % 2 == 1, r % 2 == 0] {
+            if daemon_turn {
+                let snap = CpuSnap::take(&[("bench", me), ("outboxd", pid)], Some(pid));
+                d = drive(
+                    &daemon_client,
+                    "daemon enqueue",
+                    n,
+                    o.producers,
+                    deadline,
+                    StatusCode::ACCEPTED,
+                    daemon_make.clone(),
+                )
+                .await;
+                enq_cpu.add(snap);
+            } else {
+                let snap =
+                    CpuSnap::take(&[("bench", me), ("baseline_server", baseline.pid())], None);
+                b = drive(
+                    &base_client,
+                    "baseline enqueue",
+                    n,
+                    o.producers,
+                    deadline,
+                    StatusCode::ACCEPTED,
+                    base_make.clone(),
+                )
+                .await;
+                base_cpu.add(snap);
+            }
+        }
+        round_ratios.push(round(d.rate() / b.rate().max(1e-9), 3));
+        let failed = b.errors + d.errors > 0;
+        base.merge(b);
+        enq.merge(d);
+        if failed {
+            eprintln!(
+                "  enqueue: stopping after round {} because of errors",
+                r + 1
+            );
+            break;
+        }
+    }
+    let (enq_rss_max, enq_rss_mean, _) = sampler.finish();
+    let enq_hwm = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    let base_cpu = base_cpu.report(base.ok);
+    let enq_cpu = enq_cpu.report(enq.ok);
+    let queued = daemon.integration(&c).await?["queue_depth"]
+        .as_u64()
+        .unwrap_or(0) as usize;
+    drop((base_client, daemon_client));
+    drop(baseline);
+
+    // -- delivery -------------------------------------------------------------
+    let (plain1, plain1_stats, plain1_cpu) =
+        plain_delivery(&o, &c, &sink, &body, "plain client delivery (before)").await?;
+
+    eprintln!("phase: daemon delivery of {queued} queued messages");
+    sink_reset(&c, sink.addr, queued).await?;
+    let rss_before_delivery = proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let hwm_reset2 = reset_hwm(pid);
+    let deadline = Instant::now() + o.phase_timeout;
+    let snap = CpuSnap::take(
+        &[("bench", me), ("outboxd", pid), ("sink", sink.pid())],
+        Some(pid),
+    );
+    let sampler = RssSampler::start(pid, o.sample_every);
+    let t0 = Instant::now();
+    daemon
+        .api(
+            &c,
+            Method::POST,
+            &format!("/v1/integrations/{INTEGRATION}/connections/{CONNECTION}/activate"),
+            None,
+        )
+        .await?;
+    let delivered = sink_wait(&c, sink.addr, queued, deadline).await;
+    let del_cpu = CpuAcc::of(snap, queued);
+    let (del_rss_max, del_rss_mean, _) = sampler.finish();
+    let del_hwm = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    let (answered, del_stats) = delivered?;
+    let ago = |k: &str| Duration::from_micros(del_stats[k].as_u64().unwrap_or(0));
+    let del_secs = (answered - ago("done_ago_us"))
+        .saturating_duration_since(t0)
+        .as_secs_f64();
+    let first_at = (answered - ago("first_ago_us"))
+        .saturating_duration_since(t0)
+        .as_secs_f64();
+    // The daemon's own view: every message recorded sent.
+    let mut drained = None;
+    let mut final_state = Value::Null;
+    while Instant::now() < deadline {
+        final_state = daemon.integration(&c).await?;
+        if final_state["queue_depth"] == 0 {
+            drained = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_end = proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let hwm_total = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+
+    let (plain2, plain2_stats, plain2_cpu) =
+        plain_delivery(&o, &c, &sink, &body, "plain client delivery (after)").await?;
+    drop(daemon);
+    drop(sink);
+
+    // -- results --------------------------------------------------------------
+    let plain_mean = (plain1.rate() + plain2.rate()) / 2.0;
+    let del_rate = queued as f64 / del_secs.max(1e-9);
+    let enq_ratio = enq.rate() / base.rate().max(1e-9);
+    let del_ratio = del_rate / plain_mean.max(1e-9);
+    // What the ratios would be if CPU were the only limit and the machine
+    // ours: the inverse ratio of CPU time per message, client and server
+    // (or sink) together. Neighbours barely move it.
+    let enq_cpu_ratio = cpu_per_msg(&base_cpu, &["bench", "baseline_server"])
+        / cpu_per_msg(&enq_cpu, &["bench", "outboxd"]).max(1e-9);
+    let plain_us = (cpu_per_msg(&plain1_cpu, &["bench", "sink"])
+        + cpu_per_msg(&plain2_cpu, &["bench", "sink"]))
+        / 2.0;
+    let del_cpu_ratio = plain_us / cpu_per_msg(&del_cpu, &["bench", "outboxd", "sink"]).max(1e-9);
+    let errors = base.errors + enq.errors + plain1.errors + plain2.errors;
+    let complete = errors == 0
+        && queued == o.messages
+        && drained.is_some()
+        && plain1_stats["distinct"] == o.messages
+        && plain2_stats["distinct"] == o.messages;
+    let result = json!({
+        "bench": "outbox",
+        "messages": o.messages,
+        "producers": o.producers,
+        "body_bytes": o.body,
+        "concurrency": o.concurrency,
+        "rounds": rounds,
+        "daemon_env": o.daemon_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "complete": complete,
+        "enqueue": {
+            "daemon_per_s": round(enq.rate(), 0),
+            "baseline_per_s": round(base.rate(), 0),
+            "ratio": round(enq_ratio, 3),
+            "target": 0.5,
+            "met": enq_ratio >= 0.5,
+            "round_ratios": round_ratios,
+            "cpu_cost_ratio": round(enq_cpu_ratio, 3),
+            "daemon_secs": round(enq.secs, 3),
+            "baseline_secs": round(base.secs, 3),
+            "accepted": enq.ok,
+            "errors": enq.errors + base.errors,
+            "first_error": enq.first_error.clone().or(base.first_error.clone()),
+            "queued_after": queued,
+            "daemon_latency_us": enq.latency(),
+            "baseline_latency_us": base.latency(),
+            "cpu": { "daemon": enq_cpu, "baseline": base_cpu },
+        },
+        "delivery": {
+            "daemon_per_s": round(del_rate, 0),
+            "plain_per_s": [round(plain1.rate(), 0), round(plain2.rate(), 0)],
+            "ratio": round(del_ratio, 3),
+            "target": 0.7,
+            "met": del_ratio >= 0.7,
+            "cpu_cost_ratio": round(del_cpu_ratio, 3),
+            "daemon_secs": round(del_secs, 3),
+            "first_request_secs": round(first_at, 3),
+            "drained_secs": drained.map(|s| round(s, 3)),
+            "sink_requests": del_stats["total"],
+            "sink_distinct": del_stats["distinct"],
+            "duplicates": del_stats["total"].as_u64().unwrap_or(0).saturating_sub(del_stats["distinct"].as_u64().unwrap_or(0)),
+            "daemon_errors": final_state["errors"],
+            "plain_errors": plain1.errors + plain2.errors,
+            "plain_latency_us": [plain1.latency(), plain2.latency()],
+            "cpu": { "daemon": del_cpu, "plain": [plain1_cpu, plain2_cpu] },
+        },
+        "rss_kib": {
+            "idle": idle_rss,
+            "enqueue_hwm": enq_hwm,
+            "enqueue_max_sampled": enq_rss_max,
+            "enqueue_mean_sampled": enq_rss_mean,
+            "before_delivery": rss_before_delivery,
+            "delivery_hwm": del_hwm,
+            "delivery_max_sampled": del_rss_max,
+            "delivery_mean_sampled": del_rss_mean,
+            "end": rss_end,
+            "hwm_per_phase": hwm_reset && hwm_reset2,
+            "hwm_last_phase_and_after": hwm_total,
+        },
+    });
+    print_table(&result);
+    println!("{result}");
+    Ok(complete)
+}
+
+fn print_table(r: &Value) {
+    let (e, d, m) = (&r["enqueue"], &r["delivery"], &r["rss_kib"]);
+    let num = |v: &Value| format!("{:.0}", v.as_f64().unwrap_or(0.0));
+    let mib = |v: &Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
+    let row = |name: &str, f: &Value, base: &Value| {
+        let base = match base.as_array() {
+            Some(b) => b.iter().map(num).collect::<Vec<_>>().join(" / "),
+            None => num(base),
+        };
+        eprintln!(
+            "{:<10} {:>9} {:>22} {:>7.3} {:>8} {:>10.3}",
+            name,
+            num(&f["daemon_per_s"]),
+            base,
+            f["ratio"].as_f64().unwrap_or(0.0),
+            format!(
+                "{} {}",
+                if f["met"] == true { "met" } else { "<" },
+                f["target"]
+            ),
+            f["cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let cpu = |label: &str, c: &Value| {
+        let mut parts = Vec::new();
+        for (name, cores) in c["cores"].as_object().into_iter().flatten() {
+            parts.push(format!(
+                "{name} {:.2} cores ({} µs/msg)",
+                cores.as_f64().unwrap_or(0.0),
+                c["cpu_us_per_msg"][name]
+            ));
+        }
+        let m = &c["machine"];
+        parts.push(format!(
+            "others {:.2} cores, CPU pressure {}%",
+            m["others_cores"].as_f64().unwrap_or(0.0),
+            m["cpu_pressure_pct"]
+        ));
+        eprintln!("  {label:<20} {}", parts.join(", "));
+    };
+    eprintln!();
+    eprintln!(
+        "outbox-bench: {} messages, {} producers, {} B bodies, concurrency {}, {} cores{}",
+        r["messages"],
+        r["producers"],
+        r["body_bytes"],
+        r["concurrency"],
+        r["cores"],
+        if r["complete"] == true {
+            ""
+        } else {
+            "  (INCOMPLETE: see the errors above)"
+        }
+    );
+    eprintln!(
+        "{:<10} {:>9} {:>22} {:>7} {:>8} {:>10}",
+        "msgs/s", "outboxd", "baseline", "ratio", "target", "CPU ratio"
+    );
+    row("enqueue", e, &e["baseline_per_s"]);
+    row("delivery", d, &d["plain_per_s"]);
+    eprintln!(
+        "enqueue latency p50/p99: outboxd {}/{} µs, baseline {}/{} µs",
+        e["daemon_latency_us"]["p50"],
+        e["daemon_latency_us"]["p99"],
+        e["baseline_latency_us"]["p50"],
+        e["baseline_latency_us"]["p99"]
+    );
+    eprintln!(
+        "delivery: first request {} s after activation, every key at the sink after {} s, \
+         every message recorded sent after {} s; {} duplicate(s), {} error(s)",
+        d["first_request_secs"],
+        d["daemon_secs"],
+        d["drained_secs"],
+        d["duplicates"],
+        d["daemon_errors"]
+    );
+    eprintln!(
+        "outboxd memory: idle {}; enqueue VmHWM {} (VmRSS max {}); delivery VmHWM {} (VmRSS max {}); end {}",
+        mib(&m["idle"]),
+        mib(&m["enqueue_hwm"]),
+        mib(&m["enqueue_max_sampled"]),
+        mib(&m["delivery_hwm"]),
+        mib(&m["delivery_max_sampled"]),
+        mib(&m["end"])
+    );
+    eprintln!("CPU over each phase:");
+    cpu("enqueue, outboxd", &e["cpu"]["daemon"]);
+    cpu("enqueue, baseline", &e["cpu"]["baseline"]);
+    cpu("delivery, outboxd", &d["cpu"]["daemon"]);
+    cpu("delivery, plain", &d["cpu"]["plain"][0]);
+    let threads = |v: &Value| {
+        let list: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("{} {}", t[0].as_str().unwrap_or("?"), t[1]))
+            .collect();
+        list.join(", ")
+    };
+    let (te, td) = (
+        &e["cpu"]["daemon"]["daemon_threads"],
+        &d["cpu"]["daemon"]["daemon_threads"],
+    );
+    eprintln!("  outboxd threads (cores), enqueue:  {}", threads(te));
+    eprintln!("  outboxd threads (cores), delivery: {}", threads(td));
+    eprintln!();
+}
