@@ -385,9 +385,11 @@ impl Queue {
         Ok(enqueued)
     }
 
+    /// Writes the message, then publishes it to the schedule. The sled
+    /// writes happen outside the queue lock (it only guards the in-memory
+    /// schedule), so concurrent enqueues write in parallel.
     fn insert(&self, new: NewMessage) -> Result<Enqueued, QueueError> {
-        let mut st = self.lock();
-        if st.shutting_down {
+        if self.lock().shutting_down {
             return Err(QueueError::ShuttingDown);
         }
         let idem_key = new
@@ -396,16 +398,7 @@ impl Queue {
             .map(|k| idempotency_key(&new.integration, k));
         if let Some(key) = &idem_key {
             if let Some(existing) = self.trees.idempotency.get(key).map_err(StoreError::from)? {
-                let seq = key_seq(&existing);
-                let state = self
-                    .record(seq)?
-                    .map(|r| r.state)
-                    .unwrap_or(MessageState::Queued);
-                return Ok(Enqueued {
-                    id: format_id(seq),
-                    state,
-                    duplicate: true,
-                });
+                return self.duplicate(key_seq(&existing));
             }
         }
         let seq = self.commit.store.generate_id()?;
@@ -434,12 +427,30 @@ impl Queue {
             .map_err(StoreError::from)?;
         self.put(&rec)?;
         if let Some(key) = idem_key {
-            self.trees
+            // The record is written before the key is claimed, so whoever
+            // finds the key finds a record that the next flush covers.
+            let claimed = self
+                .trees
                 .idempotency
-                .insert(key, &seq.to_be_bytes())
+                .compare_and_swap(&key, None::<&[u8]>, Some(&seq.to_be_bytes()[..]))
                 .map_err(StoreError::from)?;
+            if let Err(lost) = claimed {
+                self.trees
+                    .messages
+                    .remove(seq.to_be_bytes())
+                    .map_err(StoreError::from)?;
+                self.trees
+                    .bodies
+                    .remove(seq.to_be_bytes())
+                    .map_err(StoreError::from)?;
+                let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
+                return self.duplicate(first);
+            }
         }
-        st.lanes
+        // Lines are ordered by (order, seq), so publishing out of id order
+        // under concurrency still keeps each ordering key one at a time.
+        self.lock()
+            .lanes
             .entry(rec.integration.clone())
             .or_default()
             .add_queued(seq, rec.order, rec.due_ms, rec.ordering_key.as_deref());
@@ -447,6 +458,18 @@ impl Queue {
             id: format_id(seq),
             state: MessageState::Queued,
             duplicate: false,
+        })
+    }
+
+    fn duplicate(&self, seq: u64) -> Result<Enqueued, QueueError> {
+        let state = self
+            .record(seq)?
+            .map(|r| r.state)
+            .unwrap_or(MessageState::Queued);
+        Ok(Enqueued {
+            id: format_id(seq),
+            state,
+            duplicate: true,
         })
     }
 
@@ -612,6 +635,10 @@ impl Queue {
     }
 
     /// Records an attempt (when one was made) and moves the message on.
+    ///
+    /// The sled writes come first, outside the queue lock; then the lock
+    /// is taken only to update the schedule. A message in flight cannot be
+    /// ignored or replayed meanwhile, so nothing else writes its record.
     pub fn finish(
         &self,
         mut rec: MessageRecord,
@@ -630,26 +657,51 @@ impl Queue {
             }
         }
         rec.updated_ms = now;
+        let attempted = u32::from(attempt.is_some());
+        // What the record becomes on disk.
+        let end_state = match disposition {
+            Disposition::PutBack => None,
+            Disposition::Retry { due_ms, counts } => {
+                rec.attempts += u32::from(counts);
+                rec.due_ms = due_ms;
+                self.put(&rec)?;
+                None
+            }
+            Disposition::Final(MessageState::Error) => {
+                rec.attempts += attempted;
+                rec.state = MessageState::Error;
+                self.put(&rec)?;
+                Some(MessageState::Error)
+            }
+            Disposition::Final(MessageState::Ignored) => Some(MessageState::Ignored),
+            Disposition::Sent | Disposition::Final(_) => Some(MessageState::Sent),
+        };
+        if let Some(state @ (MessageState::Sent | MessageState::Ignored)) = end_state {
+            rec.attempts += attempted;
+            rec.state = state;
+            if state == MessageState::Sent {
+                rec.last_error = None;
+            }
+            self.put(&rec)?;
+            self.mark_finished(now, seq)?;
+        }
+
         let mut st = self.lock();
         let lane = st.lanes.entry(rec.integration.clone()).or_default();
         lane.in_flight.remove(&seq);
         let key = rec.ordering_key.clone();
-        match disposition {
-            Disposition::PutBack => {
-                // Nothing changes on disk: it is ready again where it was.
+        match (disposition, end_state) {
+            (Disposition::PutBack, _) => {
+                // Nothing changed on disk: it is ready again where it was.
                 if key.as_deref().is_none_or(|k| lane.head_is(k, seq)) {
                     lane.ready.insert((rec.due_ms, seq));
                 }
             }
-            Disposition::Retry { due_ms, counts } => {
-                if counts {
-                    rec.attempts += 1;
-                } else {
+            (Disposition::Retry { due_ms, counts }, _) => {
+                if !counts {
                     let line = key.clone().map(|k| (k, rec.order));
                     lane.waiting.insert(seq, (due_ms, line));
                 }
-                rec.due_ms = due_ms;
-                self.put(&rec)?;
                 match &key {
                     Some(k) => {
                         if let Some(line) = lane.lines.get_mut(k) {
@@ -665,34 +717,7 @@ impl Queue {
                     lane.last_error = Some((e.clone(), now));
                 }
             }
-            Disposition::Sent
-            | Disposition::Final(MessageState::Sent)
-            | Disposition::Final(MessageState::Ignored)
-            | Disposition::Final(MessageState::Queued)
-            | Disposition::Final(MessageState::Sending) => {
-                let state = match disposition {
-                    Disposition::Final(MessageState::Ignored) => MessageState::Ignored,
-                    _ => MessageState::Sent,
-                };
-                rec.attempts += u32::from(attempt.is_some());
-                rec.state = state;
-                if state == MessageState::Sent {
-                    rec.last_error = None;
-                }
-                self.put(&rec)?;
-                self.mark_finished(now, seq)?;
-                lane.queued = lane.queued.saturating_sub(1);
-                if state == MessageState::Sent {
-                    lane.last_sent_ms = Some(now);
-                }
-                if let Some(k) = &key {
-                    lane.leave_line(k, rec.order, seq);
-                }
-            }
-            Disposition::Final(MessageState::Error) => {
-                rec.attempts += u32::from(attempt.is_some());
-                rec.state = MessageState::Error;
-                self.put(&rec)?;
+            (_, Some(MessageState::Error)) => {
                 lane.queued = lane.queued.saturating_sub(1);
                 lane.errors += 1;
                 lane.last_error = Some((rec.last_error.clone().unwrap_or_default(), now));
@@ -701,6 +726,15 @@ impl Queue {
                     if let Some(line) = lane.lines.get_mut(k) {
                         line.insert((rec.order, seq), u64::MAX);
                     }
+                }
+            }
+            (_, state) => {
+                lane.queued = lane.queued.saturating_sub(1);
+                if state == Some(MessageState::Sent) {
+                    lane.last_sent_ms = Some(now);
+                }
+                if let Some(k) = &key {
+                    lane.leave_line(k, rec.order, seq);
                 }
             }
         }

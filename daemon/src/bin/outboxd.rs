@@ -10,6 +10,12 @@ use outbox_daemon::config::Config;
 use outbox_daemon::daemon::{self, StartError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+/// mimalloc: under load the daemon frees many small store nodes from several
+/// threads, and glibc's allocator lock showed up as most of its context
+/// switches in the benchmark (`deploy/bench.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Outbox daemon: keeps messages durably and delivers each one through
 /// its integration's active connection.
 #[derive(Parser)]

@@ -132,9 +132,14 @@ impl DaemonBuilder {
         let port = free_port();
         let config = dir.path().join("outboxd.toml");
         let text = format!(
-            "instance_name = {:?}\ndata_dir = {:?}\nshutdown_grace = \"5s\"\n{}\n[api]\nlisten = \"127.0.0.1:{port}\"\ntoken = {TOKEN:?}\n{}",
+            "instance_name = {:?}\ndata_dir = {:?}\n{}{}\n[api]\nlisten = \"127.0.0.1:{port}\"\ntoken = {TOKEN:?}\n{}",
             self.instance_name,
             dir.path().join("data").display().to_string(),
+            if self.extra.contains("shutdown_grace") {
+                ""
+            } else {
+                "shutdown_grace = \"5s\"\n"
+            },
             // Top-level keys must come before the first table.
             self.extra
                 .lines()

@@ -1,0 +1,339 @@
+//! Operations end to end: SIGHUP reloads with good and bad files while
+//! messages flow, SIGTERM with attempts in flight, metrics read by a real
+//! Prometheus-format parser, and the status screen while an endpoint fails.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn apply_dir_config(dir: &std::path::Path) -> String {
+    format!("apply = [{:?}]", format!("{}/*.toml", dir.display()))
+}
+
+#[tokio::test]
+async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
+    let sink = Sink::start().await;
+    let files = tempfile::tempdir().unwrap();
+    write(
+        files.path(),
+        "a.toml",
+        &integration(
+            "alpha",
+            &[&connection("c", "test", &sink.url(), "active = true")],
+        ),
+    );
+    let d = Daemon::builder()
+        .config(&apply_dir_config(files.path()))
+        .start()
+        .await;
+    let (_, v) = d.get("/v1/integrations/alpha").await;
+    assert_eq!(v["state"], "active", "applied at start: {v}");
+
+    // Messages keep flowing across every reload below.
+    let producer = {
+        let api = d.api_client();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..60 {
+                let (s, v) = api
+                    .enqueue(
+                        "alpha",
+                        &json!({"message": "Create", "body": format!("{i}")}),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(s, StatusCode::ACCEPTED);
+                ids.push(v["id"].as_str().unwrap().to_string());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids
+        })
+    };
+
+    // A good new file: applied on SIGHUP.
+    write(
+        files.path(),
+        "b.toml",
+        &integration(
+            "beta",
+            &[&connection("c", "test", &sink.url(), "active = true")],
+        ),
+    );
+    d.signal(libc::SIGHUP);
+    eventually(WAIT, "beta after reload", async || {
+        let (s, _) = d.get("/v1/integrations/beta").await;
+        (s == StatusCode::OK).then_some(())
+    })
+    .await;
+
+    // A bad file: refused whole, logged with the reason, nothing changes.
+    write(
+        files.path(),
+        "c.toml",
+        &integration("gamma", &[&connection("c", "prodd", &sink.url(), "")]),
+    );
+    d.signal(libc::SIGHUP);
+    eventually(WAIT, "the refusal in the log", async || {
+        d.log().contains("reload refused").then_some(())
+    })
+    .await;
+    assert!(
+        d.log()
+            .contains("integration[gamma].connection[c].environment"),
+        "{}",
+        d.log()
+    );
+    let (s, _) = d.get("/v1/integrations/gamma").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    std::fs::remove_file(files.path().join("c.toml")).unwrap();
+
+    // A broken config file: logged, the running config stays.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{good}\nnot valid toml [[[")).unwrap();
+    d.signal(libc::SIGHUP);
+    eventually(WAIT, "the config refusal in the log", async || {
+        d.log().contains("invalid configuration").then_some(())
+    })
+    .await;
+    std::fs::write(&d.config, good).unwrap();
+
+    let ids = producer.await.unwrap();
+    for id in &ids {
+        d.wait_state(id, "sent", WAIT).await;
+    }
+    assert_eq!(sink.ids().len(), ids.len());
+    let (_, v) = d.get("/v1/integrations/alpha").await;
+    assert_eq!(v["state"], "active");
+}
+
+// The sink must keep serving while the test blocks waiting for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_messages_and_lets_attempts_in_flight_finish() {
+    let sink = Sink::start().await;
+    sink.set_delay(Duration::from_millis(1500));
+    let mut d = Daemon::builder()
+        .config("shutdown_grace = \"10s\"")
+        .start()
+        .await;
+    d.apply(&integration(
+        "acme",
+        &[&connection("c", "test", &sink.url(), "active = true")],
+    ))
+    .await;
+    let (_, v) = d
+        .post(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    d.wait_state(&id, "sending", WAIT).await;
+
+    let api = d.api_client();
+    d.signal(libc::SIGTERM);
+    // During the grace period the API answers, and refuses enqueues.
+    let refused = eventually(WAIT, "a 503 for a new message", async || {
+        match api.enqueue("acme", &json!({"message": "Create"})).await {
+            Ok((StatusCode::SERVICE_UNAVAILABLE, v)) => Some(v),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        refused["error"].as_str().unwrap().contains("shutting down"),
+        "{refused}"
+    );
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(sink.count(), 1, "the attempt in flight finished");
+    d.start().await;
+    assert_eq!(d.message(&id).await["state"], "sent");
+}
+
+// The sink must keep serving while the test blocks waiting for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_still_in_flight_at_the_deadline_are_queued_again() {
+    let sink = Sink::start().await;
+    sink.set_delay(Duration::from_secs(10));
+    let mut d = Daemon::builder()
+        .config("shutdown_grace = \"500ms\"")
+        .start()
+        .await;
+    d.apply(&integration(
+        "acme",
+        &[&connection("c", "test", &sink.url(), "active = true")],
+    ))
+    .await;
+    let (_, v) = d
+        .post(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    d.wait_state(&id, "sending", WAIT).await;
+    let started = Instant::now();
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the grace period bounds the stop"
+    );
+    sink.set_delay(Duration::ZERO);
+    d.start().await;
+    let m = d.wait_state(&id, "sent", WAIT).await;
+    assert!(sink.count() >= 2, "sent again after the restart");
+    assert!(!m["attempts"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
+    let sink = Sink::start().await;
+    let d = Daemon::builder().start().await;
+    d.apply(&integration(
+        "acme",
+        &[&connection("c", "test", &sink.url(), "active = true")],
+    ))
+    .await;
+    for _ in 0..3 {
+        d.post(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    }
+    eventually(WAIT, "three sent", async || {
+        (sink.count() == 3).then_some(())
+    })
+    .await;
+    sink.set_status(503);
+    let (_, v) = d
+        .post(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    let failing = v["id"].as_str().unwrap().to_string();
+    eventually(WAIT, "a failed attempt", async || {
+        (d.message(&failing).await["attempt_count"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+
+    let (s, text) = d
+        .request(Method::GET, "/metrics", None, None)
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap().to_string();
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .and_then(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(*v),
+                _ => None,
+            })
+    };
+    assert_eq!(
+        value("outbox_messages_enqueued_total", &[("integration", "acme")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(
+            "outbox_messages_sent_total",
+            &[("integration", "acme"), ("connection", "c")]
+        ),
+        Some(3.0)
+    );
+    assert!(
+        value("outbox_messages_retried_total", &[("integration", "acme")]).unwrap_or(0.0) >= 1.0
+    );
+    assert_eq!(
+        value(
+            "outbox_queue_depth",
+            &[("integration", "acme"), ("state", "queued")]
+        ),
+        Some(1.0)
+    );
+    assert!(value("outbox_store_bytes", &[]).unwrap_or(0.0) > 0.0);
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "outbox_attempt_duration_seconds"
+                && matches!(s.value, prometheus_parse::Value::Histogram(_))),
+        "{text}"
+    );
+
+    let (_, status) = d.get("/v1/status").await;
+    let i = &status["integrations"][0];
+    assert_eq!(i["name"], "acme");
+    assert_eq!(i["state"], "active");
+    assert_eq!(i["active_connection"], "c");
+    assert_eq!(i["environment"], "test");
+    assert_eq!(i["queue_depth"], 1);
+    assert_eq!(i["last_error"], "HTTP 503");
+    assert!(
+        i["last_error_at"].is_string() && i["last_sent_at"].is_string(),
+        "{i}"
+    );
+    let out = d.cli(&["status"]);
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("HTTP 503"), "{screen}");
+    // One log line per delivery outcome, with the fields an operator greps.
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("delivered"))
+        .expect("a delivery line");
+    for field in [
+        "integration=acme",
+        "connection=c",
+        "status=200",
+        "duration_ms=",
+        "id=",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}
+
+#[tokio::test]
+async fn json_logs_when_configured() {
+    let sink = Sink::start().await;
+    let d = Daemon::builder()
+        .config("[log]\nlevel = \"info\"\nformat = \"json\"")
+        .start()
+        .await;
+    d.apply(&integration(
+        "acme",
+        &[&connection("c", "test", &sink.url(), "active = true\n  auth = { type = \"basic\", username = \"u\", password = \"hunter2\" }")],
+    ))
+    .await;
+    let (_, v) = d
+        .post(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    d.wait_state(v["id"].as_str().unwrap(), "sent", WAIT).await;
+    let log = d.log();
+    let delivered = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "delivered")
+        .expect("a JSON delivery line");
+    assert_eq!(delivered["status"], 200);
+    assert_eq!(delivered["connection"], "c");
+    assert!(!log.contains("hunter2"));
+}
