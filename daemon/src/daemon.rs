@@ -234,9 +234,16 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 
 /// Pings systemd's watchdog at half the unit's `WatchdogSec`, when set.
 fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
+    // As libsystemd's sd_watchdog_enabled: WATCHDOG_USEC asks for pings;
+    // WATCHDOG_PID, when set, must name this process.
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&u| u > 0)?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
     }
     let period = std::time::Duration::from_micros(usec / 2);
     Some(tokio::spawn(async move {

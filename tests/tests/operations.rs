@@ -337,3 +337,42 @@ async fn json_logs_when_configured() {
     assert_eq!(delivered["connection"], "c");
     assert!(!log.contains("hunter2"));
 }
+
+/// systemd's notify protocol, with the test as the service manager: a
+/// datagram socket in `$NOTIFY_SOCKET` receives READY, RELOADING and
+/// STOPPING, and WATCHDOG pings when `$WATCHDOG_USEC` asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_reloading_stopping_and_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut d = Daemon::builder()
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
+        .start()
+        .await;
+    let mut seen = String::new();
+    let mut recv_until = |needle: &str, seen: &mut String| {
+        let mut buf = [0u8; 512];
+        while !seen.contains(needle) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("waiting for {needle}: {e}; got {seen:?}"));
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    };
+    recv_until("READY=1", &mut seen);
+    recv_until("WATCHDOG=1", &mut seen);
+    d.signal(libc::SIGHUP);
+    recv_until("RELOADING=1", &mut seen);
+    let after_reload = seen.rfind("RELOADING=1").unwrap();
+    let mut tail = seen[after_reload..].to_string();
+    recv_until("READY=1", &mut tail);
+    assert_eq!(d.terminate().code(), Some(0));
+    recv_until("STOPPING=1", &mut seen);
+}
