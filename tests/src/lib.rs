@@ -1,1 +1,1 @@
-//! End-to-end test support.
+//! The end-to-end suites of Outbox live in `tests/` (harness in `tests/common`); the load generator in `src/bin/outbox-bench.rs`.
