@@ -7,15 +7,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::client::{seg, ApiClient};
-use super::table::{cell, print};
+use super::table::{cell, print, rows};
 use super::{split_target, CliError, CliResult};
-
-fn show_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
-}
 
 pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
     let text = if file == "-" {
@@ -32,7 +25,7 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
         .post_raw("/v1/apply", "application/toml", Bytes::from(text), &[])
         .await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
     let changed = v["changed"].as_array().cloned().unwrap_or_default();
@@ -63,27 +56,20 @@ pub async fn export(api: &ApiClient) -> CliResult {
 pub async fn list(api: &ApiClient, json: bool) -> CliResult {
     let v = api.get("/v1/integrations").await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|i| {
-                    vec![
-                        cell(i, "name"),
-                        cell(i, "state"),
-                        cell(i, "active_connection"),
-                        cell(i, "environment"),
-                        cell(i, "queue_depth"),
-                        cell(i, "errors"),
-                        cell(i, "last_error"),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows(&v, |i| {
+        vec![
+            cell(i, "name"),
+            cell(i, "state"),
+            cell(i, "active_connection"),
+            cell(i, "environment"),
+            cell(i, "queue_depth"),
+            cell(i, "errors"),
+            cell(i, "last_error"),
+        ]
+    });
     print(
         &[
             "name",
@@ -118,7 +104,7 @@ pub async fn connections(api: &ApiClient, json: bool, integration: Option<&str>)
         }
     }
     if json {
-        show_json(&Value::Array(all));
+        super::table::json(&Value::Array(all));
         return Ok(());
     }
     let rows: Vec<Vec<String>> = all
@@ -184,7 +170,7 @@ pub async fn action(api: &ApiClient, json: bool, integration: &str, action: &str
 
 fn summary(json: bool, v: &Value) {
     if json {
-        show_json(v);
+        super::table::json(v);
     } else {
         println!(
             "{}: {}{}",
@@ -211,7 +197,7 @@ pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
         )
         .await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
     } else {
         let ok = v["ok"].as_bool() == Some(true);
         println!(
@@ -258,26 +244,19 @@ pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
 pub async fn mid_servers(api: &ApiClient, json: bool) -> CliResult {
     let v = api.get("/v1/mid-servers").await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| {
-                    vec![
-                        cell(s, "name"),
-                        cell(s, "address"),
-                        cell(s, "since"),
-                        cell(s, "in_flight"),
-                        cell(s, "protocol_version"),
-                        cell(s, "relay_version"),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows(&v, |s| {
+        vec![
+            cell(s, "name"),
+            cell(s, "address"),
+            cell(s, "since"),
+            cell(s, "in_flight"),
+            cell(s, "protocol_version"),
+            cell(s, "relay_version"),
+        ]
+    });
     print(
         &[
             "name",
@@ -295,7 +274,7 @@ pub async fn mid_servers(api: &ApiClient, json: bool) -> CliResult {
 pub async fn status(api: &ApiClient, json: bool) -> CliResult {
     let v = api.get("/v1/status").await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
     println!(
@@ -308,31 +287,24 @@ pub async fn status(api: &ApiClient, json: bool) -> CliResult {
         cell(&v, "store_bytes"),
     );
     println!();
-    let rows: Vec<Vec<String>> = v["integrations"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|i| {
-                    vec![
-                        cell(i, "name"),
-                        cell(i, "state"),
-                        format!(
-                            "{} ({})",
-                            cell(i, "active_connection"),
-                            cell(i, "environment")
-                        ),
-                        cell(i, "queue_depth"),
-                        cell(i, "errors"),
-                        cell(i, "last_sent_at"),
-                        match i["last_error"].as_str() {
-                            Some(e) => format!("{} at {}", e, cell(i, "last_error_at")),
-                            None => "-".into(),
-                        },
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows(&v["integrations"], |i| {
+        vec![
+            cell(i, "name"),
+            cell(i, "state"),
+            format!(
+                "{} ({})",
+                cell(i, "active_connection"),
+                cell(i, "environment")
+            ),
+            cell(i, "queue_depth"),
+            cell(i, "errors"),
+            cell(i, "last_sent_at"),
+            match i["last_error"].as_str() {
+                Some(e) => format!("{} at {}", e, cell(i, "last_error_at")),
+                None => "-".into(),
+            },
+        ]
+    });
     print(
         &[
             "integration",

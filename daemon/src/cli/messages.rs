@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::client::{seg, ApiClient};
-use super::table::{cell, print};
+use super::table::{cell, print, rows};
 use super::{CliError, CliResult};
 
 pub struct SendArgs {
@@ -17,13 +17,6 @@ pub struct SendArgs {
     pub params: Vec<String>,
     pub ordering_key: Option<String>,
     pub idempotency_key: Option<String>,
-}
-
-fn show_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
 }
 
 pub async fn send(api: &ApiClient, json: bool, a: SendArgs) -> CliResult {
@@ -77,7 +70,7 @@ pub async fn send(api: &ApiClient, json: bool, a: SendArgs) -> CliResult {
     }
     let v = api.post_raw(&path, content_type, body, &headers).await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
     } else if v["duplicate"].as_bool() == Some(true) {
         println!(
             "{} (already enqueued with this idempotency key)",
@@ -105,28 +98,21 @@ pub async fn list(
     }
     let v = api.get(&format!("/v1/messages?{}", q.join("&"))).await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| {
-                    vec![
-                        cell(m, "id"),
-                        cell(m, "integration"),
-                        cell(m, "message"),
-                        cell(m, "state"),
-                        cell(m, "attempt_count"),
-                        cell(m, "ordering_key"),
-                        cell(m, "updated_at"),
-                        cell(m, "last_error"),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows(&v, |m| {
+        vec![
+            cell(m, "id"),
+            cell(m, "integration"),
+            cell(m, "message"),
+            cell(m, "state"),
+            cell(m, "attempt_count"),
+            cell(m, "ordering_key"),
+            cell(m, "updated_at"),
+            cell(m, "last_error"),
+        ]
+    });
     print(
         &[
             "id",
@@ -146,7 +132,7 @@ pub async fn list(
 pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
     let v = api.get(&format!("/v1/messages/{}", seg(id))).await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
         return Ok(());
     }
     println!("message {}", cell(&v, "id"));
@@ -197,7 +183,7 @@ pub async fn act(api: &ApiClient, json: bool, id: &str, action: &str) -> CliResu
         .post(&format!("/v1/messages/{}/{action}", seg(id)), None)
         .await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
     } else if action == "replay" {
         println!("{id} replayed as {}", cell(&v, "id"));
     } else {
@@ -214,7 +200,7 @@ pub async fn repair(api: &ApiClient, json: bool, integration: &str) -> CliResult
         )
         .await?;
     if json {
-        show_json(&v);
+        super::table::json(&v);
     } else {
         println!(
             "{integration}: replayed {} message(s) in error",

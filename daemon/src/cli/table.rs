@@ -37,3 +37,18 @@ pub fn cell(v: &Value, key: &str) -> String {
         Some(other) => other.to_string(),
     }
 }
+
+/// One row per element of a JSON array.
+pub fn rows(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// Pretty JSON for `--json`.
+pub fn json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
