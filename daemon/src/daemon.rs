@@ -85,6 +85,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(app.config.api.listen)
         .await
         .with_context(|| format!("api.listen {}: cannot listen", app.config.api.listen))?;
+    if let Some(inbound) = app.config.inbound {
+        // The section is part of the file format (SPEC §5) and validated,
+        // but this version serves no inbound endpoint: say so rather than
+        // let an operator believe remote systems can send here.
+        tracing::warn!(%inbound, "inbound.listen is set, but this version of outboxd does not serve inbound requests; nothing listens there");
+    }
     let (queued, _, errors) = app.queue.totals();
     tracing::info!(
         api = %app.config.api.listen,

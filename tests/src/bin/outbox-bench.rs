@@ -85,6 +85,15 @@ options:
   --sample-ms MS      VmRSS sampling period                    (default 50)
   --daemon-env K=V    an environment variable for outboxd only, for experiments
                       (OUTBOX_STORE__CACHE_CAPACITY=256MiB, LD_PRELOAD=..., ...); repeatable
+
+relay phase (on when the relay binary exists):
+  --outbox-relay PATH the relay binary   (default: outbox-relay next to this binary)
+  --outbox PATH       the CLI, for `outbox pki init` (default: outbox next to outboxd)
+  --no-relay          skip the relay phase
+  --relay-only        only the relay phase (no enqueue baseline, no first delivery phase)
+  --relay-messages N  messages per delivery in the relay phase  (default: --messages)
+  --relay-rounds N    rounds of one direct and one relay delivery, by turns first (default 2)
+  --relay-concurrency N  the relay's `concurrency`              (default: --concurrency)
 ";
 
 #[derive(Clone, Debug)]
@@ -99,6 +108,14 @@ struct Opts {
     sample_every: Duration,
     daemon_env: Vec<(String, String)>,
     rounds: usize,
+    /// The relay binary; `None`: no relay phase.
+    relay: Option<PathBuf>,
+    /// The `outbox` CLI, which writes the tunnel's PKI.
+    outbox: PathBuf,
+    relay_only: bool,
+    relay_messages: usize,
+    relay_rounds: usize,
+    relay_concurrency: usize,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -114,7 +131,16 @@ fn parse_args() -> Result<Opts> {
         sample_every: Duration::from_millis(50),
         daemon_env: Vec::new(),
         rounds: 10,
+        relay: None,
+        outbox: PathBuf::new(),
+        relay_only: false,
+        relay_messages: 0,
+        relay_rounds: 2,
+        relay_concurrency: 0,
     };
+    let mut relay = Some(exe.with_file_name("outbox-relay"));
+    let mut relay_asked = false;
+    let mut outbox = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| anyhow!("{name} needs a value"));
@@ -132,6 +158,16 @@ fn parse_args() -> Result<Opts> {
             "--concurrency" => o.concurrency = num(&a, value(&a)?)?,
             "--rounds" => o.rounds = num(&a, value(&a)?)?,
             "--outboxd" => o.outboxd = PathBuf::from(value(&a)?),
+            "--outbox" => outbox = Some(PathBuf::from(value(&a)?)),
+            "--outbox-relay" => {
+                relay = Some(PathBuf::from(value(&a)?));
+                relay_asked = true;
+            }
+            "--no-relay" => relay = None,
+            "--relay-only" => o.relay_only = true,
+            "--relay-messages" => o.relay_messages = num(&a, value(&a)?)?,
+            "--relay-rounds" => o.relay_rounds = num(&a, value(&a)?)?,
+            "--relay-concurrency" => o.relay_concurrency = num(&a, value(&a)?)?,
             "--tmp" => o.tmp = PathBuf::from(value(&a)?),
             "--phase-timeout" => o.phase_timeout = Duration::from_secs(num(&a, value(&a)?)? as u64),
             "--sample-ms" => o.sample_every = Duration::from_millis(num(&a, value(&a)?)? as u64),
@@ -157,6 +193,33 @@ fn parse_args() -> Result<Opts> {
             "{} does not exist: build it with `cargo build --release -p outbox-daemon --bins`, or pass --outboxd",
             o.outboxd.display()
         );
+    }
+    o.outbox = outbox.unwrap_or_else(|| o.outboxd.with_file_name("outbox"));
+    // The relay phase runs when the relay binary is there: asked for by
+    // --outbox-relay (then it must exist), or found next to this binary.
+    o.relay = match relay {
+        Some(r) if r.is_file() => Some(r),
+        Some(r) if relay_asked || o.relay_only => bail!(
+            "{} does not exist: build it with `cargo build --release -p outbox-relay`, or pass --outbox-relay",
+            r.display()
+        ),
+        _ => None,
+    };
+    if o.relay_only && o.relay.is_none() {
+        bail!("--relay-only and --no-relay exclude each other");
+    }
+    if o.relay.is_some() && !o.outbox.is_file() {
+        bail!(
+            "{} does not exist: the relay phase needs the outbox CLI for `outbox pki init` \
+             (cargo build --release -p outbox-daemon --bins), or pass --outbox",
+            o.outbox.display()
+        );
+    }
+    if o.relay_messages == 0 {
+        o.relay_messages = o.messages;
+    }
+    if o.relay_concurrency == 0 {
+        o.relay_concurrency = o.concurrency;
     }
     Ok(o)
 }
@@ -570,19 +633,24 @@ impl RssSampler {
 /// CPU counters of the processes taking part in a phase, taken at its start.
 struct CpuSnap {
     procs: Vec<(&'static str, u32, f64)>,
-    daemon: Option<(u32, ThreadCpu)>,
+    /// Processes whose threads are reported one by one.
+    threads: Vec<(&'static str, u32, ThreadCpu)>,
     machine: (f64, f64),
     at: Instant,
 }
 
 impl CpuSnap {
-    fn take(procs: &[(&'static str, u32)], daemon: Option<u32>) -> CpuSnap {
+    /// `threads`: the processes (among `procs`) to break down by thread.
+    fn take(procs: &[(&'static str, u32)], threads: &[(&'static str, u32)]) -> CpuSnap {
         CpuSnap {
             procs: procs
                 .iter()
                 .map(|&(n, pid)| (n, pid, proc_cpu(pid)))
                 .collect(),
-            daemon: daemon.map(|pid| (pid, thread_cpu(pid))),
+            threads: threads
+                .iter()
+                .map(|&(n, pid)| (n, pid, thread_cpu(pid)))
+                .collect(),
             machine: machine_cpu(),
             at: Instant::now(),
         }
@@ -594,7 +662,7 @@ impl CpuSnap {
 struct CpuAcc {
     wall: f64,
     procs: Vec<(&'static str, f64)>,
-    threads: ThreadCpu,
+    threads: Vec<(&'static str, ThreadCpu)>,
     busy: f64,
     stall: f64,
 }
@@ -613,10 +681,17 @@ impl CpuAcc {
         let (busy, stall) = machine_cpu();
         self.busy += busy - snap.machine.0;
         self.stall += stall - snap.machine.1;
-        if let Some((pid, before)) = &snap.daemon {
+        for (name, pid, before) in &snap.threads {
+            let acc = match self.threads.iter().position(|(n, _)| n == name) {
+                Some(i) => &mut self.threads[i].1,
+                None => {
+                    self.threads.push((name, ThreadCpu::new()));
+                    &mut self.threads.last_mut().expect("just pushed").1
+                }
+            };
             for (tid, (comm, secs)) in thread_cpu(*pid) {
                 let prev = before.get(&tid).map_or(0.0, |(_, s)| *s);
-                self.threads.entry(tid).or_insert((comm, 0.0)).1 += secs - prev;
+                acc.entry(tid).or_insert((comm, 0.0)).1 += secs - prev;
             }
         }
     }
@@ -628,9 +703,10 @@ impl CpuAcc {
     }
 
     /// For each process, the cores it used on average and its CPU time per
-    /// message; what the rest of the machine ran meanwhile; and the daemon's
-    /// busiest threads (`top -H` over the whole phase; tokio's blocking pool
-    /// threads share the workers' name).
+    /// message; what the rest of the machine ran meanwhile; and the busiest
+    /// threads of the daemon (`daemon_threads`) and of any other process
+    /// broken down (`NAME_threads`): `top -H` over the whole phase; tokio's
+    /// blocking pool threads share the workers' name.
     fn report(&self, messages: usize) -> Value {
         let wall = self.wall.max(1e-9);
         let (mut cores, mut per_msg) = (serde_json::Map::new(), serde_json::Map::new());
@@ -650,24 +726,31 @@ impl CpuAcc {
             "others_cores": round(((self.busy - ours) / wall).max(0.0), 2),
             "cpu_pressure_pct": round(self.stall / wall * 100.0, 1),
         });
-        let mut v: Vec<(String, f64)> = self
-            .threads
-            .iter()
-            .map(|(tid, (comm, secs))| (format!("{comm}/{tid}"), secs / wall))
-            .filter(|(_, c)| *c >= 0.01)
-            .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let threads: Vec<Value> = v
-            .into_iter()
-            .take(8)
-            .map(|(name, c)| json!([name, round(c, 2)]))
-            .collect();
-        json!({
+        let mut out = json!({
             "cores": cores,
             "cpu_us_per_msg": per_msg,
             "machine": machine,
-            "daemon_threads": threads,
-        })
+            "daemon_threads": [],
+        });
+        for (name, threads) in &self.threads {
+            let mut v: Vec<(String, f64)> = threads
+                .iter()
+                .map(|(tid, (comm, secs))| (format!("{comm}/{tid}"), secs / wall))
+                .filter(|(_, c)| *c >= 0.01)
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let list: Vec<Value> = v
+                .into_iter()
+                .take(8)
+                .map(|(name, c)| json!([name, round(c, 2)]))
+                .collect();
+            let key = match *name {
+                "outboxd" => "daemon_threads".to_string(),
+                other => format!("{other}_threads"),
+            };
+            out[key] = json!(list);
+        }
+        out
     }
 }
 
@@ -877,9 +960,23 @@ struct Daemon {
     child: Child,
     url: String,
     log: PathBuf,
+    /// The relay tunnel, when the relay phase runs.
+    tunnel: Option<Tunnel>,
     // Dropped after the child is killed (field order).
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+/// The daemon's `[tunnel]`: its UDP address, and the directory `outbox pki
+/// init` wrote (CA, daemon certificate and key, relay token).
+struct Tunnel {
+    listen: SocketAddr,
+    pki: PathBuf,
+}
+
+/// The MID server name of the bench's relay.
+const MID_SERVER: &str = "dc1";
+/// The connection of the bench integration that goes through the relay.
+const RELAY_CONNECTION: &str = "relay";
 
 impl Daemon {
     async fn start(o: &Opts, c: &HttpClient) -> Result<Daemon> {
@@ -892,17 +989,31 @@ impl Daemon {
             .port();
         let data = dir.path().join("data");
         let config = dir.path().join("outboxd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "instance_name = \"bench\"\n\
-                 data_dir = {data:?}\n\
-                 [api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nmax_body = \"4MiB\"\n\
-                 [log]\nlevel = \"warn\"\n\
-                 [store]\ncache_capacity = \"64MiB\"\n",
-                data = data.display().to_string()
-            ),
-        )?;
+        let mut text = format!(
+            "instance_name = \"bench\"\n\
+             data_dir = {data:?}\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nmax_body = \"4MiB\"\n\
+             [log]\nlevel = \"warn\"\n\
+             [store]\ncache_capacity = \"64MiB\"\n",
+            data = data.display().to_string()
+        );
+        let tunnel = match o.relay {
+            None => None,
+            Some(_) => {
+                let t = Tunnel::init(o, dir.path())?;
+                let path = |f: &str| t.pki.join(f).display().to_string();
+                text.push_str(&format!(
+                    "[tunnel]\nlisten = \"{listen}\"\ncert = {cert:?}\nkey = {key:?}\n\
+                     [mid_servers.{MID_SERVER}]\ntoken = {{ file = {token:?} }}\n",
+                    listen = t.listen,
+                    cert = path("daemon.crt"),
+                    key = path("daemon.key"),
+                    token = path("relay-token"),
+                ));
+                Some(t)
+            }
+        };
+        std::fs::write(&config, text)?;
         let log = dir.path().join("outboxd.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&o.outboxd)
@@ -918,7 +1029,8 @@ impl Daemon {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log,
-            _dir: dir,
+            tunnel,
+            dir,
         };
         let until = Instant::now() + Duration::from_secs(30);
         loop {
@@ -978,6 +1090,31 @@ impl Daemon {
     }
 }
 
+impl Tunnel {
+    /// Writes the PKI with `outbox pki init` and picks a free UDP port.
+    fn init(o: &Opts, dir: &std::path::Path) -> Result<Tunnel> {
+        let pki = dir.join("pki");
+        let out = Command::new(&o.outbox)
+            .args(["pki", "init"])
+            .arg(&pki)
+            .args(["--host", "127.0.0.1", "--host", "localhost"])
+            .args(["--mid-server", MID_SERVER])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} pki init", o.outbox.display()))?;
+        if !out.status.success() {
+            bail!(
+                "outbox pki init failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let listen = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        Ok(Tunnel { listen, pki })
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -985,8 +1122,10 @@ impl Drop for Daemon {
     }
 }
 
+/// The bench integration: its direct connection to the sink and, for the
+/// relay phase, a second one to the same sink through the relay.
 fn integration_file(o: &Opts, sink: SocketAddr) -> String {
-    format!(
+    let mut file = format!(
         r#"[[integration]]
 name = "{INTEGRATION}"
 concurrency = {conc}
@@ -1005,7 +1144,20 @@ max_attempts = 3
   active = false
 "#,
         conc = o.concurrency
-    )
+    );
+    if o.relay.is_some() {
+        file.push_str(&format!(
+            r#"
+  [[integration.connection]]
+  name = "{RELAY_CONNECTION}"
+  environment = "test"
+  endpoint_url = "http://{sink}"
+  mid_server = "{MID_SERVER}"
+  active = false
+"#
+        ));
+    }
+    file
 }
 
 /// The enqueue request, identical for the daemon and the baseline server.
@@ -1091,15 +1243,16 @@ async fn plain_delivery(
     sink: &Proc,
     body: &Bytes,
     label: &str,
+    n: usize,
 ) -> Result<(Load, Value, Value)> {
     eprintln!("phase: {label}");
-    sink_reset(c, sink.addr, o.messages).await?;
+    sink_reset(c, sink.addr, n).await?;
     let deadline = Instant::now() + o.phase_timeout;
-    let snap = CpuSnap::take(&[("bench", std::process::id()), ("sink", sink.pid())], None);
+    let snap = CpuSnap::take(&[("bench", std::process::id()), ("sink", sink.pid())], &[]);
     let load = drive(
         &client(),
         label,
-        o.messages,
+        n,
         o.concurrency,
         deadline,
         StatusCode::OK,
@@ -1109,10 +1262,10 @@ async fn plain_delivery(
     let cpu = CpuAcc::of(snap, load.ok);
     let url = format!("http://{}/__stats", sink.addr);
     let (_, stats) = call(c, Method::GET, &url, None, false).await?;
-    if stats["distinct"].as_u64() != Some(o.messages as u64) {
+    if stats["distinct"].as_u64() != Some(n as u64) {
         eprintln!(
             "  {label}: the sink saw {} distinct keys of {}",
-            stats["distinct"], o.messages
+            stats["distinct"], n
         );
     }
     Ok((load, stats, cpu))
@@ -1125,7 +1278,6 @@ async fn bench(o: Opts) -> Result<bool> {
             .map(|i| b'a' + (i % 26) as u8)
             .collect::<Vec<u8>>(),
     );
-    let me = std::process::id();
     let rounds = o.rounds.min(o.messages);
     eprintln!(
         "outbox-bench: {} messages, {} producers, {} B bodies, concurrency {}, {} cores",
@@ -1140,7 +1292,6 @@ async fn bench(o: Opts) -> Result<bool> {
 
     eprintln!("phase: start outboxd");
     let daemon = Daemon::start(&o, &c).await?;
-    let pid = daemon.pid();
     daemon
         .api(
             &c,
@@ -1154,6 +1305,53 @@ async fn bench(o: Opts) -> Result<bool> {
     if state["state"] != "off" {
         bail!("the bench integration should be off before the enqueue: {state}");
     }
+    let mut result = json!({
+        "bench": "outbox",
+        "messages": o.messages,
+        "producers": o.producers,
+        "body_bytes": o.body,
+        "concurrency": o.concurrency,
+        "rounds": rounds,
+        "daemon_env": o.daemon_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+    });
+    let mut complete = true;
+    if o.relay_only {
+        drop(baseline);
+    } else {
+        let (phases, ok) = enqueue_and_delivery(&o, &c, &sink, baseline, &daemon, &body).await?;
+        for (k, v) in phases.as_object().into_iter().flatten() {
+            result[k] = v.clone();
+        }
+        complete &= ok;
+    }
+    if let Some(relay) = &o.relay {
+        let (phase, ok) = relay_phase(&o, &c, &sink, &daemon, &body, relay).await?;
+        result["relay"] = phase;
+        complete &= ok;
+    }
+    drop(daemon);
+    drop(sink);
+    result["complete"] = json!(complete);
+    print_table(&result);
+    println!("{result}");
+    Ok(complete)
+}
+
+/// The enqueue phase (baseline server and daemon by turns) and the delivery
+/// phase (plain client, daemon, plain client) on the direct connection.
+async fn enqueue_and_delivery(
+    o: &Opts,
+    c: &HttpClient,
+    sink: &Proc,
+    baseline: Proc,
+    daemon: &Daemon,
+    body: &Bytes,
+) -> Result<(Value, bool)> {
+    let (o, c) = (o.clone(), c.clone());
+    let me = std::process::id();
+    let pid = daemon.pid();
+    let rounds = o.rounds.min(o.messages);
     let idle_rss = proc_status_kib(pid, "VmRSS").unwrap_or(0);
     let hwm_reset = reset_hwm(pid);
 
@@ -1166,8 +1364,8 @@ async fn bench(o: Opts) -> Result<bool> {
         o.messages / rounds
     );
     let (base_client, daemon_client) = (client(), client());
-    let base_make = enqueue_request(&format!("http://{}", baseline.addr), &body);
-    let daemon_make = enqueue_request(&daemon.url, &body);
+    let base_make = enqueue_request(&format!("http://{}", baseline.addr), body);
+    let daemon_make = enqueue_request(&daemon.url, body);
     let (mut base, mut enq) = (Load::default(), Load::default());
     let (mut base_cpu, mut enq_cpu) = (CpuAcc::default(), CpuAcc::default());
     let mut round_ratios = Vec::new();
@@ -1178,7 +1376,7 @@ async fn bench(o: Opts) -> Result<bool> {
         let (mut b, mut d) = (Load::default(), Load::default());
         for daemon_turn in [r % 2 == 1, r % 2 == 0] {
             if daemon_turn {
-                let snap = CpuSnap::take(&[("bench", me), ("outboxd", pid)], Some(pid));
+                let snap = CpuSnap::take(&[("bench", me), ("outboxd", pid)], &[("outboxd", pid)]);
                 d = drive(
                     &daemon_client,
                     "daemon enqueue",
@@ -1192,7 +1390,7 @@ async fn bench(o: Opts) -> Result<bool> {
                 enq_cpu.add(snap);
             } else {
                 let snap =
-                    CpuSnap::take(&[("bench", me), ("baseline_server", baseline.pid())], None);
+                    CpuSnap::take(&[("bench", me), ("baseline_server", baseline.pid())], &[]);
                 b = drive(
                     &base_client,
                     "baseline enqueue",
@@ -1229,8 +1427,15 @@ async fn bench(o: Opts) -> Result<bool> {
     drop(baseline);
 
     // -- delivery -------------------------------------------------------------
-    let (plain1, plain1_stats, plain1_cpu) =
-        plain_delivery(&o, &c, &sink, &body, "plain client delivery (before)").await?;
+    let (plain1, plain1_stats, plain1_cpu) = plain_delivery(
+        &o,
+        &c,
+        sink,
+        body,
+        "plain client delivery (before)",
+        o.messages,
+    )
+    .await?;
 
     eprintln!("phase: daemon delivery of {queued} queued messages");
     sink_reset(&c, sink.addr, queued).await?;
@@ -1239,7 +1444,7 @@ async fn bench(o: Opts) -> Result<bool> {
     let deadline = Instant::now() + o.phase_timeout;
     let snap = CpuSnap::take(
         &[("bench", me), ("outboxd", pid), ("sink", sink.pid())],
-        Some(pid),
+        &[("outboxd", pid)],
     );
     let sampler = RssSampler::start(pid, o.sample_every);
     let t0 = Instant::now();
@@ -1277,10 +1482,15 @@ async fn bench(o: Opts) -> Result<bool> {
     let rss_end = proc_status_kib(pid, "VmRSS").unwrap_or(0);
     let hwm_total = proc_status_kib(pid, "VmHWM").unwrap_or(0);
 
-    let (plain2, plain2_stats, plain2_cpu) =
-        plain_delivery(&o, &c, &sink, &body, "plain client delivery (after)").await?;
-    drop(daemon);
-    drop(sink);
+    let (plain2, plain2_stats, plain2_cpu) = plain_delivery(
+        &o,
+        &c,
+        sink,
+        body,
+        "plain client delivery (after)",
+        o.messages,
+    )
+    .await?;
 
     // -- results --------------------------------------------------------------
     let plain_mean = (plain1.rate() + plain2.rate()) / 2.0;
@@ -1303,15 +1513,6 @@ async fn bench(o: Opts) -> Result<bool> {
         && plain1_stats["distinct"] == o.messages
         && plain2_stats["distinct"] == o.messages;
     let result = json!({
-        "bench": "outbox",
-        "messages": o.messages,
-        "producers": o.producers,
-        "body_bytes": o.body,
-        "concurrency": o.concurrency,
-        "rounds": rounds,
-        "daemon_env": o.daemon_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "complete": complete,
         "enqueue": {
             "daemon_per_s": round(enq.rate(), 0),
             "baseline_per_s": round(base.rate(), 0),
@@ -1362,12 +1563,141 @@ async fn bench(o: Opts) -> Result<bool> {
             "hwm_last_phase_and_after": hwm_total,
         },
     });
-    print_table(&result);
-    println!("{result}");
-    Ok(complete)
+    Ok((result, complete))
 }
 
 fn print_table(r: &Value) {
+    eprintln!();
+    eprintln!(
+        "outbox-bench: {} messages, {} producers, {} B bodies, concurrency {}, {} cores{}",
+        r["messages"],
+        r["producers"],
+        r["body_bytes"],
+        r["concurrency"],
+        r["cores"],
+        if r["complete"] == true {
+            ""
+        } else {
+            "  (INCOMPLETE: see the errors above)"
+        }
+    );
+    if r["enqueue"].is_object() {
+        print_main_phases(r);
+    }
+    if r["relay"].is_object() {
+        print_relay(&r["relay"]);
+    }
+    eprintln!();
+}
+
+/// One line per process: cores used and CPU time per message, and the rest
+/// of the machine.
+fn print_cpu(label: &str, c: &Value) {
+    let mut parts = Vec::new();
+    for (name, cores) in c["cores"].as_object().into_iter().flatten() {
+        parts.push(format!(
+            "{name} {:.2} cores ({} µs/msg)",
+            cores.as_f64().unwrap_or(0.0),
+            c["cpu_us_per_msg"][name]
+        ));
+    }
+    let m = &c["machine"];
+    parts.push(format!(
+        "others {:.2} cores, CPU pressure {}%",
+        m["others_cores"].as_f64().unwrap_or(0.0),
+        m["cpu_pressure_pct"]
+    ));
+    eprintln!("  {label:<20} {}", parts.join(", "));
+}
+
+/// A thread list of a CPU report, as `name/tid cores, ...`.
+fn thread_list(v: &Value) -> String {
+    let list: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("{} {}", t[0].as_str().unwrap_or("?"), t[1]))
+        .collect();
+    list.join(", ")
+}
+
+fn print_relay(r: &Value) {
+    let num = |v: &Value| format!("{:.0}", v.as_f64().unwrap_or(0.0));
+    let mib = |v: &Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
+    let m = &r["relay_rss_kib"];
+    eprintln!(
+        "relay: {} messages per delivery, {} round(s), relay concurrency {}, integration concurrency {}",
+        r["messages"], r["rounds"], r["relay_concurrency"], r["integration_concurrency"]
+    );
+    eprintln!(
+        "{:<10} {:>9} {:>9} {:>7} {:>8} {:>10} {:>22}",
+        "msgs/s", "direct", "relay", "ratio", "target", "CPU ratio", "plain client"
+    );
+    let plain: Vec<String> = r["plain_per_s"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(num)
+        .collect();
+    eprintln!(
+        "{:<10} {:>9} {:>9} {:>7.3} {:>8} {:>10.3} {:>22}",
+        "delivery",
+        num(&r["direct_per_s"]),
+        num(&r["relay_per_s"]),
+        r["ratio"].as_f64().unwrap_or(0.0),
+        format!(
+            "{} {}",
+            if r["met"] == true { "met" } else { "<" },
+            r["target"]
+        ),
+        r["cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+        plain.join(" / "),
+    );
+    let rounds: Vec<String> = r["round_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            format!(
+                "{} ({} first)",
+                d["ratio"],
+                d["first"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    eprintln!("  ratio per round: {}", rounds.join(", "));
+    eprintln!(
+        "relay memory: idle {} (anon {}, file {}, {} threads; {} at connect) {} 10 MiB; \
+         under load VmHWM {} (VmRSS max {}); 2 s after the load {}",
+        mib(&m["idle"]["rss"]),
+        mib(&m["idle"]["anon"]),
+        mib(&m["idle"]["file"]),
+        m["idle"]["threads"],
+        mib(&m["at_connect"]["rss"]),
+        if m["idle_met"] == true { "≤" } else { ">" },
+        mib(&m["load_hwm"]),
+        mib(&m["load_max_sampled"]),
+        mib(&m["after_load"]["rss"]),
+    );
+    eprintln!("CPU over the relay phase's deliveries:");
+    print_cpu("direct", &r["cpu"]["direct"]);
+    print_cpu("through the relay", &r["cpu"]["relay"]);
+    print_cpu("plain client", &r["cpu"]["plain"][0]);
+    eprintln!(
+        "  outboxd threads (cores), direct: {}",
+        thread_list(&r["cpu"]["direct"]["daemon_threads"])
+    );
+    eprintln!(
+        "  outboxd threads (cores), relay:  {}",
+        thread_list(&r["cpu"]["relay"]["daemon_threads"])
+    );
+    eprintln!(
+        "  relay threads (cores):           {}",
+        thread_list(&r["cpu"]["relay"]["relay_threads"])
+    );
+}
+
+fn print_main_phases(r: &Value) {
     let (e, d, m) = (&r["enqueue"], &r["delivery"], &r["rss_kib"]);
     let num = |v: &Value| format!("{:.0}", v.as_f64().unwrap_or(0.0));
     let mib = |v: &Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
@@ -1390,37 +1720,6 @@ fn print_table(r: &Value) {
             f["cpu_cost_ratio"].as_f64().unwrap_or(0.0),
         )
     };
-    let cpu = |label: &str, c: &Value| {
-        let mut parts = Vec::new();
-        for (name, cores) in c["cores"].as_object().into_iter().flatten() {
-            parts.push(format!(
-                "{name} {:.2} cores ({} µs/msg)",
-                cores.as_f64().unwrap_or(0.0),
-                c["cpu_us_per_msg"][name]
-            ));
-        }
-        let m = &c["machine"];
-        parts.push(format!(
-            "others {:.2} cores, CPU pressure {}%",
-            m["others_cores"].as_f64().unwrap_or(0.0),
-            m["cpu_pressure_pct"]
-        ));
-        eprintln!("  {label:<20} {}", parts.join(", "));
-    };
-    eprintln!();
-    eprintln!(
-        "outbox-bench: {} messages, {} producers, {} B bodies, concurrency {}, {} cores{}",
-        r["messages"],
-        r["producers"],
-        r["body_bytes"],
-        r["concurrency"],
-        r["cores"],
-        if r["complete"] == true {
-            ""
-        } else {
-            "  (INCOMPLETE: see the errors above)"
-        }
-    );
     eprintln!(
         "{:<10} {:>9} {:>22} {:>7} {:>8} {:>10}",
         "msgs/s", "outboxd", "baseline", "ratio", "target", "CPU ratio"
@@ -1453,24 +1752,367 @@ fn print_table(r: &Value) {
         mib(&m["end"])
     );
     eprintln!("CPU over each phase:");
-    cpu("enqueue, outboxd", &e["cpu"]["daemon"]);
-    cpu("enqueue, baseline", &e["cpu"]["baseline"]);
-    cpu("delivery, outboxd", &d["cpu"]["daemon"]);
-    cpu("delivery, plain", &d["cpu"]["plain"][0]);
-    let threads = |v: &Value| {
-        let list: Vec<String> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| format!("{} {}", t[0].as_str().unwrap_or("?"), t[1]))
-            .collect();
-        list.join(", ")
-    };
+    print_cpu("enqueue, outboxd", &e["cpu"]["daemon"]);
+    print_cpu("enqueue, baseline", &e["cpu"]["baseline"]);
+    print_cpu("delivery, outboxd", &d["cpu"]["daemon"]);
+    print_cpu("delivery, plain", &d["cpu"]["plain"][0]);
     let (te, td) = (
         &e["cpu"]["daemon"]["daemon_threads"],
         &d["cpu"]["daemon"]["daemon_threads"],
     );
-    eprintln!("  outboxd threads (cores), enqueue:  {}", threads(te));
-    eprintln!("  outboxd threads (cores), delivery: {}", threads(td));
-    eprintln!();
+    eprintln!("  outboxd threads (cores), enqueue:  {}", thread_list(te));
+    eprintln!("  outboxd threads (cores), delivery: {}", thread_list(td));
+}
+
+// ---------------------------------------------------------------------------
+// The relay phase: the same deliveries direct and through `outbox-relay`.
+
+/// The relay process, killed when dropped.
+struct RelayProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RelayProc {
+    /// Starts `outbox-relay` against the daemon's tunnel, allowed to reach
+    /// the sink only, and waits until the daemon lists its session.
+    async fn start(
+        o: &Opts,
+        exe: &std::path::Path,
+        c: &HttpClient,
+        daemon: &Daemon,
+        sink: SocketAddr,
+    ) -> Result<RelayProc> {
+        let t = daemon
+            .tunnel
+            .as_ref()
+            .ok_or_else(|| anyhow!("the daemon was started without a tunnel"))?;
+        let dir = daemon.dir.path();
+        let config = dir.join("relay.toml");
+        let path = |f: &str| t.pki.join(f).display().to_string();
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"{MID_SERVER}\"\n\
+                 token = {{ file = {token:?} }}\n\
+                 daemons = [\"{daemon}\"]\n\
+                 server_ca = {ca:?}\n\
+                 allow = [\"{sink}\"]\n\
+                 concurrency = {conc}\n\
+                 max_body = \"16MiB\"\n\
+                 [log]\nlevel = \"warn\"\n",
+                token = path("relay-token"),
+                daemon = t.listen,
+                ca = path("ca.crt"),
+                conc = o.relay_concurrency,
+            ),
+        )?;
+        let log = dir.join("relay.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(exe)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let mut r = RelayProc { child, log };
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = r.child.try_wait()? {
+                bail!("outbox-relay exited at start ({status}):\n{}", r.log_tail());
+            }
+            let sessions = daemon.api(c, Method::GET, "/v1/mid-servers", None).await?;
+            let listed = sessions
+                .as_array()
+                .is_some_and(|a| a.iter().any(|s| s["name"] == MID_SERVER));
+            if listed {
+                return Ok(r);
+            }
+            if Instant::now() > until {
+                bail!(
+                    "outbox-relay not connected to outboxd after 30s: {sessions}\n{}",
+                    r.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// VmRSS and what it is made of, thread count, in KiB.
+    fn memory(&self) -> Value {
+        let pid = self.pid();
+        let f = |k: &str| proc_status_kib(pid, k).unwrap_or(0);
+        json!({
+            "rss": f("VmRSS"),
+            "anon": f("RssAnon"),
+            "file": f("RssFile"),
+            "hwm": f("VmHWM"),
+            "threads": f("Threads"),
+        })
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One timed delivery of the daemon through one of its connections.
+struct Delivery {
+    secs: f64,
+    first_secs: f64,
+    drained_secs: Option<f64>,
+    stats: Value,
+    daemon_errors: Value,
+    /// Relay VmHWM and VmRSS max/mean sampled over the delivery.
+    relay_rss: (u64, u64, u64),
+}
+
+/// Enqueues `n` messages with the integration off, activates `connection`,
+/// and times until the sink has every key; then waits until the daemon
+/// records them all sent. CPU goes to `cpu`.
+#[allow(clippy::too_many_arguments)]
+async fn timed_delivery(
+    o: &Opts,
+    c: &HttpClient,
+    daemon: &Daemon,
+    sink: &Proc,
+    relay: &RelayProc,
+    body: &Bytes,
+    connection: &str,
+    n: usize,
+    cpu: &mut CpuAcc,
+) -> Result<Delivery> {
+    let deadline = Instant::now() + o.phase_timeout;
+    let state = daemon.integration(c).await?;
+    if state["state"] != "off" {
+        let path = format!("/v1/integrations/{INTEGRATION}/deactivate");
+        daemon.api(c, Method::POST, &path, None).await?;
+    }
+    let load = drive(
+        &client(),
+        "enqueue",
+        n,
+        o.producers,
+        deadline,
+        StatusCode::ACCEPTED,
+        enqueue_request(&daemon.url, body),
+    )
+    .await;
+    if load.errors > 0 {
+        bail!(
+            "enqueue before the {connection} delivery: {} error(s), first: {}",
+            load.errors,
+            load.first_error.unwrap_or_default()
+        );
+    }
+    let queued = daemon.integration(c).await?["queue_depth"]
+        .as_u64()
+        .unwrap_or(0) as usize;
+    if queued != n {
+        bail!("{queued} messages queued before the {connection} delivery, expected {n}");
+    }
+    eprintln!("phase: {connection} delivery of {n} messages");
+    sink_reset(c, sink.addr, n).await?;
+    let (pid, rpid) = (daemon.pid(), relay.pid());
+    reset_hwm(rpid);
+    let sampler = RssSampler::start(rpid, o.sample_every);
+    let snap = CpuSnap::take(
+        &[
+            ("bench", std::process::id()),
+            ("outboxd", pid),
+            ("sink", sink.pid()),
+            ("relay", rpid),
+        ],
+        &[("outboxd", pid), ("relay", rpid)],
+    );
+    let t0 = Instant::now();
+    daemon
+        .api(
+            c,
+            Method::POST,
+            &format!("/v1/integrations/{INTEGRATION}/connections/{connection}/activate"),
+            None,
+        )
+        .await?;
+    let delivered = sink_wait(c, sink.addr, n, deadline).await;
+    cpu.add(snap);
+    let (rss_max, rss_mean, _) = sampler.finish();
+    let hwm = proc_status_kib(rpid, "VmHWM").unwrap_or(0);
+    let (answered, stats) = delivered.map_err(|e| anyhow!("{e}\n{}", relay.log_tail()))?;
+    let ago = |k: &str| Duration::from_micros(stats[k].as_u64().unwrap_or(0));
+    let secs = (answered - ago("done_ago_us"))
+        .saturating_duration_since(t0)
+        .as_secs_f64();
+    let first_secs = (answered - ago("first_ago_us"))
+        .saturating_duration_since(t0)
+        .as_secs_f64();
+    let mut drained_secs = None;
+    let mut state = Value::Null;
+    while Instant::now() < deadline {
+        state = daemon.integration(c).await?;
+        if state["queue_depth"] == 0 {
+            drained_secs = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Delivery {
+        secs,
+        first_secs,
+        drained_secs,
+        stats,
+        daemon_errors: state["errors"].clone(),
+        relay_rss: (hwm, rss_max, rss_mean),
+    })
+}
+
+/// The relay phase: starts the relay, measures its idle memory, then runs
+/// `--relay-rounds` rounds of a plain-client delivery (for context) and one
+/// delivery through each connection, direct and relay by turns first.
+async fn relay_phase(
+    o: &Opts,
+    c: &HttpClient,
+    sink: &Proc,
+    daemon: &Daemon,
+    body: &Bytes,
+    exe: &std::path::Path,
+) -> Result<(Value, bool)> {
+    let n = o.relay_messages;
+    eprintln!(
+        "phase: relay: start outbox-relay (concurrency {}), {} round(s) of {n} messages direct and through it",
+        o.relay_concurrency, o.relay_rounds
+    );
+    let started = Instant::now();
+    let relay = RelayProc::start(o, exe, c, daemon, sink.addr).await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let at_connect = relay.memory();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = relay.memory();
+    let idle_rss = idle["rss"].as_u64().unwrap_or(0);
+
+    let (mut direct_cpu, mut relay_cpu) = (CpuAcc::default(), CpuAcc::default());
+    let (mut direct_secs, mut relay_secs) = (0.0, 0.0);
+    let mut rounds = Vec::new();
+    let mut plain = Vec::new();
+    let (mut peak_hwm, mut peak_sampled) = (0u64, 0u64);
+    let mut complete = true;
+    for r in 0..o.relay_rounds {
+        let (p, p_stats, p_cpu) =
+            plain_delivery(o, c, sink, body, "plain client delivery", n).await?;
+        complete &= p.errors == 0 && p_stats["distinct"] == n;
+        plain.push((p, p_cpu));
+        let order = if r % 2 == 0 {
+            [CONNECTION, RELAY_CONNECTION]
+        } else {
+            [RELAY_CONNECTION, CONNECTION]
+        };
+        let mut round_json = json!({ "first": order[0] });
+        let mut rates = [0.0f64; 2];
+        for conn in order {
+            let through_relay = conn == RELAY_CONNECTION;
+            let acc = if through_relay {
+                &mut relay_cpu
+            } else {
+                &mut direct_cpu
+            };
+            let d = timed_delivery(o, c, daemon, sink, &relay, body, conn, n, acc).await?;
+            let rate = n as f64 / d.secs.max(1e-9);
+            let duplicates = d.stats["total"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(d.stats["distinct"].as_u64().unwrap_or(0));
+            complete &= d.drained_secs.is_some()
+                && d.stats["distinct"] == n
+                && d.daemon_errors.as_u64().unwrap_or(0) == 0;
+            if through_relay {
+                relay_secs += d.secs;
+                rates[1] = rate;
+                peak_hwm = peak_hwm.max(d.relay_rss.0);
+                peak_sampled = peak_sampled.max(d.relay_rss.1);
+            } else {
+                direct_secs += d.secs;
+                rates[0] = rate;
+            }
+            eprintln!(
+                "  {conn}: {rate:.0} msg/s, every key at the sink after {:.3} s",
+                d.secs
+            );
+            round_json[conn] = json!({
+                "per_s": round(rate, 0),
+                "secs": round(d.secs, 3),
+                "first_request_secs": round(d.first_secs, 3),
+                "drained_secs": d.drained_secs.map(|s| round(s, 3)),
+                "sink_requests": d.stats["total"],
+                "duplicates": duplicates,
+                "daemon_errors": d.daemon_errors,
+                "relay_hwm_kib": d.relay_rss.0,
+                "relay_rss_max_sampled_kib": d.relay_rss.1,
+                "relay_rss_mean_sampled_kib": d.relay_rss.2,
+            });
+        }
+        round_json["ratio"] = json!(round(rates[1] / rates[0].max(1e-9), 3));
+        rounds.push(round_json);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = relay.memory();
+    drop(relay);
+
+    let total = (n * o.relay_rounds) as f64;
+    let direct_rate = total / f64::max(direct_secs, 1e-9);
+    let relay_rate = total / f64::max(relay_secs, 1e-9);
+    let ratio = relay_rate / direct_rate.max(1e-9);
+    let plain_rates: Vec<f64> = plain.iter().map(|(p, _)| round(p.rate(), 0)).collect();
+    let plain_mean = plain.iter().map(|(p, _)| p.rate()).sum::<f64>() / plain.len().max(1) as f64;
+    let direct_cpu = direct_cpu.report(n * o.relay_rounds);
+    let relay_cpu = relay_cpu.report(n * o.relay_rounds);
+    let everyone = ["bench", "outboxd", "sink", "relay"];
+    let cpu_ratio =
+        cpu_per_msg(&direct_cpu, &everyone) / cpu_per_msg(&relay_cpu, &everyone).max(1e-9);
+    let result = json!({
+        "messages": n,
+        "rounds": o.relay_rounds,
+        "relay_concurrency": o.relay_concurrency,
+        "integration_concurrency": o.concurrency,
+        "direct_per_s": round(direct_rate, 0),
+        "relay_per_s": round(relay_rate, 0),
+        "ratio": round(ratio, 3),
+        "target": 0.8,
+        "met": ratio >= 0.8,
+        "cpu_cost_ratio": round(cpu_ratio, 3),
+        "plain_per_s": plain_rates,
+        "direct_vs_plain": round(direct_rate / plain_mean.max(1e-9), 3),
+        "relay_vs_plain": round(relay_rate / plain_mean.max(1e-9), 3),
+        "round_details": rounds,
+        "relay_rss_kib": {
+            "connect_secs": round(connect_secs, 3),
+            "at_connect": at_connect,
+            "idle": idle,
+            "idle_target": 10 * 1024,
+            "idle_met": idle_rss > 0 && idle_rss <= 10 * 1024,
+            "load_hwm": peak_hwm,
+            "load_max_sampled": peak_sampled,
+            "after_load": after,
+        },
+        "cpu": {
+            "direct": direct_cpu,
+            "relay": relay_cpu,
+            "plain": plain.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
+        },
+    });
+    Ok((result, complete))
 }
