@@ -100,9 +100,19 @@ impl App {
             let store = self.store.clone();
             let new_arc = Arc::new(new);
             let to_save = new_arc.clone();
-            tokio::task::spawn_blocking(move || store.save_catalog(&old, &to_save))
+            let saved_over = old.clone();
+            tokio::task::spawn_blocking(move || store.save_catalog(&saved_over, &to_save))
                 .await
                 .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+            // Cached tokens and TLS clients belong to the profiles they were
+            // made from: a changed profile must never reuse them (a token of
+            // one identity provider shown to another system).
+            if old.oauth_profiles != new_arc.oauth_profiles {
+                self.tokens.clear();
+            }
+            if old.protocol_profiles != new_arc.protocol_profiles {
+                self.clients.clear();
+            }
             match self.catalog.write() {
                 Ok(mut c) => *c = new_arc,
                 Err(poisoned) => *poisoned.into_inner() = new_arc,

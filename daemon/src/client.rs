@@ -213,3 +213,54 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// Words of a request error that say the connection went away without
+/// saying why.
+const VAGUE: [&str; 4] = [
+    "Canceled",
+    "channel closed",
+    "connection closed",
+    "broken pipe",
+];
+
+/// When an HTTPS request failed without a reason — over HTTP/2 a TLS alert
+/// sent after the handshake (a refused client certificate, with TLS 1.3)
+/// reaches only the connection task, and the request just sees the
+/// connection close — opens one TLS connection with the same settings and
+/// reads from it: the alert, if the server sends one, is the reason.
+pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> Option<String> {
+    if !VAGUE.iter().any(|w| error.contains(w)) {
+        return None;
+    }
+    let uri: http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let host = uri.host()?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut config = tls_config(settings).ok()?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+    let probe = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        let mut tls = match connector.connect(name, tcp).await {
+            Ok(t) => t,
+            Err(e) => return Some(format!("TLS: {e}")),
+        };
+        // An HTTP/2 preface makes a healthy server answer at once.
+        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf).await {
+            Err(e) => Some(format!("TLS: {e}")),
+            Ok(_) => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+}

@@ -251,8 +251,8 @@ pub async fn exchange(
     timeout: Duration,
     via: &Via,
 ) -> Result<Exchange, String> {
-    let client = match via {
-        Via::Relay(_) => None,
+    let (client, tls) = match via {
+        Via::Relay(_) => (None, TlsSettings::default()),
         Via::Direct => {
             let profile = match &connection.protocol_profile {
                 Some(name) => Some(
@@ -263,11 +263,12 @@ pub async fn exchange(
                 ),
                 None => None,
             };
-            Some(
-                s.clients
-                    .get(&TlsSettings::from_profile(profile))
-                    .map_err(|e| format!("protocol profile: {e}"))?,
-            )
+            let tls = TlsSettings::from_profile(profile);
+            let client = s
+                .clients
+                .get(&tls)
+                .map_err(|e| format!("protocol profile: {e}"))?;
+            (Some(client), tls)
         }
     };
     let oauth_profile = match &connection.auth {
@@ -312,7 +313,14 @@ pub async fn exchange(
         let request_headers = masked_headers(req.headers());
         let (result, elapsed, relay_error) = match (&client, via) {
             (Some(client), _) => {
-                let (r, e) = send(client, req, timeout, EXCERPT_BYTES).await;
+                let (mut r, e) = send(client, req, timeout, EXCERPT_BYTES).await;
+                if let Err(SendError::Failed(msg)) = &r {
+                    if let Some(why) =
+                        crate::client::explain_failure(&tls, &prepared.url, msg).await
+                    {
+                        r = Err(SendError::Failed(format!("{msg}: {why}")));
+                    }
+                }
                 (r, e, None)
             }
             (None, Via::Relay(session)) => {
@@ -469,6 +477,7 @@ mod tests {
             replay_of: None,
             replayed_by: None,
             attempts: 0,
+            tries: 0,
             created_ms: 0,
             updated_ms: 0,
             due_ms: 0,

@@ -110,7 +110,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
     else {
         return finish(app, rec, None, Disposition::PutBack);
     };
-    let n = rec.attempts + 1;
+    // `n` numbers the attempt record; `counted` is what max_attempts sees.
+    let n = rec.tries.max(rec.attempts) + 1;
+    let counted = rec.attempts + 1;
     let mut base = Attempt {
         n,
         at_ms: now_ms(),
@@ -237,7 +239,10 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                     kind: ErrorKind::NotAllowed | ErrorKind::BodyTooLarge,
                     ..
                 }) => (record, Outcome::Final(FinalState::Error)),
-                _ => (record, deliver::classify(spec, n, status, ra, &mut rng)),
+                _ => (
+                    record,
+                    deliver::classify(spec, counted, status, ra, &mut rng),
+                ),
             }
         }
         Err(e) => {
@@ -245,7 +250,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             // It may be fixed without touching the message, so retry.
             base.error = Some(e);
             base.duration_ms = started.elapsed().as_millis() as u64;
-            (base, deliver::classify(spec, n, None, None, &mut rng))
+            (base, deliver::classify(spec, counted, None, None, &mut rng))
         }
     };
     let disposition = match &outcome {

@@ -67,8 +67,13 @@ pub struct MessageRecord {
     pub order: u64,
     pub replay_of: Option<u64>,
     pub replayed_by: Option<u64>,
-    /// Attempts made so far (attempts waiting for a MID server not counted).
+    /// Attempts that count toward `max_attempts` (waiting for a MID server
+    /// and a relay lost mid-request do not).
     pub attempts: u32,
+    /// Attempt records kept so far, counted or not: the next one is
+    /// numbered `tries + 1`, so none overwrites another.
+    #[serde(default)]
+    pub tries: u32,
     pub created_ms: u64,
     pub updated_ms: u64,
     /// When the next attempt is due.
@@ -416,6 +421,7 @@ impl Queue {
             replay_of: None,
             replayed_by: None,
             attempts: 0,
+            tries: 0,
             created_ms: now,
             updated_ms: now,
             due_ms: now,
@@ -652,6 +658,7 @@ impl Queue {
             key.extend_from_slice(&a.n.to_be_bytes());
             let value = serde_json::to_vec(a).unwrap_or_default();
             self.trees.attempts.insert(key, value)?;
+            rec.tries = rec.tries.max(a.n);
             if a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
                 rec.last_error = Some(attempt_error(a));
             }
@@ -818,6 +825,7 @@ impl Queue {
             replay_of: Some(seq),
             replayed_by: None,
             attempts: 0,
+            tries: 0,
             created_ms: now,
             updated_ms: now,
             due_ms: now,

@@ -31,8 +31,10 @@ use crate::secret::SecretValue;
 /// ALPN of the tunnel protocol; a client speaking anything else fails the
 /// TLS handshake.
 pub use outbox_proto::ALPN;
-/// Relays send a heartbeat this often; three missed ones end the session.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Relays send a heartbeat this often; three missed ones end the session,
+/// so a relay that died without a word is dropped (and its requests go
+/// through another) within about six seconds.
+const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A relay must say hello this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Body chunk size on request streams: well under the frame limit.
@@ -47,6 +49,10 @@ pub struct Session {
     pub protocol_version: u32,
     pub relay_version: String,
     in_flight: AtomicUsize,
+    /// Set when a request on this session got no answer at all; cleared by
+    /// the next heartbeat. A suspect session gets requests only when no
+    /// other member of the cluster is left.
+    suspect: std::sync::atomic::AtomicBool,
     conn: quinn::Connection,
 }
 
@@ -104,7 +110,15 @@ impl Relays {
             // A session whose connection is closed is on its way out of the
             // registry; never hand it a request.
             .filter(|s| s.conn.close_reason().is_none())
-            .min_by_key(|s| s.in_flight.load(Ordering::Relaxed))
+            // Healthy before suspect, then the fewest in flight, then the
+            // newest session (a relay that just reconnected is alive).
+            .min_by_key(|s| {
+                (
+                    s.suspect.load(Ordering::Relaxed),
+                    s.in_flight.load(Ordering::Relaxed),
+                    std::cmp::Reverse(s.id),
+                )
+            })
             .cloned()
     }
 
@@ -281,8 +295,23 @@ impl Session {
                     message,
                 }),
             ),
-            Ok(Err(e)) => (Err(SendError::Failed(e.to_string())), Err(e)),
-            Err(_) => (Err(SendError::Timeout(timeout)), Ok(())),
+            Ok(Err(e)) => {
+                if matches!(e, RelayError::Dropped { .. }) {
+                    self.suspect.store(true, Ordering::Relaxed);
+                }
+                (Err(SendError::Failed(e.to_string())), Err(e))
+            }
+            // The relay enforces the request's timeout and answers with a
+            // timeout error; silence past it means the relay, not the remote
+            // system, failed: retry elsewhere without using an attempt.
+            Err(_) => {
+                self.suspect.store(true, Ordering::Relaxed);
+                let e = self.dropped(format!(
+                    "no answer from the relay within {:?}",
+                    timeout + Duration::from_secs(5)
+                ));
+                (Err(SendError::Failed(e.to_string())), Err(e))
+            }
         }
     }
 
@@ -460,6 +489,7 @@ async fn session(
         protocol_version,
         relay_version: relay_version.clone(),
         in_flight: AtomicUsize::new(0),
+        suspect: std::sync::atomic::AtomicBool::new(false),
         conn: conn.clone(),
     });
     relays.add(s.clone());
@@ -473,6 +503,7 @@ async fn session(
             Ok(Err(e)) => break e,
             Ok(Ok(None)) => break "control stream closed".to_string(),
             Ok(Ok(Some(Frame::Heartbeat { seq }))) => {
+                s.suspect.store(false, Ordering::Relaxed);
                 if let Err(e) = write_frame(&mut send, &Frame::Heartbeat { seq }, &limits).await {
                     break e;
                 }
