@@ -1,0 +1,856 @@
+//! The relay ("MID server") end to end: `outbox pki init` sets up the
+//! tunnel, a real `outbox-relay` dials out to a real `outboxd` over QUIC on
+//! loopback and performs requests against a local sink. Delivery through
+//! the relay, messages waiting for an absent relay, a wrong token, the
+//! allow-list, `kill -9` of a relay (alone and in a cluster of two), a relay
+//! that starts before its daemon, and `--check-config`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A free UDP port on loopback for the daemon's QUIC listener.
+fn udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+/// What `outbox pki init` wrote, in a temporary directory.
+struct Pki {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// Runs `outbox pki init DIR --host localhost --host 127.0.0.1
+    /// --mid-server dc1`, as a user would, and checks what it wrote.
+    fn init() -> Pki {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("pki");
+        let out = Command::new(bin("outbox"))
+            .args(["pki", "init"])
+            .arg(&dir)
+            .args(["--host", "localhost", "--host", "127.0.0.1"])
+            .args(["--mid-server", "dc1"])
+            .output()
+            .expect("outbox runs");
+        assert!(
+            out.status.success(),
+            "pki init failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dir = std::fs::canonicalize(&dir).expect("pki dir");
+        for (f, private) in [
+            ("ca.crt", false),
+            ("ca.key", true),
+            ("daemon.crt", false),
+            ("daemon.key", true),
+            ("relay-token", true),
+            ("outboxd.toml", false),
+            ("relay.toml", false),
+        ] {
+            let meta = std::fs::metadata(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            if private {
+                use std::os::unix::fs::PermissionsExt;
+                assert_eq!(meta.permissions().mode() & 0o077, 0, "{f} is private");
+            }
+        }
+        let token = std::fs::read_to_string(dir.join("relay-token")).unwrap();
+        assert!(token.trim().len() >= 16, "a real token: {token:?}");
+        // Running it again never overwrites keys.
+        let again = Command::new(bin("outbox"))
+            .args(["pki", "init"])
+            .arg(&dir)
+            .output()
+            .expect("outbox runs");
+        assert_eq!(
+            again.status.code(),
+            Some(1),
+            "pki init refuses to overwrite"
+        );
+        Pki { _tmp: tmp, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.path("relay-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// The `outboxd.toml` snippet `pki init` wrote, listening on loopback.
+    fn daemon_config(&self, tunnel_port: u16) -> String {
+        let text = std::fs::read_to_string(self.path("outboxd.toml")).unwrap();
+        for needle in ["[tunnel]", "[mid_servers.dc1]", "daemon.crt", "relay-token"] {
+            assert!(
+                text.contains(needle),
+                "outboxd.toml lacks {needle}:\n{text}"
+            );
+        }
+        assert!(text.contains("listen = \"0.0.0.0:4433\""), "{text}");
+        text.replace("0.0.0.0:4433", &format!("127.0.0.1:{tunnel_port}"))
+    }
+
+    /// The `relay.toml` `pki init` wrote, pointed at this test's files,
+    /// daemons and targets.
+    fn relay_config(&self, daemons: &[u16], allow: &[String]) -> toml::Table {
+        let text = std::fs::read_to_string(self.path("relay.toml")).unwrap();
+        let mut t: toml::Table = toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("relay.toml does not parse: {e}\n{text}"));
+        assert_eq!(t.get("name").and_then(|v| v.as_str()), Some("dc1"));
+        for key in [
+            "token",
+            "daemons",
+            "server_ca",
+            "allow",
+            "concurrency",
+            "max_body",
+        ] {
+            assert!(t.contains_key(key), "relay.toml lacks {key}:\n{text}");
+        }
+        let path = |p: PathBuf| toml::Value::String(p.display().to_string());
+        let mut token = toml::Table::new();
+        token.insert("file".into(), path(self.path("relay-token")));
+        t.insert("token".into(), toml::Value::Table(token));
+        t.insert(
+            "daemons".into(),
+            toml::Value::Array(
+                daemons
+                    .iter()
+                    .map(|p| toml::Value::String(format!("127.0.0.1:{p}")))
+                    .collect(),
+            ),
+        );
+        t.insert("server_ca".into(), path(self.path("ca.crt")));
+        t.insert(
+            "allow".into(),
+            toml::Value::Array(allow.iter().cloned().map(toml::Value::String).collect()),
+        );
+        t.insert("drain".into(), toml::Value::String("5s".into()));
+        let mut log = toml::Table::new();
+        log.insert("level".into(), "info,outbox_relay=debug".into());
+        t.insert("log".into(), toml::Value::Table(log));
+        t
+    }
+}
+
+/// A running `outbox-relay` with its config and log in a temporary dir.
+struct Relay {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Relay {
+    fn start(config: &toml::Table) -> Relay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = write(
+            dir.path(),
+            "relay.toml",
+            &toml::to_string(config).expect("relay.toml"),
+        );
+        let mut r = Relay {
+            dir,
+            config: path,
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts (or restarts) the process on the same config, appending to
+    /// the same log.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(bin("outbox-relay"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .spawn()
+            .expect("outbox-relay starts");
+        self.child = Some(child);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("relay.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        signal(c.id(), libc::SIGTERM);
+        wait_bounded(&mut c, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- outbox-relay log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// `outbox-relay --config FILE --check-config`.
+fn check_config(dir: &Path, text: &str) -> Output {
+    let path = write(dir, "check.toml", text);
+    Command::new(bin("outbox-relay"))
+        .arg("--config")
+        .arg(path)
+        .arg("--check-config")
+        .output()
+        .expect("outbox-relay runs")
+}
+
+/// A daemon whose tunnel is the one `pki init` described, on `tunnel_port`.
+async fn daemon(pki: &Pki, tunnel_port: u16) -> Daemon {
+    Daemon::builder()
+        .config(&pki.daemon_config(tunnel_port))
+        .start()
+        .await
+}
+
+/// One integration whose active connection goes through MID server dc1.
+fn relayed(name: &str, url: &str, concurrency: u32) -> String {
+    integration(
+        name,
+        &[&connection(
+            "dc",
+            "production",
+            url,
+            "active = true\n  mid_server = \"dc1\"",
+        )],
+    )
+    .replace(
+        "concurrency = 4\n",
+        &format!("concurrency = {concurrency}\n"),
+    )
+}
+
+async fn apply(d: &Daemon, doc: &str) {
+    let (s, v) = d.apply(doc).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+fn allow(sink: &Sink) -> Vec<String> {
+    vec![sink.addr.to_string()]
+}
+
+async fn sessions(d: &Daemon) -> Vec<Value> {
+    let (s, v) = d.get("/v1/mid-servers").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v.as_array().expect("a list").clone()
+}
+
+/// Waits until exactly `n` relay sessions are listed.
+async fn wait_sessions(d: &Daemon, n: usize, timeout: Duration) -> Vec<Value> {
+    eventually(timeout, &format!("{n} relay session(s)"), async || {
+        let s = sessions(d).await;
+        (s.len() == n).then_some(s)
+    })
+    .await
+}
+
+async fn send(d: &Daemon, integration: &str, body: Value) -> String {
+    let (s, v) = d
+        .post(&format!("/v1/integrations/{integration}/messages"), body)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// Enqueues `n` messages to `integration` from eight concurrent producers;
+/// returns their ids.
+fn produce(d: &Daemon, integration: &str, n: usize) -> tokio::task::JoinHandle<Vec<String>> {
+    const PRODUCERS: usize = 8;
+    let api = d.api_client();
+    let integration = integration.to_string();
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for p in 0..PRODUCERS {
+            let api = api.clone();
+            let integration = integration.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in (p..n).step_by(PRODUCERS) {
+                    let body = json!({"message": "Create", "body": {"n": i}});
+                    let (s, v) = api.enqueue(&integration, &body).await.expect("enqueue");
+                    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+                    ids.push(v["id"].as_str().unwrap().to_string());
+                }
+                ids
+            }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.extend(t.await.expect("producer"));
+        }
+        ids
+    })
+}
+
+/// Waits until every id is `sent`, then returns each message with its
+/// attempts.
+async fn all_sent(d: &Daemon, integration: &str, ids: &[String], timeout: Duration) -> Vec<Value> {
+    let want: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    eventually(
+        timeout,
+        &format!("{} messages sent", ids.len()),
+        async || {
+            let (_, v) = d
+                .get(&format!(
+                    "/v1/messages?integration={integration}&state=sent&limit=10000"
+                ))
+                .await;
+            let sent: HashSet<&str> = v
+                .as_array()?
+                .iter()
+                .filter_map(|m| m["id"].as_str())
+                .collect();
+            want.iter().all(|id| sent.contains(id)).then_some(())
+        },
+    )
+    .await;
+    let mut out = Vec::new();
+    for id in ids {
+        let m = d.message(id).await;
+        assert_eq!(m["state"], "sent", "{m}");
+        out.push(m);
+    }
+    out
+}
+
+/// Waits until message `id` is back in `queued` with an attempt that says
+/// it waits for MID server dc1; returns the message.
+async fn waiting(d: &Daemon, id: &str) -> Value {
+    // The attempt is written just before the record goes back to queued, so
+    // wait for both.
+    let m = eventually(WAIT, "a waiting attempt", async || {
+        let m = d.message(id).await;
+        (m["state"] == "queued" && !attempts(&m).is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(m["attempt_count"], 0, "waiting uses up no attempt: {m}");
+    let a = &attempts(&m)[0];
+    assert_eq!(a["error"], "MID server dc1 is not connected", "{m}");
+    assert_eq!(a["via"], "mid:dc1", "{m}");
+    assert!(
+        a["outcome"].as_str().unwrap_or("").contains("waiting"),
+        "{m}"
+    );
+    m
+}
+
+fn attempts(m: &Value) -> &Vec<Value> {
+    m["attempts"].as_array().expect("attempts")
+}
+
+/// Lines of `log` containing every one of `needles`.
+fn lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .collect()
+}
+
+/// `outbox pki init` → daemon + relay → 200 messages through the relay, the
+/// session listed by the API and the CLI, a connection test through the
+/// relay, and a clean SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_go_through_a_relay_set_up_with_pki_init() {
+    const MESSAGES: usize = 200;
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 16)).await;
+    let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+
+    let s = wait_sessions(&d, 1, WAIT).await;
+    let session = &s[0];
+    assert_eq!(session["name"], "dc1", "{session}");
+    assert!(session["id"].is_u64(), "{session}");
+    assert!(session["since"].is_string(), "{session}");
+    assert_eq!(session["in_flight"], 0, "{session}");
+    assert!(session["protocol_version"].as_u64() >= Some(1), "{session}");
+    assert!(
+        !session["relay_version"].as_str().unwrap_or("").is_empty(),
+        "{session}"
+    );
+    let address = session["address"].as_str().unwrap().to_string();
+    assert!(address.starts_with("127.0.0.1:"), "{session}");
+    let via = format!("mid:dc1 ({address})");
+    assert!(
+        !lines_with(&d.log(), &["relay connected", &address]).is_empty(),
+        "the daemon logs the relay's arrival:\n{}",
+        d.log()
+    );
+
+    // The connection test goes through the relay too.
+    let (s, t) = d
+        .post("/v1/integrations/acme/connections/dc/test", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(t["ok"], true, "{t}");
+    let a = &t["attempts"][0];
+    assert_eq!(a["method"], "HEAD", "{t}");
+    assert_eq!(a["status"], 200, "{t}");
+    assert_eq!(a["via"], via.as_str(), "{t}");
+    assert_eq!(sink.received()[0].method, "HEAD");
+
+    let ids = produce(&d, "acme", MESSAGES).await.unwrap();
+    let messages = all_sent(&d, "acme", &ids, WAIT).await;
+    for m in &messages {
+        let a = attempts(m);
+        assert_eq!(a.len(), 1, "{m}");
+        assert_eq!(m["attempt_count"], 1, "{m}");
+        assert_eq!(a[0]["via"], via.as_str(), "{m}");
+        assert_eq!(a[0]["status"], 200, "{m}");
+        assert_eq!(a[0]["connection"], "dc", "{m}");
+    }
+    let seen = sink.ids();
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "the sink saw every id"
+    );
+    // The relay passed the request through as the daemon built it.
+    let r = sink
+        .received()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    let key = r.headers["idempotency-key"].to_str().unwrap().to_string();
+    assert_eq!(r.path, format!("/api/incident/{key}"));
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(r.body.starts_with(b"{\"n\":"), "{:?}", r.body);
+
+    // The CLI lists the session, as a table and as JSON.
+    let out = d.cli(&["mid-servers"]);
+    assert!(out.status.success(), "{out:?}");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("dc1") && screen.contains(&address),
+        "{screen}"
+    );
+    let out = d.cli(&["--json", "mid-servers"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v[0]["name"], "dc1", "{v}");
+    assert_eq!(v[0]["address"], address.as_str(), "{v}");
+
+    // SIGTERM: the relay drains, exits 0 and its session goes away.
+    let status = relay.terminate();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    wait_sessions(&d, 0, WAIT).await;
+    assert!(
+        relay.log().contains("outbox-relay stopped"),
+        "{}",
+        relay.log()
+    );
+    // No secret in either log.
+    let token = pki.token();
+    assert!(!d.log().contains(&token), "the daemon logs no token");
+    assert!(!relay.log().contains(&token), "the relay logs no token");
+}
+
+/// With no relay connected, messages wait (queued, no attempt used up) and
+/// say why; a relay connecting sends them at once, not at the next retry.
+#[tokio::test]
+async fn messages_wait_for_an_absent_relay_and_go_when_it_connects() {
+    const MESSAGES: usize = 20;
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 8)).await;
+    assert!(sessions(&d).await.is_empty());
+
+    let mut ids = Vec::new();
+    for i in 0..MESSAGES {
+        ids.push(send(&d, "acme", json!({"message": "Create", "body": {"n": i}})).await);
+    }
+    // When each message first waited, by the daemon's clock.
+    let mut waited_at = std::collections::HashMap::new();
+    for id in &ids {
+        let m = waiting(&d, id).await;
+        waited_at.insert(id.clone(), attempts(&m)[0]["at_ms"].as_u64().unwrap());
+    }
+    let (_, v) = d.get("/v1/integrations/acme").await;
+    assert_eq!(v["queue_depth"], MESSAGES, "{v}");
+    assert_eq!(sink.count(), 0);
+
+    let _relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    wait_sessions(&d, 1, WAIT).await;
+    let connected = Instant::now();
+    // The daemon retries a waiting message after 5s; a relay connecting
+    // must send them well before that.
+    let messages = all_sent(&d, "acme", &ids, Duration::from_secs(4)).await;
+    let took = connected.elapsed();
+    for m in &messages {
+        assert_eq!(m["attempt_count"], 1, "{m}");
+        let last = attempts(m).last().unwrap();
+        assert_eq!(last["status"], 200, "{m}");
+        assert!(
+            last["via"]
+                .as_str()
+                .unwrap()
+                .starts_with("mid:dc1 (127.0.0.1:"),
+            "{m}"
+        );
+        let waited = last["at_ms"].as_u64().unwrap() - waited_at[m["id"].as_str().unwrap()];
+        assert!(
+            waited < 4000,
+            "sent {waited}ms after it first waited: the relay's arrival did not wake it ({m})"
+        );
+    }
+    eprintln!("all {MESSAGES} sent {took:?} after the relay connected");
+    // The history keeps the attempt that waited for the relay, next to the
+    // one that went through it: attempts are not overwritten.
+    for m in &messages {
+        let a = attempts(m);
+        assert!(
+            a.len() == 2 && a[0]["error"] == "MID server dc1 is not connected",
+            "the waiting attempt is missing from the history: {m}"
+        );
+    }
+}
+
+/// A wrong token: the daemon refuses the hello, both sides log it, nothing
+/// is delivered, and the relay keeps trying.
+#[tokio::test]
+async fn a_relay_with_a_wrong_token_is_refused_and_keeps_retrying() {
+    const WRONG: &str = "not-the-relay-token-0123456789";
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("token".into(), WRONG.into());
+    let mut relay = Relay::start(&config);
+
+    // Refused at least twice: it retries (with backoff) after a refusal.
+    eventually(WAIT, "two refusals in the relay log", async || {
+        (lines_with(&relay.log(), &["refused", "wrong token for MID server"]).len() >= 2)
+            .then_some(())
+    })
+    .await;
+    let log = d.log();
+    let refused = lines_with(&log, &["relay refused", "wrong token for MID server"]);
+    assert!(!refused.is_empty(), "daemon log:\n{log}");
+    assert!(
+        refused.iter().all(|l| l.contains("127.0.0.1:")),
+        "the daemon names the relay's address: {refused:?}"
+    );
+    assert!(relay.running(), "the relay stays up:\n{}", relay.log());
+    assert!(
+        sessions(&d).await.is_empty(),
+        "no session for a refused relay"
+    );
+
+    let id = send(&d, "acme", json!({"message": "Create", "body": "x"})).await;
+    waiting(&d, &id).await;
+    assert_eq!(sink.count(), 0, "nothing delivered");
+    assert!(relay.running(), "the relay stays up:\n{}", relay.log());
+    // Neither side prints a token, right or wrong.
+    for (who, log) in [("daemon", d.log()), ("relay", relay.log())] {
+        assert!(!log.contains(WRONG), "the {who} log shows the wrong token");
+        assert!(!log.contains(&pki.token()), "the {who} log shows the token");
+    }
+}
+
+/// A target outside the relay's allow-list: the message ends in `error`
+/// with the relay's reason; the relay stays up and allowed targets still
+/// get their messages.
+#[tokio::test]
+async fn a_target_outside_the_allow_list_ends_in_error() {
+    let pki = Pki::init();
+    let port = udp_port();
+    let allowed = Sink::start().await;
+    let denied = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &denied.url(), 4)).await;
+    apply(&d, &relayed("ok", &allowed.url(), 4)).await;
+    // A CIDR block that does not hold loopback must not let it through.
+    let mut list = allow(&allowed);
+    list.push("10.0.0.0/8".into());
+    let mut relay = Relay::start(&pki.relay_config(&[port], &list));
+    wait_sessions(&d, 1, WAIT).await;
+
+    let id = send(&d, "acme", json!({"message": "Create", "body": "x"})).await;
+    let m = d.wait_state(&id, "error", WAIT).await;
+    let a = attempts(&m);
+    assert_eq!(a.len(), 1, "not retried: {m}");
+    let e = a[0]["error"].as_str().unwrap_or("");
+    assert!(e.contains("not in this relay's allow list"), "{m}");
+    assert!(
+        e.contains(&denied.addr.to_string()),
+        "names the target: {m}"
+    );
+    assert!(
+        a[0]["via"].as_str().unwrap().starts_with("mid:dc1 ("),
+        "{m}"
+    );
+    assert_eq!(denied.count(), 0, "nothing reached the denied target");
+
+    // The connection test says so too.
+    let (_, t) = d
+        .post("/v1/integrations/acme/connections/dc/test", json!({}))
+        .await;
+    assert_eq!(t["ok"], false, "{t}");
+    assert!(
+        t["attempts"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not in this relay's allow list"),
+        "{t}"
+    );
+    assert_eq!(denied.count(), 0);
+
+    assert!(relay.running(), "{}", relay.log());
+    assert_eq!(sessions(&d).await.len(), 1);
+    let mut ok = Vec::new();
+    for i in 0..5 {
+        ok.push(send(&d, "ok", json!({"message": "Create", "body": {"n": i}})).await);
+    }
+    all_sent(&d, "ok", &ok, WAIT).await;
+    assert_eq!(allowed.ids().len(), 5);
+}
+
+/// `kill -9` of the only relay in the middle of a run, then a restart:
+/// every message ends `sent` and the sink saw every id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_run_and_restarted_loses_nothing() {
+    const MESSAGES: usize = 500;
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    sink.set_delay(Duration::from_millis(20));
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 16)).await;
+    let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    wait_sessions(&d, 1, WAIT).await;
+
+    let producers = produce(&d, "acme", MESSAGES);
+    eventually(WAIT, "delivery under way", async || {
+        (sink.count() >= 50).then_some(())
+    })
+    .await;
+    relay.kill9();
+    let killed = Instant::now();
+    let seen_before = sink.ids().len();
+    let ids = producers.await.unwrap();
+    assert!(
+        seen_before < MESSAGES,
+        "the kill came too late to prove anything"
+    );
+    relay.spawn();
+    let messages = all_sent(&d, "acme", &ids, Duration::from_secs(60)).await;
+    eprintln!(
+        "{seen_before} at the sink at the kill; all {MESSAGES} sent {:?} after it",
+        killed.elapsed()
+    );
+    let seen = sink.ids();
+    let lost: Vec<&String> = ids.iter().filter(|id| !seen.contains(*id)).collect();
+    assert!(lost.is_empty(), "never reached the sink: {lost:?}");
+    eprintln!(
+        "{} message(s) needed more than one counted attempt",
+        messages.iter().filter(|m| m["attempt_count"] != 1).count()
+    );
+    let vias: BTreeSet<&str> = messages
+        .iter()
+        .filter_map(|m| attempts(m).last()?["via"].as_str())
+        .collect();
+    assert!(
+        vias.len() >= 2,
+        "sent through the first session and the restarted one: {vias:?}"
+    );
+}
+
+/// Two relays named dc1 share the load; `kill -9` of one mid-run: its
+/// requests go through the other without using up attempts, and everything
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_two_relays_survives_the_loss_of_one() {
+    const MESSAGES: usize = 400;
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    sink.set_delay(Duration::from_millis(20));
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 16)).await;
+    let config = pki.relay_config(&[port], &allow(&sink));
+    let mut a = Relay::start(&config);
+    let first = wait_sessions(&d, 1, WAIT).await;
+    let addr_a = first[0]["address"].as_str().unwrap().to_string();
+    let b = Relay::start(&config);
+    let both = wait_sessions(&d, 2, WAIT).await;
+    assert!(both.iter().all(|s| s["name"] == "dc1"), "{both:?}");
+    let addr_b = both
+        .iter()
+        .map(|s| s["address"].as_str().unwrap().to_string())
+        .find(|x| *x != addr_a)
+        .expect("a second address");
+    let via_a = format!("mid:dc1 ({addr_a})");
+    let via_b = format!("mid:dc1 ({addr_b})");
+
+    let producers = produce(&d, "acme", MESSAGES);
+    eventually(WAIT, "both relays carrying requests", async || {
+        let performed = |r: &Relay| lines_with(&r.log(), &["performed"]).len();
+        (sink.count() >= 100 && performed(&a) >= 10 && performed(&b) >= 10).then_some(())
+    })
+    .await;
+    a.kill9();
+    let killed = Instant::now();
+    let seen_before = sink.ids().len();
+    let ids = producers.await.unwrap();
+    assert!(
+        seen_before < MESSAGES,
+        "the kill came too late to prove anything"
+    );
+    let messages = all_sent(&d, "acme", &ids, Duration::from_secs(60)).await;
+    let took = killed.elapsed();
+    eprintln!("{seen_before} at the sink at the kill; all {MESSAGES} sent {took:?} after it");
+    let seen = sink.ids();
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "the sink saw every id"
+    );
+
+    let sent_via = |via: &str| {
+        messages
+            .iter()
+            .filter(|m| attempts(m).last().unwrap()["via"] == via)
+            .count()
+    };
+    assert!(
+        sent_via(&via_a) > 0,
+        "relay A carried messages before the kill"
+    );
+    assert!(sent_via(&via_b) > 0, "relay B carried messages");
+    // A relay lost mid-request costs its messages no attempt: they went
+    // again through B. (A message may show the lost try as an extra,
+    // uncounted attempt.)
+    let counted: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["attempt_count"] != 1)
+        .collect();
+    assert!(
+        counted.is_empty(),
+        "{} message(s) used up an attempt for the killed relay, e.g. {}",
+        counted.len(),
+        counted[0]
+    );
+    // The daemon notices A is gone.
+    let left = wait_sessions(&d, 1, WAIT).await;
+    assert_eq!(left[0]["address"], addr_b.as_str());
+    drop(b);
+}
+
+/// A relay started before its daemon (network or daemon not up yet) keeps
+/// trying and connects once the daemon listens; messages then flow.
+#[tokio::test]
+async fn a_relay_started_before_the_daemon_connects_when_it_comes_up() {
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    let started = Instant::now();
+    let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    eventually(WAIT, "the relay to fail to reach the daemon", async || {
+        (!lines_with(&relay.log(), &["cannot open a session"]).is_empty()).then_some(())
+    })
+    .await;
+    assert!(relay.running(), "the relay stays up:\n{}", relay.log());
+
+    let failed = started.elapsed();
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let up = Instant::now();
+    wait_sessions(&d, 1, Duration::from_secs(30)).await;
+    eprintln!(
+        "first failure after {failed:?}; connected {:?} after the daemon came up",
+        up.elapsed()
+    );
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(send(&d, "acme", json!({"message": "Create", "body": {"n": i}})).await);
+    }
+    let messages = all_sent(&d, "acme", &ids, WAIT).await;
+    assert!(messages.iter().all(|m| m["attempt_count"] == 1));
+    assert_eq!(sink.ids().len(), 10);
+}
+
+/// `--check-config` validates without connecting: 0 for a good file, 2 and
+/// the key for a bad one.
+#[test]
+fn check_config_names_the_bad_key() {
+    let pki = Pki::init();
+    let dir = tempfile::tempdir().unwrap();
+    let good = toml::to_string(&pki.relay_config(&[4433], &["127.0.0.1:8080".into()])).unwrap();
+    let out = check_config(dir.path(), &good);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{good}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("valid"),
+        "{out:?}"
+    );
+
+    let mut cases = vec![("allow[0]", good.replace("\"127.0.0.1:8080\"", "\"jira\""))];
+    cases.push(("colour", format!("colour = 1\n{good}")));
+    cases.push(("daemons[0]", good.replace("127.0.0.1:4433", "nowhere")));
+    for (key, text) in cases {
+        assert_ne!(text, good, "the case {key} changes the file");
+        let out = check_config(dir.path(), &text);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {out:?}\n{text}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let out = check_config(dir.path(), &good.replace("\"127.0.0.1:8080\"", "\"jira\""));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jira"),
+        "{out:?}"
+    );
+}
