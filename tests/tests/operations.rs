@@ -356,7 +356,7 @@ async fn sd_notify_ready_reloading_stopping_and_watchdog() {
         .start()
         .await;
     let mut seen = String::new();
-    let mut recv_until = |needle: &str, seen: &mut String| {
+    let recv_until = |needle: &str, seen: &mut String| {
         let mut buf = [0u8; 512];
         while !seen.contains(needle) {
             let n = socket

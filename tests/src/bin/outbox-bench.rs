@@ -94,6 +94,9 @@ relay phase (on when the relay binary exists):
   --relay-messages N  messages per delivery in the relay phase  (default: --messages)
   --relay-rounds N    rounds of one direct and one relay delivery, by turns first (default 2)
   --relay-concurrency N  the relay's `concurrency`              (default: --concurrency)
+  --relay-cpus LIST   run the relay on these CPUs only (`taskset -c LIST`), e.g. to
+                      emulate a relay host of its own: `taskset -c 0 outbox-bench
+                      --relay-only --relay-cpus 1`
 ";
 
 #[derive(Clone, Debug)]
@@ -116,6 +119,8 @@ struct Opts {
     relay_messages: usize,
     relay_rounds: usize,
     relay_concurrency: usize,
+    /// CPUs the relay is pinned to (`taskset -c`).
+    relay_cpus: Option<String>,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -137,6 +142,7 @@ fn parse_args() -> Result<Opts> {
         relay_messages: 0,
         relay_rounds: 2,
         relay_concurrency: 0,
+        relay_cpus: None,
     };
     let mut relay = Some(exe.with_file_name("outbox-relay"));
     let mut relay_asked = false;
@@ -168,6 +174,7 @@ fn parse_args() -> Result<Opts> {
             "--relay-messages" => o.relay_messages = num(&a, value(&a)?)?,
             "--relay-rounds" => o.relay_rounds = num(&a, value(&a)?)?,
             "--relay-concurrency" => o.relay_concurrency = num(&a, value(&a)?)?,
+            "--relay-cpus" => o.relay_cpus = Some(value(&a)?),
             "--tmp" => o.tmp = PathBuf::from(value(&a)?),
             "--phase-timeout" => o.phase_timeout = Duration::from_secs(num(&a, value(&a)?)? as u64),
             "--sample-ms" => o.sample_every = Duration::from_millis(num(&a, value(&a)?)? as u64),
@@ -1626,8 +1633,15 @@ fn print_relay(r: &Value) {
     let mib = |v: &Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
     let m = &r["relay_rss_kib"];
     eprintln!(
-        "relay: {} messages per delivery, {} round(s), relay concurrency {}, integration concurrency {}",
-        r["messages"], r["rounds"], r["relay_concurrency"], r["integration_concurrency"]
+        "relay: {} messages per delivery, {} round(s), relay concurrency {}, integration concurrency {}{}",
+        r["messages"],
+        r["rounds"],
+        r["relay_concurrency"],
+        r["integration_concurrency"],
+        match r["relay_cpus"].as_str() {
+            Some(cpus) => format!(", relay on CPUs {cpus}"),
+            None => String::new(),
+        }
     );
     eprintln!(
         "{:<10} {:>9} {:>9} {:>7} {:>8} {:>10} {:>22}",
@@ -1809,7 +1823,16 @@ impl RelayProc {
         )?;
         let log = dir.join("relay.log");
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(exe)
+        // taskset execs the relay: the child's pid is the relay's.
+        let mut cmd = match &o.relay_cpus {
+            None => Command::new(exe),
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(exe);
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -2088,6 +2111,7 @@ async fn relay_phase(
         "rounds": o.relay_rounds,
         "relay_concurrency": o.relay_concurrency,
         "integration_concurrency": o.concurrency,
+        "relay_cpus": o.relay_cpus,
         "direct_per_s": round(direct_rate, 0),
         "relay_per_s": round(relay_rate, 0),
         "ratio": round(ratio, 3),
