@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,38 +22,11 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "e2e-token";
 
-/// The workspace's target dir, where `cargo build` puts the binaries.
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-/// Path of a workspace binary, built once per test process. `CARGO_BIN_EXE_*`
-/// only reaches binaries of this package, so the harness builds them.
+/// Path of a workspace binary, built once per test process by the
+/// harness library (which keeps the nested cargo build from invalidating
+/// the test build's fingerprints).
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "outbox-daemon",
-                "-p",
-                "outbox-relay",
-                "--bins",
-            ])
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building the binaries failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    target_dir().join("debug").join(name)
+    outbox_tests::bins::bin(name)
 }
 
 pub fn free_port() -> u16 {
