@@ -22,6 +22,17 @@
 //!   of the machine's load, and the daemon's busiest threads; from them a
 //!   "CPU cost ratio" (the ratio the rates would have if CPU were the only
 //!   limit), which neighbours barely move.
+//! - **relay** (when `outbox-relay` is found, or given with
+//!   `--outbox-relay`): the daemon gets a `[tunnel]` (PKI from `outbox pki
+//!   init`) and the integration a second connection to the same sink with
+//!   `mid_server`; `outbox-relay` (allowed to reach the sink only) dials in.
+//!   Its VmRSS idle (2 s after the daemon lists it), then `--relay-rounds`
+//!   rounds of: a plain-client delivery (context), and `--relay-messages`
+//!   enqueued with the integration off and delivered through the direct
+//!   connection and, as many again, through the relay connection (by turns
+//!   first), each timed from activation until the sink has every key. The
+//!   ratio is relay against direct over all rounds; the relay's VmHWM and
+//!   sampled VmRSS under load, and CPU per message of every process.
 //!
 //! The baseline server and the sink are separate processes (this binary in
 //! `--baseline-server` and `--sink` mode): `outboxd` is a process of its own,
