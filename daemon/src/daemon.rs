@@ -43,6 +43,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&Arc<App>),
 ) -> Result<(), StartError> {
+    // Before any port is bound: a counter recorded before the recorder
+    // exists is lost, and a client may enqueue as soon as the API listens.
+    crate::telemetry::install();
     let store = {
         let dir = config.data_dir.clone();
         let cache = config.cache_capacity;
@@ -122,7 +125,6 @@ pub async fn run(
         workers.clone(),
     ));
     tasks.spawn(crate::dispatch::prune(app.clone(), stop.clone()));
-    crate::telemetry::install();
     ready(&app);
     notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog();
