@@ -482,6 +482,7 @@ mod tests {
             updated_ms: 0,
             due_ms: 0,
             last_error: None,
+            sent_attempt: None,
         }
     }
 

@@ -79,6 +79,12 @@ pub struct MessageRecord {
     /// When the next attempt is due.
     pub due_ms: u64,
     pub last_error: Option<String>,
+    /// The attempt that delivered the message, kept inside the record so
+    /// that a delivery writes one value, not an attempt and a record.
+    /// Earlier attempts (and every attempt of a message that is not sent)
+    /// live in the attempts tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_attempt: Option<Attempt>,
 }
 
 /// One HTTP request made for a message, with what came back.
@@ -426,6 +432,7 @@ impl Queue {
             updated_ms: now,
             due_ms: now,
             last_error: None,
+            sent_attempt: None,
         };
         self.trees
             .bodies
@@ -521,12 +528,16 @@ impl Queue {
             .unwrap_or_default())
     }
 
-    pub fn attempts(&self, seq: u64) -> Result<Vec<Attempt>, StoreError> {
+    /// Every attempt of `rec`, oldest first: those in the attempts tree,
+    /// then the one that delivered it.
+    pub fn attempts(&self, rec: &MessageRecord) -> Result<Vec<Attempt>, StoreError> {
+        let seq = rec.seq;
         let mut out = Vec::new();
         for item in self.trees.attempts.scan_prefix(seq.to_be_bytes()) {
             let (_, v) = item?;
             out.push(serde_json::from_slice(&v).map_err(|e| corrupt("attempts", seq, e))?);
         }
+        out.extend(rec.sent_attempt.clone());
         Ok(out)
     }
 
@@ -653,18 +664,23 @@ impl Queue {
     ) -> Result<(), StoreError> {
         let seq = rec.seq;
         let now = now_ms();
-        if let Some(a) = &attempt {
-            let mut key = seq.to_be_bytes().to_vec();
-            key.extend_from_slice(&a.n.to_be_bytes());
-            let value = serde_json::to_vec(a).unwrap_or_default();
-            self.trees.attempts.insert(key, value)?;
+        let attempted = u32::from(attempt.is_some());
+        let sent = matches!(
+            disposition,
+            Disposition::Sent | Disposition::Final(MessageState::Sent)
+        );
+        if let Some(a) = attempt {
             rec.tries = rec.tries.max(a.n);
             if a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
-                rec.last_error = Some(attempt_error(a));
+                rec.last_error = Some(attempt_error(&a));
+            }
+            if sent {
+                rec.sent_attempt = Some(a);
+            } else {
+                self.put_attempt(seq, &a)?;
             }
         }
         rec.updated_ms = now;
-        let attempted = u32::from(attempt.is_some());
         // What the record becomes on disk.
         let end_state = match disposition {
             Disposition::PutBack => None,
@@ -690,7 +706,6 @@ impl Queue {
                 rec.last_error = None;
             }
             self.put(&rec)?;
-            self.mark_finished(now, seq)?;
         }
 
         let mut st = self.lock();
@@ -750,10 +765,11 @@ impl Queue {
         Ok(())
     }
 
-    fn mark_finished(&self, now: u64, seq: u64) -> Result<(), StoreError> {
-        let mut key = now.to_be_bytes().to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
-        self.trees.finished.insert(key, &[])?;
+    fn put_attempt(&self, seq: u64, a: &Attempt) -> Result<(), StoreError> {
+        let mut key = seq.to_be_bytes().to_vec();
+        key.extend_from_slice(&a.n.to_be_bytes());
+        let value = serde_json::to_vec(a).unwrap_or_default();
+        self.trees.attempts.insert(key, value)?;
         Ok(())
     }
 
@@ -793,7 +809,6 @@ impl Queue {
         rec.state = MessageState::Ignored;
         rec.updated_ms = now;
         self.put(&rec)?;
-        self.mark_finished(now, seq)?;
         drop(st);
         self.commit_sync()?;
         self.wake.notify_one();
@@ -830,6 +845,7 @@ impl Queue {
             updated_ms: now,
             due_ms: now,
             last_error: None,
+            sent_attempt: None,
             // A replay is a new message: the idempotency key stays with the
             // original, so a producer's retry still finds the first id.
             idempotency_key: None,
@@ -851,7 +867,6 @@ impl Queue {
                 }
             }
             orig.state = MessageState::Ignored;
-            self.mark_finished(now, seq)?;
         }
         lane.add_queued(copy_seq, copy.order, now, copy.ordering_key.as_deref());
         orig.replayed_by = Some(copy_seq);
@@ -885,34 +900,57 @@ impl Queue {
 
     /// Deletes sent and ignored messages (and their attempts) that finished
     /// before `cutoff_ms`. Returns how many.
+    ///
+    /// There is no retention index to keep up on every delivery: records
+    /// are keyed by seq, seqs are handed out in creation order, and a
+    /// message finishes after it is created, so every candidate lies in the
+    /// prefix of records created before the cutoff. The scan walks that
+    /// prefix and stops at the first younger record. What it passes over
+    /// and keeps (errors, messages still queued or sent after the cutoff)
+    /// is read again next time; a clock stepped backwards only delays
+    /// pruning of the records created across the step.
     pub fn prune(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
         let mut pruned = 0;
-        let end = cutoff_ms.to_be_bytes();
-        for item in self.trees.finished.range(..end.as_slice()) {
-            let (k, _) = item?;
-            let seq = key_seq(&k[8..]);
-            if let Some(rec) = self.record(seq)? {
-                if matches!(rec.state, MessageState::Sent | MessageState::Ignored) {
-                    if let Some(key) = &rec.idempotency_key {
-                        self.trees
-                            .idempotency
-                            .remove(idempotency_key(&rec.integration, key))?;
-                    }
-                    let attempt_keys: Vec<_> = self
-                        .trees
-                        .attempts
-                        .scan_prefix(seq.to_be_bytes())
-                        .keys()
-                        .collect::<Result<_, _>>()?;
-                    for ak in attempt_keys {
-                        self.trees.attempts.remove(ak)?;
-                    }
-                    self.trees.bodies.remove(seq.to_be_bytes())?;
-                    self.trees.messages.remove(seq.to_be_bytes())?;
-                    pruned += 1;
-                }
+        for item in self.trees.messages.iter() {
+            let (k, v) = item?;
+            let seq = key_seq(&k);
+            let rec: MessageRecord =
+                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+            if rec.created_ms >= cutoff_ms {
+                break;
             }
-            self.trees.finished.remove(k)?;
+            let finished = matches!(rec.state, MessageState::Sent | MessageState::Ignored);
+            if !finished || rec.updated_ms >= cutoff_ms {
+                continue;
+            }
+            // Under the queue lock, which replay and ignore hold for their
+            // whole read-modify-write, and only if the record is still the
+            // one just read.
+            let _st = self.lock();
+            if self
+                .trees
+                .messages
+                .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                .is_err()
+            {
+                continue;
+            }
+            if let Some(key) = &rec.idempotency_key {
+                self.trees
+                    .idempotency
+                    .remove(idempotency_key(&rec.integration, key))?;
+            }
+            let attempt_keys: Vec<_> = self
+                .trees
+                .attempts
+                .scan_prefix(seq.to_be_bytes())
+                .keys()
+                .collect::<Result<_, _>>()?;
+            for ak in attempt_keys {
+                self.trees.attempts.remove(ak)?;
+            }
+            self.trees.bodies.remove(seq.to_be_bytes())?;
+            pruned += 1;
         }
         Ok(pruned)
     }
@@ -1248,7 +1286,12 @@ mod tests {
         done(&q, errored, Disposition::Final(MessageState::Error));
         assert_eq!(q.prune(now_ms() + 1).unwrap(), 1);
         assert!(q.record(sent).unwrap().is_none());
-        assert!(q.attempts(sent).unwrap().is_empty());
+        assert!(q
+            .trees
+            .attempts
+            .scan_prefix(sent.to_be_bytes())
+            .next()
+            .is_none());
         assert!(q.record(errored).unwrap().is_some());
     }
 }

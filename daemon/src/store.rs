@@ -19,8 +19,12 @@ use crate::catalog::{Catalog, Entry};
 use crate::model::Connection;
 
 /// The layout version this build writes. A store with a larger number was
-/// written by a newer Outbox and is refused rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// written by a newer Outbox and is refused rather than misread; a smaller
+/// one is upgraded in place when opened.
+///
+/// 2: the attempt that delivered a message lives in its record; the
+/// `finished` retention index of version 1 is gone.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const LOCK_FILE: &str = "outboxd.lock";
@@ -69,8 +73,6 @@ pub struct MessageTrees {
     pub attempts: Tree,
     /// `integration \0 idempotency key` → `seq`.
     pub idempotency: Tree,
-    /// `finished at ms ++ seq` → () for retention pruning.
-    pub finished: Tree,
 }
 
 /// The open store. Cloning is cheap (sled handles are reference counted).
@@ -143,6 +145,15 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
+                if found < 2 {
+                    // Version 1 kept a `finished` index for pruning;
+                    // version 2 prunes by scanning records in seq order.
+                    db.drop_tree("finished")?;
+                }
+                if found < SCHEMA_VERSION {
+                    meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                    db.flush()?;
+                }
             }
             None => {
                 meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
@@ -160,7 +171,6 @@ impl Store {
                 bodies: db.open_tree("bodies")?,
                 attempts: db.open_tree("attempts")?,
                 idempotency: db.open_tree("idempotency")?,
-                finished: db.open_tree("finished")?,
             },
             log: std::sync::Arc::new(File::open(dir.join("db").join("db"))?),
             db,
@@ -358,6 +368,33 @@ mod tests {
             db.flush().unwrap();
         }
         let e = Store::open(dir.path(), 1 << 20).err().unwrap();
-        assert!(matches!(e, StoreError::TooNew { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_store_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &1u32.to_be_bytes())
+                .unwrap();
+            db.open_tree("finished").unwrap().insert(b"k", b"").unwrap();
+            db.flush().unwrap();
+        }
+        drop(Store::open(dir.path(), 1 << 20).unwrap());
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let v = db
+            .open_tree("meta")
+            .unwrap()
+            .get(SCHEMA_KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
     }
 }

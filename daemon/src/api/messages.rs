@@ -197,7 +197,7 @@ async fn get(app: &Arc<App>, id: &str) -> ApiResult {
             .queue
             .view(seq)?
             .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
-        let attempts = q.queue.attempts(seq)?;
+        let attempts = q.queue.attempts(&rec)?;
         let body = q.queue.body(seq)?;
         Ok((rec, attempts, body))
     })
