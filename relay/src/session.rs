@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::{ErrorKind, Frame, Limits, ALPN, PROTOCOL_VERSION};
+use outbox_proto::{ErrorKind, Frame, FrameDecoder, Limits, ALPN, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,8 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK: usize = 64 * 1024;
+/// Most bytes one read of a stream takes.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// The QUIC client endpoint shared by all sessions.
 pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
@@ -233,13 +235,14 @@ async fn perform(
     limits: &Limits,
 ) -> Result<(), Failure> {
     let protocol = |e: String| Failure::new(ErrorKind::Protocol, e);
+    let mut frames = FrameReader::new(recv, *limits);
     let Some(Frame::RequestHead {
         method,
         url,
         headers,
         protocol_profile,
         timeout_ms,
-    }) = read_frame(recv, limits).await.map_err(protocol)?
+    }) = frames.next().await.map_err(protocol)?
     else {
         return Err(protocol("expected a request head".into()));
     };
@@ -248,7 +251,7 @@ async fn perform(
     }
     let mut body = BytesMut::new();
     loop {
-        match read_frame(recv, limits).await.map_err(protocol)? {
+        match frames.next().await.map_err(protocol)? {
             Some(Frame::BodyChunk(data)) => {
                 if (body.len() + data.len()) as u64 > relay.config.max_body {
                     return Err(Failure::new(
@@ -288,15 +291,17 @@ async fn perform(
         .await?;
     tracing::debug!(%method, %url, status = resp.status, "performed");
     let io = |e: String| Failure::new(ErrorKind::Other, e);
-    write_frame(
-        send,
+    // Frames are gathered and written a CHUNK at a time: a small answer
+    // (the usual case) is one write, head, body and end together.
+    let mut out = Vec::new();
+    encode(
         &Frame::ResponseHead {
             status: resp.status,
             headers: resp.headers.into_iter().take(limits.max_headers).collect(),
         },
         limits,
+        &mut out,
     )
-    .await
     .map_err(io)?;
     let mut total = 0u64;
     while let Some(chunk) = next_chunk(&mut resp.body).await {
@@ -312,12 +317,19 @@ async fn perform(
             ));
         }
         for piece in chunk.chunks(CHUNK) {
-            write_frame(send, &Frame::BodyChunk(piece.to_vec()), limits)
-                .await
-                .map_err(io)?;
+            encode(&Frame::BodyChunk(piece.to_vec()), limits, &mut out).map_err(io)?;
+            if out.len() >= CHUNK {
+                send.write_all(&out).await.map_err(|e| io(e.to_string()))?;
+                out.clear();
+            }
         }
     }
-    write_frame(send, &Frame::End, limits).await.map_err(io)
+    encode(&Frame::End, limits, &mut out).map_err(io)?;
+    send.write_all(&out).await.map_err(|e| io(e.to_string()))
+}
+
+fn encode(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) -> Result<(), String> {
+    outbox_proto::encode(frame, limits, out).map_err(|e| e.to_string())
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -335,6 +347,41 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> R
     let mut buf = Vec::new();
     outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+/// Frames of one request or response stream, read a chunk at a time
+/// (one read usually brings a whole small message) and decoded by
+/// [`FrameDecoder`], which never buffers more than one frame within the
+/// limits plus one chunk.
+pub struct FrameReader<'a> {
+    recv: &'a mut RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl<'a> FrameReader<'a> {
+    pub fn new(recv: &'a mut RecvStream, limits: Limits) -> Self {
+        FrameReader {
+            recv,
+            decoder: FrameDecoder::new(limits),
+        }
+    }
+
+    /// The next frame; `None` when the stream ended cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, String> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                Ok(None) => {
+                    self.decoder.end_of_stream().map_err(|e| e.to_string())?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
 }
 
 async fn read_frame(recv: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, String> {

@@ -854,3 +854,41 @@ fn check_config_names_the_bad_key() {
         "{out:?}"
     );
 }
+
+/// A request body and an answer over one 64 KiB chunk each travel as
+/// several frames: the sink gets the body whole and the attempt keeps the
+/// answer's first bytes.
+#[tokio::test]
+async fn bodies_over_one_chunk_cross_the_relay_whole() {
+    let answer = format!("answer:{}", "a".repeat(200 * 1024));
+    let sink = outbox_tests::Sink::builder()
+        .reply(outbox_tests::Reply::new(200).body(answer.clone()))
+        .start()
+        .await;
+    let pki = Pki::init();
+    let port = udp_port();
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let allow = vec![sink.addr().to_string()];
+    let _relay = Relay::start(&pki.relay_config(&[port], &allow));
+    wait_sessions(&d, 1, WAIT).await;
+
+    let big = "b".repeat(150 * 1024);
+    let id = send(
+        &d,
+        "acme",
+        json!({"message": "Create", "body": {"big": big}}),
+    )
+    .await;
+    let m = d.wait_state(&id, "sent", WAIT).await;
+    let a = &attempts(&m)[0];
+    assert!(
+        a["via"].as_str().unwrap_or("").starts_with("mid:dc1"),
+        "{a}"
+    );
+    let excerpt = a["response_excerpt"].as_str().unwrap_or("");
+    assert!(excerpt.starts_with("answer:aaa"), "{excerpt}");
+    let got = sink.last().expect("the sink got the request");
+    let v: Value = serde_json::from_slice(&got.body).expect("the body is whole JSON");
+    assert_eq!(v["big"].as_str().map(str::len), Some(150 * 1024));
+}
