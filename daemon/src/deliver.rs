@@ -483,6 +483,7 @@ mod tests {
             due_ms: 0,
             last_error: None,
             sent_attempt: None,
+            body: Bytes::new(),
         }
     }
 

@@ -49,7 +49,8 @@ impl MessageState {
     }
 }
 
-/// One message as stored (the body lives in its own tree).
+/// One message as stored, record and body in one value
+/// ([`crate::store::message_value`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageRecord {
     pub seq: u64,
@@ -85,6 +86,10 @@ pub struct MessageRecord {
     /// live in the attempts tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_attempt: Option<Attempt>,
+    /// The body as the producer sent it. Stored after the JSON record, not
+    /// in it; empty when a scan read only the record.
+    #[serde(skip)]
+    pub body: Bytes,
 }
 
 /// One HTTP request made for a message, with what came back.
@@ -181,6 +186,17 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A stored message value; the body is copied out only `with_body`.
+fn decode(seq: u64, v: &[u8], with_body: bool) -> Result<MessageRecord, StoreError> {
+    let (json, body) = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
+    let mut rec: MessageRecord =
+        serde_json::from_slice(json).map_err(|e| corrupt("messages", seq, e))?;
+    if with_body {
+        rec.body = Bytes::copy_from_slice(body);
+    }
+    Ok(rec)
 }
 
 fn corrupt(tree: &'static str, key: u64, e: impl std::fmt::Display) -> StoreError {
@@ -333,8 +349,7 @@ impl Queue {
             for item in q.trees.messages.iter() {
                 let (k, v) = item?;
                 let seq = key_seq(&k);
-                let rec: MessageRecord =
-                    serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+                let rec: MessageRecord = decode(seq, &v, false)?;
                 let lane = st.lanes.entry(rec.integration.clone()).or_default();
                 match rec.state {
                     MessageState::Queued | MessageState::Sending => {
@@ -433,11 +448,8 @@ impl Queue {
             due_ms: now,
             last_error: None,
             sent_attempt: None,
+            body: new.body,
         };
-        self.trees
-            .bodies
-            .insert(seq.to_be_bytes(), new.body.as_ref())
-            .map_err(StoreError::from)?;
         self.put(&rec)?;
         if let Some(key) = idem_key {
             // The record is written before the key is claimed, so whoever
@@ -450,10 +462,6 @@ impl Queue {
             if let Err(lost) = claimed {
                 self.trees
                     .messages
-                    .remove(seq.to_be_bytes())
-                    .map_err(StoreError::from)?;
-                self.trees
-                    .bodies
                     .remove(seq.to_be_bytes())
                     .map_err(StoreError::from)?;
                 let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
@@ -488,17 +496,16 @@ impl Queue {
 
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
         // A record is plain data; JSON encoding cannot fail.
-        let value = serde_json::to_vec(rec).unwrap_or_default();
+        let json = serde_json::to_vec(rec).unwrap_or_default();
+        let value = crate::store::message_value(&json, &rec.body);
         self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
         Ok(())
     }
 
-    /// The stored record of `seq`.
+    /// The stored record of `seq`, with its body.
     pub fn record(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
         match self.trees.messages.get(seq.to_be_bytes())? {
-            Some(v) => Ok(Some(
-                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?,
-            )),
+            Some(v) => decode(seq, &v, true).map(Some),
             None => Ok(None),
         }
     }
@@ -517,15 +524,6 @@ impl Queue {
             rec.state = MessageState::Sending;
         }
         Ok(Some(rec))
-    }
-
-    pub fn body(&self, seq: u64) -> Result<Bytes, StoreError> {
-        Ok(self
-            .trees
-            .bodies
-            .get(seq.to_be_bytes())?
-            .map(|b| Bytes::copy_from_slice(&b))
-            .unwrap_or_default())
     }
 
     /// Every attempt of `rec`, oldest first: those in the attempts tree,
@@ -552,8 +550,7 @@ impl Queue {
         for item in self.trees.messages.iter().rev() {
             let (k, v) = item?;
             let seq = key_seq(&k);
-            let mut rec: MessageRecord =
-                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+            let mut rec: MessageRecord = decode(seq, &v, false)?;
             if integration.is_some_and(|i| i != rec.integration) {
                 continue;
             }
@@ -637,7 +634,7 @@ impl Queue {
         if record.state != MessageState::Queued {
             return Ok(None);
         }
-        let body = self.body(seq)?;
+        let body = record.body.clone();
         Ok(Some(Job { record, body }))
     }
 
@@ -832,7 +829,6 @@ impl Queue {
         }
         let copy_seq = self.commit.store.generate_id()?;
         let now = now_ms();
-        let body = self.body(seq)?;
         let copy = MessageRecord {
             seq: copy_seq,
             state: MessageState::Queued,
@@ -851,10 +847,6 @@ impl Queue {
             idempotency_key: None,
             ..orig.clone()
         };
-        self.trees
-            .bodies
-            .insert(copy_seq.to_be_bytes(), body.as_ref())
-            .map_err(StoreError::from)?;
         self.put(&copy)?;
         let lane = st.lanes.entry(orig.integration.clone()).or_default();
         if orig.state == MessageState::Error {
@@ -884,8 +876,7 @@ impl Queue {
         let mut errors: Vec<MessageRecord> = Vec::new();
         for item in self.trees.messages.iter() {
             let (k, v) = item.map_err(StoreError::from)?;
-            let rec: MessageRecord =
-                serde_json::from_slice(&v).map_err(|e| corrupt("messages", key_seq(&k), e))?;
+            let rec: MessageRecord = decode(key_seq(&k), &v, false)?;
             if rec.integration == integration && rec.state == MessageState::Error {
                 errors.push(rec);
             }
@@ -914,8 +905,7 @@ impl Queue {
         for item in self.trees.messages.iter() {
             let (k, v) = item?;
             let seq = key_seq(&k);
-            let rec: MessageRecord =
-                serde_json::from_slice(&v).map_err(|e| corrupt("messages", seq, e))?;
+            let rec: MessageRecord = decode(seq, &v, false)?;
             if rec.created_ms >= cutoff_ms {
                 break;
             }
@@ -949,7 +939,6 @@ impl Queue {
             for ak in attempt_keys {
                 self.trees.attempts.remove(ak)?;
             }
-            self.trees.bodies.remove(seq.to_be_bytes())?;
             pruned += 1;
         }
         Ok(pruned)

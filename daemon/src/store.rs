@@ -4,8 +4,8 @@
 //! `integration \0 connection`), `oauth_profiles`, `protocol_profiles`,
 //! `inbound_users`, and the message trees of [`crate::queue`] (see
 //! [`MessageTrees`]). Catalog records are JSON, so a store can be read with
-//! any sled tool; message bodies are kept apart from message records so a
-//! scan of records does not drag bodies through the cache.
+//! any sled tool. A message's record and body are one value (see
+//! [`message_value`]): one write to enqueue, one read to deliver.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,7 +24,41 @@ use crate::model::Connection;
 ///
 /// 2: the attempt that delivered a message lives in its record; the
 /// `finished` retention index of version 1 is gone.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: a message's record and body are one value; the `bodies` tree is gone.
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// The first byte of a message value in the layout of [`message_value`].
+const MESSAGE_LAYOUT: u8 = 1;
+
+/// A message as stored: the layout byte, the length of the JSON record
+/// (u32 BE), the JSON record, then the body bytes as they came.
+pub fn message_value(json: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + json.len() + body.len());
+    v.push(MESSAGE_LAYOUT);
+    v.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    v.extend_from_slice(json);
+    v.extend_from_slice(body);
+    v
+}
+
+/// The JSON record and the body of a value written by [`message_value`].
+pub fn message_parts(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    match v {
+        [MESSAGE_LAYOUT, a, b, c, d, rest @ ..] => {
+            let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+            if len > rest.len() {
+                return Err(format!(
+                    "record length {len} is past the end of the value ({} bytes)",
+                    v.len()
+                ));
+            }
+            Ok(rest.split_at(len))
+        }
+        [MESSAGE_LAYOUT, ..] => Err(format!("{} bytes, shorter than the header", v.len())),
+        [b, ..] => Err(format!("unknown message layout {b}")),
+        [] => Err("empty value".into()),
+    }
+}
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const LOCK_FILE: &str = "outboxd.lock";
@@ -65,14 +99,31 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// The trees that hold messages; [`crate::queue`] gives them meaning.
 #[derive(Clone)]
 pub struct MessageTrees {
-    /// `seq` (u64 BE) → message record (JSON).
+    /// `seq` (u64 BE) → message record and body, see [`message_value`].
     pub messages: Tree,
-    /// `seq` → body bytes.
-    pub bodies: Tree,
     /// `seq ++ attempt number` (u64 BE ++ u32 BE) → attempt (JSON).
     pub attempts: Tree,
     /// `integration \0 idempotency key` → `seq`.
     pub idempotency: Tree,
+}
+
+/// Version 2 to 3: each JSON record and its body from the `bodies` tree
+/// become one value. Safe to run again after a crash part way: a record
+/// still in JSON starts with `{`, and the bodies go only once every record
+/// is joined and flushed.
+fn join_bodies(db: &Db) -> Result<(), StoreError> {
+    let messages = db.open_tree("messages")?;
+    let bodies = db.open_tree("bodies")?;
+    for item in messages.iter() {
+        let (k, v) = item?;
+        if v.first() == Some(&b'{') {
+            let body = bodies.get(&k)?.unwrap_or_default();
+            messages.insert(&k, message_value(&v, &body))?;
+        }
+    }
+    db.flush()?;
+    db.drop_tree("bodies")?;
+    Ok(())
 }
 
 /// The open store. Cloning is cheap (sled handles are reference counted).
@@ -150,6 +201,9 @@ impl Store {
                     // version 2 prunes by scanning records in seq order.
                     db.drop_tree("finished")?;
                 }
+                if found < 3 {
+                    join_bodies(&db)?;
+                }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                     db.flush()?;
@@ -168,7 +222,6 @@ impl Store {
             inbound_users: db.open_tree("inbound_users")?,
             messages: MessageTrees {
                 messages: db.open_tree("messages")?,
-                bodies: db.open_tree("bodies")?,
                 attempts: db.open_tree("attempts")?,
                 idempotency: db.open_tree("idempotency")?,
             },
@@ -384,6 +437,15 @@ mod tests {
                 .insert(SCHEMA_KEY, &1u32.to_be_bytes())
                 .unwrap();
             db.open_tree("finished").unwrap().insert(b"k", b"").unwrap();
+            let json = br#"{"seq":7}"#;
+            db.open_tree("messages")
+                .unwrap()
+                .insert(b"k7", json)
+                .unwrap();
+            db.open_tree("bodies")
+                .unwrap()
+                .insert(b"k7", b"body")
+                .unwrap();
             db.flush().unwrap();
         }
         drop(Store::open(dir.path(), 1 << 20).unwrap());
@@ -395,6 +457,30 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
-        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
+        for gone in [&b"finished"[..], b"bodies"] {
+            assert!(!db.tree_names().iter().any(|n| n.as_ref() == gone));
+        }
+        let v = db
+            .open_tree("messages")
+            .unwrap()
+            .get(b"k7")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            message_parts(&v).unwrap(),
+            (&br#"{"seq":7}"#[..], &b"body"[..])
+        );
+    }
+
+    #[test]
+    fn message_values_split_back_and_bad_ones_are_named() {
+        let v = message_value(b"{}", b"x");
+        assert_eq!(message_parts(&v).unwrap(), (&b"{}"[..], &b"x"[..]));
+        assert!(message_parts(&v[..3]).unwrap_err().contains("shorter"));
+        assert!(message_parts(&[1, 0, 0, 0, 9, b'{'])
+            .unwrap_err()
+            .contains("past the end"));
+        assert!(message_parts(b"{}").unwrap_err().contains("layout 123"));
+        assert!(message_parts(b"").unwrap_err().contains("empty"));
     }
 }

@@ -198,7 +198,7 @@ async fn get(app: &Arc<App>, id: &str) -> ApiResult {
             .view(seq)?
             .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
         let attempts = q.queue.attempts(&rec)?;
-        let body = q.queue.body(seq)?;
+        let body = rec.body.clone();
         Ok((rec, attempts, body))
     })
     .await?;
