@@ -251,6 +251,31 @@ async fn paused_and_off_integrations_hold_messages_in_order() {
     assert_eq!(bodies, ["0", "1", "2", "3", "4"]);
 }
 
+/// The body is stored with its record: shown by `GET`, still there after a
+/// restart, sent as it came, and carried by a replay.
+#[tokio::test]
+async fn bodies_survive_a_restart_and_are_sent_as_they_came() {
+    let (mut d, sink) = setup("").await;
+    d.post("/v1/integrations/acme/deactivate", json!({})).await;
+    let body = "{\"caf\u{e9}\": [1, 2]}\n";
+    let id = send(&d, json!({"message": "Create", "body": body})).await;
+    assert_eq!(d.message(&id).await["body"], body);
+    d.terminate();
+    d.start().await;
+    assert_eq!(d.message(&id).await["body"], body, "after a restart");
+    d.post("/v1/integrations/acme/activate", json!({})).await;
+    let m = d.wait_state(&id, "sent", WAIT).await;
+    assert_eq!(m["body"], body);
+    assert_eq!(sink.received()[0].body, body.as_bytes());
+    let (s, copy) = d
+        .post(&format!("/v1/messages/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{copy}");
+    let copy_id = copy["id"].as_str().unwrap();
+    assert_eq!(d.wait_state(copy_id, "sent", WAIT).await["body"], body);
+    assert_eq!(sink.received()[1].body, body.as_bytes());
+}
+
 #[tokio::test]
 async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
     let (d, sink) = setup("").await;
