@@ -915,14 +915,15 @@ impl Queue {
             }
             // Under the queue lock, which replay and ignore hold for their
             // whole read-modify-write, and only if the record is still the
-            // one just read.
-            let _st = self.lock();
-            if self
-                .trees
-                .messages
-                .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                .is_err()
-            {
+            // one just read. Once it is gone nothing else finds the rest.
+            let removed = {
+                let _st = self.lock();
+                self.trees
+                    .messages
+                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                    .is_ok()
+            };
+            if !removed {
                 continue;
             }
             if let Some(key) = &rec.idempotency_key {
