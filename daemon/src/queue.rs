@@ -188,15 +188,12 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A stored message value; the body is copied out only `with_body`.
-fn decode(seq: u64, v: &[u8], with_body: bool) -> Result<MessageRecord, StoreError> {
+/// A stored message value without its body (scans), and where the body
+/// starts in `v`.
+fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, usize), StoreError> {
     let (json, body) = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
-    let mut rec: MessageRecord =
-        serde_json::from_slice(json).map_err(|e| corrupt("messages", seq, e))?;
-    if with_body {
-        rec.body = Bytes::copy_from_slice(body);
-    }
-    Ok(rec)
+    let rec = serde_json::from_slice(json).map_err(|e| corrupt("messages", seq, e))?;
+    Ok((rec, v.len() - body.len()))
 }
 
 fn corrupt(tree: &'static str, key: u64, e: impl std::fmt::Display) -> StoreError {
@@ -349,7 +346,7 @@ impl Queue {
             for item in q.trees.messages.iter() {
                 let (k, v) = item?;
                 let seq = key_seq(&k);
-                let rec: MessageRecord = decode(seq, &v, false)?;
+                let rec: MessageRecord = decode(seq, &v)?.0;
                 let lane = st.lanes.entry(rec.integration.clone()).or_default();
                 match rec.state {
                     MessageState::Queued | MessageState::Sending => {
@@ -496,8 +493,9 @@ impl Queue {
 
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
         // A record is plain data; JSON encoding cannot fail.
-        let json = serde_json::to_vec(rec).unwrap_or_default();
-        let value = crate::store::message_value(&json, &rec.body);
+        let value = crate::store::message_value(&rec.body, |out| {
+            let _ = serde_json::to_writer(out, rec);
+        });
         self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
         Ok(())
     }
@@ -505,7 +503,12 @@ impl Queue {
     /// The stored record of `seq`, with its body.
     pub fn record(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
         match self.trees.messages.get(seq.to_be_bytes())? {
-            Some(v) => decode(seq, &v, true).map(Some),
+            Some(v) => {
+                let (mut rec, at) = decode(seq, &v)?;
+                // The body stays in sled's buffer, shared, not copied.
+                rec.body = Bytes::from_owner(v).slice(at..);
+                Ok(Some(rec))
+            }
             None => Ok(None),
         }
     }
@@ -550,7 +553,7 @@ impl Queue {
         for item in self.trees.messages.iter().rev() {
             let (k, v) = item?;
             let seq = key_seq(&k);
-            let mut rec: MessageRecord = decode(seq, &v, false)?;
+            let mut rec: MessageRecord = decode(seq, &v)?.0;
             if integration.is_some_and(|i| i != rec.integration) {
                 continue;
             }
@@ -876,7 +879,7 @@ impl Queue {
         let mut errors: Vec<MessageRecord> = Vec::new();
         for item in self.trees.messages.iter() {
             let (k, v) = item.map_err(StoreError::from)?;
-            let rec: MessageRecord = decode(key_seq(&k), &v, false)?;
+            let rec: MessageRecord = decode(key_seq(&k), &v)?.0;
             if rec.integration == integration && rec.state == MessageState::Error {
                 errors.push(rec);
             }
@@ -905,7 +908,7 @@ impl Queue {
         for item in self.trees.messages.iter() {
             let (k, v) = item?;
             let seq = key_seq(&k);
-            let rec: MessageRecord = decode(seq, &v, false)?;
+            let rec: MessageRecord = decode(seq, &v)?.0;
             if rec.created_ms >= cutoff_ms {
                 break;
             }

@@ -31,12 +31,15 @@ pub const SCHEMA_VERSION: u32 = 3;
 const MESSAGE_LAYOUT: u8 = 1;
 
 /// A message as stored: the layout byte, the length of the JSON record
-/// (u32 BE), the JSON record, then the body bytes as they came.
-pub fn message_value(json: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + json.len() + body.len());
+/// (u32 BE), the JSON record (written by `json`), then the body bytes as
+/// they came.
+pub fn message_value(body: &[u8], json: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + 512 + body.len());
     v.push(MESSAGE_LAYOUT);
-    v.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    v.extend_from_slice(json);
+    v.extend_from_slice(&[0; 4]);
+    json(&mut v);
+    let len = (v.len() - 5) as u32;
+    v[1..5].copy_from_slice(&len.to_be_bytes());
     v.extend_from_slice(body);
     v
 }
@@ -118,7 +121,7 @@ fn join_bodies(db: &Db) -> Result<(), StoreError> {
         let (k, v) = item?;
         if v.first() == Some(&b'{') {
             let body = bodies.get(&k)?.unwrap_or_default();
-            messages.insert(&k, message_value(&v, &body))?;
+            messages.insert(&k, message_value(&body, |out| out.extend_from_slice(&v)))?;
         }
     }
     db.flush()?;
@@ -474,7 +477,7 @@ mod tests {
 
     #[test]
     fn message_values_split_back_and_bad_ones_are_named() {
-        let v = message_value(b"{}", b"x");
+        let v = message_value(b"x", |out| out.extend_from_slice(b"{}"));
         assert_eq!(message_parts(&v).unwrap(), (&b"{}"[..], &b"x"[..]));
         assert!(message_parts(&v[..3]).unwrap_err().contains("shorter"));
         assert!(message_parts(&[1, 0, 0, 0, 9, b'{'])
