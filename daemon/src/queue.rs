@@ -2,14 +2,16 @@
 //!
 //! The message records in the store are the truth; what is due, what waits
 //! behind an ordering key and what is in flight is an index kept in memory
-//! and rebuilt from the records at start. That keeps a delivery to three
-//! sled writes (attempt, record, retention index) and no index to keep
+//! and rebuilt from the records at start. That keeps a delivery on the
+//! first try to one sled read and one write, and leaves no index to keep
 //! consistent on disk. `sending` exists only in memory: a message on disk is
 //! `queued` until it is `sent`, `error` or `ignored`, so after a crash every
 //! message that was being sent is simply queued again (at-least-once).
 //!
-//! Enqueue inserts under the queue lock (so ids, idempotency keys and
-//! ordering lines agree), then waits outside it for a shared flush
+//! Enqueue writes the record, claims its idempotency key by compare-and-
+//! swap, takes the queue lock only to add it to the schedule (ordering
+//! lines are keyed by `(order, seq)`, so any publishing order agrees), then
+//! waits for a shared flush
 //! ([`GroupCommit`]): one fsync acknowledges every enqueue of its round.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -301,6 +303,31 @@ impl Lane {
 struct State {
     lanes: HashMap<String, Lane>,
     shutting_down: bool,
+    /// Every record with a smaller seq has been looked at by the pruner,
+    /// and is gone, or unfinished then, or in `late`.
+    prune_cursor: u64,
+    /// `(finished at ms, seq)` of messages below the cursor that finished
+    /// (or were last touched) after the pruner passed them.
+    late: BTreeSet<(u64, u64)>,
+}
+
+impl State {
+    /// A message reached `sent` or `ignored` (or was touched again) at
+    /// `at_ms`: if the pruner's scan is already past it, it waits in
+    /// `late`. Called under the lock after the record is written.
+    fn finished(&mut self, seq: u64, at_ms: u64) {
+        if seq < self.prune_cursor {
+            self.late.insert((at_ms, seq));
+        }
+    }
+}
+
+/// What the pruner did with one record.
+enum Pruned {
+    Removed,
+    Kept,
+    /// The record changed since it was read: look again next time.
+    Changed,
 }
 
 /// The queue. Cheap to share behind an `Arc`.
@@ -419,9 +446,21 @@ impl Queue {
             .idempotency_key
             .as_ref()
             .map(|k| idempotency_key(&new.integration, k));
+        // A key whose message is gone (pruned part way, before an old
+        // crash) is free again: it is taken over below, from that seq.
+        let mut stale = None;
         if let Some(key) = &idem_key {
             if let Some(existing) = self.trees.idempotency.get(key).map_err(StoreError::from)? {
-                return self.duplicate(key_seq(&existing));
+                let first = key_seq(&existing);
+                if self
+                    .trees
+                    .messages
+                    .contains_key(first.to_be_bytes())
+                    .map_err(StoreError::from)?
+                {
+                    return self.duplicate(first);
+                }
+                stale = Some(existing);
             }
         }
         let seq = self.commit.store.generate_id()?;
@@ -454,7 +493,7 @@ impl Queue {
             let claimed = self
                 .trees
                 .idempotency
-                .compare_and_swap(&key, None::<&[u8]>, Some(&seq.to_be_bytes()[..]))
+                .compare_and_swap(&key, stale.as_deref(), Some(&seq.to_be_bytes()[..]))
                 .map_err(StoreError::from)?;
             if let Err(lost) = claimed {
                 self.trees
@@ -709,6 +748,9 @@ impl Queue {
         }
 
         let mut st = self.lock();
+        if end_state.is_some_and(|s| matches!(s, MessageState::Sent | MessageState::Ignored)) {
+            st.finished(seq, now);
+        }
         let lane = st.lanes.entry(rec.integration.clone()).or_default();
         lane.in_flight.remove(&seq);
         let key = rec.ordering_key.clone();
@@ -809,6 +851,7 @@ impl Queue {
         rec.state = MessageState::Ignored;
         rec.updated_ms = now;
         self.put(&rec)?;
+        st.finished(seq, now);
         drop(st);
         self.commit_sync()?;
         self.wake.notify_one();
@@ -819,10 +862,23 @@ impl Queue {
     /// order; an `error` original becomes `ignored`. A queued message is
     /// going out anyway and cannot be replayed.
     pub fn replay(&self, seq: u64) -> Result<MessageRecord, QueueError> {
+        self.replay_where(seq, |_| true)?
+            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))
+    }
+
+    /// Replays `seq` if `still(record)` holds under the lock; `None` if not.
+    fn replay_where(
+        &self,
+        seq: u64,
+        still: impl Fn(&MessageRecord) -> bool,
+    ) -> Result<Option<MessageRecord>, QueueError> {
         let mut st = self.lock();
         let mut orig = self
             .record(seq)?
             .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
+        if !still(&orig) {
+            return Ok(None);
+        }
         if orig.state == MessageState::Queued {
             return Err(QueueError::WrongState {
                 id: format_id(seq),
@@ -867,10 +923,11 @@ impl Queue {
         orig.replayed_by = Some(copy_seq);
         orig.updated_ms = now;
         self.put(&orig)?;
+        st.finished(seq, now);
         drop(st);
         self.commit_sync()?;
         self.wake.notify_one();
-        Ok(copy)
+        Ok(Some(copy))
     }
 
     /// Repair (SPEC §4): replays every `error` message of the integration,
@@ -885,9 +942,15 @@ impl Queue {
             }
         }
         errors.sort_by_key(|r| (r.order, r.seq));
+        // Only those still in error when their turn comes: a concurrent
+        // repair or replay may have taken one meanwhile.
         let mut copies = Vec::new();
         for rec in errors {
-            copies.push(self.replay(rec.seq)?);
+            match self.replay_where(rec.seq, |r| r.state == MessageState::Error) {
+                Ok(Some(copy)) => copies.push(copy),
+                Ok(None) | Err(QueueError::UnknownMessage(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(copies)
     }
@@ -895,57 +958,104 @@ impl Queue {
     /// Deletes sent and ignored messages (and their attempts) that finished
     /// before `cutoff_ms`. Returns how many.
     ///
-    /// There is no retention index to keep up on every delivery: records
+    /// There is no retention index to keep up on every delivery. Records
     /// are keyed by seq, seqs are handed out in creation order, and a
-    /// message finishes after it is created, so every candidate lies in the
-    /// prefix of records created before the cutoff. The scan walks that
-    /// prefix and stops at the first younger record. What it passes over
-    /// and keeps (errors, messages still queued or sent after the cutoff)
-    /// is read again next time; a clock stepped backwards only delays
-    /// pruning of the records created across the step.
+    /// message finishes after it is created, so the candidates are the
+    /// records created before the cutoff. A cursor walks them once: each
+    /// is removed, or left unfinished (when it finishes, [`State::finished`]
+    /// puts it in `late`), or finished too recently (put in `late` now).
+    /// Later runs read `late` and the records past the cursor, so a run
+    /// costs what it removes, not what stays. The walk stops at the first
+    /// record created after the cutoff, unless that record is dated in the
+    /// future (the clock was ahead when it was made): it is passed like
+    /// the others. The cursor lives in memory; after a restart the first
+    /// run walks from the start again.
     pub fn prune(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let now = now_ms();
         let mut pruned = 0;
-        for item in self.trees.messages.iter() {
+        let late: Vec<(u64, u64)> = {
+            let mut st = self.lock();
+            let keep = st.late.split_off(&(cutoff_ms, 0));
+            std::mem::replace(&mut st.late, keep).into_iter().collect()
+        };
+        for (_, seq) in late {
+            let Some(v) = self.trees.messages.get(seq.to_be_bytes())? else {
+                continue;
+            };
+            let rec = decode(seq, &v)?.0;
+            // Changed means touched again (replayed): it is in `late` anew.
+            if let Pruned::Removed = self.prune_one(&rec, &v, cutoff_ms, false)? {
+                pruned += 1;
+            }
+        }
+        let start = self.lock().prune_cursor;
+        for item in self.trees.messages.range(start.to_be_bytes()..) {
             let (k, v) = item?;
             let seq = key_seq(&k);
-            let rec: MessageRecord = decode(seq, &v)?.0;
-            if rec.created_ms >= cutoff_ms {
+            let rec = decode(seq, &v)?.0;
+            if (cutoff_ms..=now).contains(&rec.created_ms) {
                 break;
             }
-            let finished = matches!(rec.state, MessageState::Sent | MessageState::Ignored);
-            if !finished || rec.updated_ms >= cutoff_ms {
-                continue;
+            match self.prune_one(&rec, &v, cutoff_ms, true)? {
+                Pruned::Removed => pruned += 1,
+                Pruned::Kept => {}
+                Pruned::Changed => break,
             }
-            // Under the queue lock, which replay and ignore hold for their
-            // whole read-modify-write, and only if the record is still the
-            // one just read. Once it is gone nothing else finds the rest.
-            let removed = {
-                let _st = self.lock();
-                self.trees
-                    .messages
-                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
-                    .is_ok()
-            };
-            if !removed {
-                continue;
-            }
-            if let Some(key) = &rec.idempotency_key {
-                self.trees
-                    .idempotency
-                    .remove(idempotency_key(&rec.integration, key))?;
-            }
-            let attempt_keys: Vec<_> = self
-                .trees
-                .attempts
-                .scan_prefix(seq.to_be_bytes())
-                .keys()
-                .collect::<Result<_, _>>()?;
-            for ak in attempt_keys {
-                self.trees.attempts.remove(ak)?;
-            }
-            pruned += 1;
         }
         Ok(pruned)
+    }
+
+    /// Removes `rec` (read as `v`) if it finished before the cutoff; with
+    /// `advance`, moves the cursor past it. The decision is taken under the
+    /// queue lock against the record as it is now: finish, ignore and
+    /// replay write a record before they take the lock, so one that changed
+    /// since `v` was read is left for next time.
+    fn prune_one(
+        &self,
+        rec: &MessageRecord,
+        v: &[u8],
+        cutoff_ms: u64,
+        advance: bool,
+    ) -> Result<Pruned, StoreError> {
+        let seq = rec.seq;
+        let key = seq.to_be_bytes();
+        let mut st = self.lock();
+        if self.trees.messages.get(key)?.as_deref() != Some(v) {
+            return Ok(Pruned::Changed);
+        }
+        if advance {
+            st.prune_cursor = st.prune_cursor.max(seq + 1);
+        }
+        let finished = matches!(rec.state, MessageState::Sent | MessageState::Ignored);
+        if !finished {
+            return Ok(Pruned::Kept);
+        }
+        if rec.updated_ms >= cutoff_ms {
+            st.late.insert((rec.updated_ms, seq));
+            return Ok(Pruned::Kept);
+        }
+        // The idempotency key goes first (if it is still this message's):
+        // a key must never outlive its message, or it would swallow the
+        // next message sent with it.
+        if let Some(k) = &rec.idempotency_key {
+            let _ = self.trees.idempotency.compare_and_swap(
+                idempotency_key(&rec.integration, k),
+                Some(&key[..]),
+                None::<&[u8]>,
+            )?;
+        }
+        self.trees.messages.remove(key)?;
+        drop(st);
+        let attempt_keys: Vec<_> = self
+            .trees
+            .attempts
+            .scan_prefix(key)
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for ak in attempt_keys {
+            self.trees.attempts.remove(ak)?;
+        }
+        Ok(Pruned::Removed)
     }
 
     /// Makes every message of `integration` that waits for a MID server
@@ -1266,6 +1376,62 @@ mod tests {
         assert!(taken.is_empty());
         assert_eq!(next, Some(later));
         assert_eq!(q.record(m1).unwrap().unwrap().attempts, 1);
+    }
+
+    const DAY: u64 = 24 * 3600 * 1000;
+
+    #[tokio::test]
+    async fn prune_passes_what_it_keeps_once_and_finds_late_finishers() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let slow = enqueue(&q, None).await;
+        let fast = enqueue(&q, None).await;
+        // One dated a year ahead (the clock was ahead when it was made).
+        let ahead = enqueue(&q, None).await;
+        let mut rec = q.record(ahead).unwrap().unwrap();
+        rec.created_ms += 365 * DAY;
+        q.put(&rec).unwrap();
+        let after = enqueue(&q, None).await;
+        assert_eq!(take(&q, 10).len(), 4);
+        for seq in [fast, ahead, after] {
+            done(&q, seq, Disposition::Sent);
+        }
+        // A cutoff after all of them: the future-dated one is no stop.
+        let cutoff = now_ms() + 1;
+        assert_eq!(q.prune(cutoff).unwrap(), 3);
+        assert!(q.record(after).unwrap().is_none());
+        assert_eq!(q.lock().prune_cursor, after + 1, "the walk passed them all");
+        // `slow` was in flight when the walk passed it; it finishes now and
+        // is found in `late`, not by walking again.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        done(&q, slow, Disposition::Sent);
+        assert_eq!(q.prune(cutoff).unwrap(), 0, "finished after the cutoff");
+        assert_eq!(q.prune(now_ms() + 1).unwrap(), 1);
+        assert!(q.record(slow).unwrap().is_none());
+        assert!(q.lock().late.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_message_is_gone_is_free_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let keyed = || NewMessage {
+            idempotency_key: Some("k".into()),
+            ..new(None)
+        };
+        let first = q.enqueue(keyed()).await.unwrap();
+        take(&q, 10);
+        done(&q, parse_id(&first.id).unwrap(), Disposition::Sent);
+        assert_eq!(q.prune(now_ms() + 1).unwrap(), 1);
+        let again = q.enqueue(keyed()).await.unwrap();
+        assert!(!again.duplicate, "pruning took the key with the message");
+        // A key left behind with no message (a crash part way through an
+        // older prune) does not swallow the next message either.
+        let seq = parse_id(&again.id).unwrap();
+        q.trees.messages.remove(seq.to_be_bytes()).unwrap();
+        let third = q.enqueue(keyed()).await.unwrap();
+        assert!(!third.duplicate && third.id != again.id, "{third:?}");
+        assert_eq!(q.enqueue(keyed()).await.unwrap().id, third.id);
     }
 
     #[tokio::test]

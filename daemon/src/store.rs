@@ -114,7 +114,7 @@ pub struct MessageTrees {
 /// become one value. Safe to run again after a crash part way: a record
 /// still in JSON starts with `{`, and the bodies go only once every record
 /// is joined and flushed.
-fn join_bodies(db: &Db) -> Result<(), StoreError> {
+fn join_bodies(db: &Db, dir: &Path) -> Result<(), StoreError> {
     let messages = db.open_tree("messages")?;
     let bodies = db.open_tree("bodies")?;
     for item in messages.iter() {
@@ -124,8 +124,15 @@ fn join_bodies(db: &Db) -> Result<(), StoreError> {
             messages.insert(&k, message_value(&body, |out| out.extend_from_slice(&v)))?;
         }
     }
-    db.flush()?;
+    durable(db, dir)?;
     db.drop_tree("bodies")?;
+    durable(db, dir)
+}
+
+/// sled's flush and an fsync of its log, as [`Store::flush`] does.
+fn durable(db: &Db, dir: &Path) -> Result<(), StoreError> {
+    db.flush()?;
+    File::open(dir.join("db").join("db"))?.sync_data()?;
     Ok(())
 }
 
@@ -205,11 +212,11 @@ impl Store {
                     db.drop_tree("finished")?;
                 }
                 if found < 3 {
-                    join_bodies(&db)?;
+                    join_bodies(&db, dir)?;
                 }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                    db.flush()?;
+                    durable(&db, dir)?;
                 }
             }
             None => {

@@ -209,19 +209,38 @@ impl Session {
                 protocol_profile: protocol_profile.map(str::to_string),
                 timeout_ms: timeout.as_millis() as u64,
             };
-            // The whole request in one write: the body is in memory anyway,
-            // and one write is one wake of the connection instead of three.
-            let mut buf = Vec::with_capacity(body.len() + 512);
+            // Frames are gathered and written a chunk at a time: a request
+            // whose body fits one chunk (the usual case) is one write, one
+            // wake of the connection; a large body never sits in memory
+            // twice.
+            let mut buf = Vec::with_capacity(body.len().min(CHUNK) + 512);
             let encode = |frame: &Frame, buf: &mut Vec<u8>| {
                 outbox_proto::encode(frame, &limits, buf).map_err(|e| self.dropped(e))
             };
+            // A relay that refuses the request part way (body over its
+            // max_body, draining) stops the stream and answers with an
+            // error frame: stop writing and read it.
+            let mut refused = false;
             encode(&head, &mut buf)?;
             for chunk in body.chunks(CHUNK) {
                 encode(&Frame::BodyChunk(chunk.to_vec()), &mut buf)?;
+                if buf.len() >= CHUNK {
+                    refused = write_unless_stopped(&mut send, &buf)
+                        .await
+                        .map_err(|e| self.dropped(e))?;
+                    buf.clear();
+                    if refused {
+                        break;
+                    }
+                }
             }
-            encode(&Frame::End, &mut buf)?;
-            send.write_all(&buf).await.map_err(|e| self.dropped(e))?;
-            let _ = send.finish();
+            if !refused {
+                encode(&Frame::End, &mut buf)?;
+                write_unless_stopped(&mut send, &buf)
+                    .await
+                    .map_err(|e| self.dropped(e))?;
+                let _ = send.finish();
+            }
             let mut frames = FrameReader::new(&mut recv, limits);
             let (status, headers) = match frames.next().await.map_err(|e| self.dropped(e))? {
                 Some(Frame::ResponseHead { status, headers }) => (status, headers),
@@ -244,7 +263,10 @@ impl Session {
                         let room = keep.saturating_sub(excerpt.len());
                         excerpt.extend_from_slice(&data[..data.len().min(room)]);
                     }
-                    Some(Frame::End) | None => break,
+                    Some(Frame::End) => break,
+                    None => {
+                        return Err(self.dropped("the relay's answer ended before its end frame"))
+                    }
                     Some(Frame::Error { kind, message }) => {
                         return Err(RelayError::Remote {
                             name: self.name.clone(),
@@ -323,6 +345,16 @@ impl Session {
 
     pub fn via(&self) -> String {
         format!("mid:{} ({})", self.name, self.address)
+    }
+}
+
+/// Writes `buf`; `Ok(true)` if the peer stopped the stream (it will say
+/// why in its answer).
+async fn write_unless_stopped(send: &mut SendStream, buf: &[u8]) -> Result<bool, String> {
+    match send.write_all(buf).await {
+        Ok(()) => Ok(false),
+        Err(quinn::WriteError::Stopped(_)) => Ok(true),
+        Err(e) => Err(e.to_string()),
     }
 }
 

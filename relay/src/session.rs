@@ -214,6 +214,9 @@ async fn request(relay: &Relay, mut send: SendStream, mut recv: RecvStream) {
     let result = perform(relay, &mut send, &mut recv, &limits).await;
     if let Err(f) = result {
         tracing::info!(kind = ?f.kind, error = %f.message, "request refused or failed");
+        // The daemon may still be writing a body this relay will not read:
+        // stop it, so it turns to reading the error below.
+        let _ = recv.stop(0u32.into());
         let _ = write_frame(
             &mut send,
             &Frame::Error {

@@ -892,3 +892,30 @@ async fn bodies_over_one_chunk_cross_the_relay_whole() {
     let v: Value = serde_json::from_slice(&got.body).expect("the body is whole JSON");
     assert_eq!(v["big"].as_str().map(str::len), Some(150 * 1024));
 }
+
+/// A body over the relay's `max_body`, larger than the stream's flow
+/// control window: the relay stops the stream and says why, the daemon
+/// stops writing and reads it, and the message ends in `error` at once
+/// instead of waiting out its timeout and coming back.
+#[tokio::test]
+async fn a_body_over_the_relays_max_body_ends_in_error_promptly() {
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("max_body".into(), toml::Value::String("64KiB".into()));
+    let _relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    let big = "b".repeat(3 << 20);
+    let started = Instant::now();
+    let id = send(&d, "acme", json!({"message": "Create", "body": big})).await;
+    let m = d.wait_state(&id, "error", WAIT).await;
+    assert!(started.elapsed() < Duration::from_secs(15), "{m}");
+    let a = &attempts(&m)[0];
+    let error = a["error"].as_str().unwrap_or("");
+    assert!(error.contains("max_body"), "{a}");
+    assert_eq!(sink.count(), 0, "nothing reached the target");
+}
