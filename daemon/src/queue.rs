@@ -22,7 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
-use crate::store::{MessageTrees, Store, StoreError};
+use crate::store::{MessageTrees, Store, StoreError, StoredBody, INLINE_BODY_MAX};
 
 /// A message's state as users see it (SPEC §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -191,11 +191,20 @@ pub fn now_ms() -> u64 {
 }
 
 /// A stored message value without its body (scans), and where the body
-/// starts in `v`.
-fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, usize), StoreError> {
+/// starts in `v` if it is inline.
+fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, Option<usize>), StoreError> {
     let (json, body) = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
     let rec = serde_json::from_slice(json).map_err(|e| corrupt("messages", seq, e))?;
-    Ok((rec, v.len() - body.len()))
+    let at = match body {
+        StoredBody::Inline(b) => Some(v.len() - b.len()),
+        StoredBody::Apart => None,
+    };
+    Ok((rec, at))
+}
+
+/// Whether `body` is stored inside its message's value.
+fn inline(body: &[u8]) -> bool {
+    body.len() <= INLINE_BODY_MAX
 }
 
 fn corrupt(tree: &'static str, key: u64, e: impl std::fmt::Display) -> StoreError {
@@ -486,6 +495,12 @@ impl Queue {
             sent_attempt: None,
             body: new.body,
         };
+        if !inline(&rec.body) {
+            self.trees
+                .bodies
+                .insert(seq.to_be_bytes(), rec.body.as_ref())
+                .map_err(StoreError::from)?;
+        }
         self.put(&rec)?;
         if let Some(key) = idem_key {
             // The record is written before the key is claimed, so whoever
@@ -500,6 +515,12 @@ impl Queue {
                     .messages
                     .remove(seq.to_be_bytes())
                     .map_err(StoreError::from)?;
+                if !inline(&rec.body) {
+                    self.trees
+                        .bodies
+                        .remove(seq.to_be_bytes())
+                        .map_err(StoreError::from)?;
+                }
                 let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
                 return self.duplicate(first);
             }
@@ -532,7 +553,9 @@ impl Queue {
 
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
         // A record is plain data; JSON encoding cannot fail.
-        let value = crate::store::message_value(&rec.body, |out| {
+        // A body stored apart was written once, with the message.
+        let body = inline(&rec.body).then_some(&rec.body[..]);
+        let value = crate::store::message_value(body, |out| {
             let _ = serde_json::to_writer(out, rec);
         });
         self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
@@ -541,11 +564,20 @@ impl Queue {
 
     /// The stored record of `seq`, with its body.
     pub fn record(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
-        match self.trees.messages.get(seq.to_be_bytes())? {
+        let key = seq.to_be_bytes();
+        match self.trees.messages.get(key)? {
             Some(v) => {
                 let (mut rec, at) = decode(seq, &v)?;
                 // The body stays in sled's buffer, shared, not copied.
-                rec.body = Bytes::from_owner(v).slice(at..);
+                rec.body = match at {
+                    Some(at) => Bytes::from_owner(v).slice(at..),
+                    None => self
+                        .trees
+                        .bodies
+                        .get(key)?
+                        .map(Bytes::from_owner)
+                        .unwrap_or_default(),
+                };
                 Ok(Some(rec))
             }
             None => Ok(None),
@@ -906,6 +938,12 @@ impl Queue {
             idempotency_key: None,
             ..orig.clone()
         };
+        if !inline(&copy.body) {
+            self.trees
+                .bodies
+                .insert(copy_seq.to_be_bytes(), copy.body.as_ref())
+                .map_err(StoreError::from)?;
+        }
         self.put(&copy)?;
         let lane = st.lanes.entry(orig.integration.clone()).or_default();
         if orig.state == MessageState::Error {
@@ -1046,6 +1084,9 @@ impl Queue {
         }
         self.trees.messages.remove(key)?;
         drop(st);
+        // Also when the body was inline now: a store upgraded from schema
+        // 2 keeps its bodies apart whatever their size.
+        self.trees.bodies.remove(key)?;
         let attempt_keys: Vec<_> = self
             .trees
             .attempts
@@ -1409,6 +1450,39 @@ mod tests {
         assert_eq!(q.prune(now_ms() + 1).unwrap(), 1);
         assert!(q.record(slow).unwrap().is_none());
         assert!(q.lock().late.is_empty());
+    }
+
+    #[tokio::test]
+    async fn large_bodies_live_apart_and_go_with_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let big = Bytes::from(vec![b'x'; INLINE_BODY_MAX + 1]);
+        let id = q
+            .enqueue(NewMessage {
+                body: big.clone(),
+                ..new(None)
+            })
+            .await
+            .unwrap();
+        let seq = parse_id(&id.id).unwrap();
+        let small = enqueue(&q, None).await;
+        let stored = |seq: u64| q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
+        let apart = |seq: u64| q.trees.bodies.contains_key(seq.to_be_bytes()).unwrap();
+        assert!(stored(seq).len() < 1024, "the record alone");
+        assert!(apart(seq) && !apart(small));
+        assert_eq!(q.record(seq).unwrap().unwrap().body, big);
+        assert_eq!(&q.record(small).unwrap().unwrap().body[..], b"body");
+        take(&q, 10);
+        done(&q, seq, Disposition::Final(MessageState::Error));
+        assert!(stored(seq).len() < 2048, "a state change does not rewrite it");
+        let copy = q.replay(seq).unwrap();
+        assert!(apart(copy.seq));
+        assert_eq!(q.record(copy.seq).unwrap().unwrap().body, big);
+        take(&q, 10);
+        done(&q, copy.seq, Disposition::Sent);
+        done(&q, small, Disposition::Sent);
+        assert_eq!(q.prune(now_ms() + 1).unwrap(), 3);
+        assert!(q.trees.bodies.is_empty());
     }
 
     #[tokio::test]

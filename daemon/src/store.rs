@@ -4,8 +4,9 @@
 //! `integration \0 connection`), `oauth_profiles`, `protocol_profiles`,
 //! `inbound_users`, and the message trees of [`crate::queue`] (see
 //! [`MessageTrees`]). Catalog records are JSON, so a store can be read with
-//! any sled tool. A message's record and body are one value (see
-//! [`message_value`]): one write to enqueue, one read to deliver.
+//! any sled tool. A message's record and a body up to [`INLINE_BODY_MAX`]
+//! are one value (see [`message_value`]): one write to enqueue, one read to
+//! deliver; larger bodies have a tree of their own.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,30 +25,51 @@ use crate::model::Connection;
 ///
 /// 2: the attempt that delivered a message lives in its record; the
 /// `finished` retention index of version 1 is gone.
-/// 3: a message's record and body are one value; the `bodies` tree is gone.
+/// 3: message values carry a layout byte; a body up to
+/// [`INLINE_BODY_MAX`] is stored inside its message's value.
 pub const SCHEMA_VERSION: u32 = 3;
 
-/// The first byte of a message value in the layout of [`message_value`].
-const MESSAGE_LAYOUT: u8 = 1;
+/// Bodies up to this size are stored inside their message's value: one
+/// write to enqueue, one read to deliver. Larger ones live in the `bodies`
+/// tree, so a state change does not rewrite them and a scan of records
+/// does not read them.
+pub const INLINE_BODY_MAX: usize = 4 * 1024;
+
+/// Message value layouts (the first byte).
+const LAYOUT_INLINE: u8 = 1;
+const LAYOUT_APART: u8 = 2;
+
+/// Where a stored message's body is.
+#[derive(Debug, PartialEq)]
+pub enum StoredBody<'a> {
+    Inline(&'a [u8]),
+    /// In the `bodies` tree under the message's key.
+    Apart,
+}
 
 /// A message as stored: the layout byte, the length of the JSON record
-/// (u32 BE), the JSON record (written by `json`), then the body bytes as
-/// they came.
-pub fn message_value(body: &[u8], json: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + 512 + body.len());
-    v.push(MESSAGE_LAYOUT);
+/// (u32 BE), the JSON record (written by `json`), then, with an inline
+/// body (`Some`), the body bytes as they came.
+pub fn message_value(body: Option<&[u8]>, json: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let inline = body.unwrap_or_default();
+    let mut v = Vec::with_capacity(5 + 512 + inline.len());
+    v.push(if body.is_some() {
+        LAYOUT_INLINE
+    } else {
+        LAYOUT_APART
+    });
     v.extend_from_slice(&[0; 4]);
     json(&mut v);
     let len = (v.len() - 5) as u32;
     v[1..5].copy_from_slice(&len.to_be_bytes());
-    v.extend_from_slice(body);
+    v.extend_from_slice(inline);
     v
 }
 
 /// The JSON record and the body of a value written by [`message_value`].
-pub fn message_parts(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
+pub fn message_parts(v: &[u8]) -> Result<(&[u8], StoredBody<'_>), String> {
     match v {
-        [MESSAGE_LAYOUT, a, b, c, d, rest @ ..] => {
+        [layout @ (LAYOUT_INLINE | LAYOUT_APART), a, b, c, d, rest @ ..] => {
             let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
             if len > rest.len() {
                 return Err(format!(
@@ -55,9 +77,19 @@ pub fn message_parts(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
                     v.len()
                 ));
             }
-            Ok(rest.split_at(len))
+            let (json, tail) = rest.split_at(len);
+            match (*layout, tail) {
+                (LAYOUT_INLINE, body) => Ok((json, StoredBody::Inline(body))),
+                (_, []) => Ok((json, StoredBody::Apart)),
+                (_, tail) => Err(format!(
+                    "{} bytes after a record whose body is stored apart",
+                    tail.len()
+                )),
+            }
         }
-        [MESSAGE_LAYOUT, ..] => Err(format!("{} bytes, shorter than the header", v.len())),
+        [LAYOUT_INLINE | LAYOUT_APART, ..] => {
+            Err(format!("{} bytes, shorter than the header", v.len()))
+        }
         [b, ..] => Err(format!("unknown message layout {b}")),
         [] => Err("empty value".into()),
     }
@@ -102,30 +134,28 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// The trees that hold messages; [`crate::queue`] gives them meaning.
 #[derive(Clone)]
 pub struct MessageTrees {
-    /// `seq` (u64 BE) → message record and body, see [`message_value`].
+    /// `seq` (u64 BE) → message record, with its body inline up to
+    /// [`INLINE_BODY_MAX`]; see [`message_value`].
     pub messages: Tree,
+    /// `seq` → body of a message whose body is stored apart.
+    pub bodies: Tree,
     /// `seq ++ attempt number` (u64 BE ++ u32 BE) → attempt (JSON).
     pub attempts: Tree,
     /// `integration \0 idempotency key` → `seq`.
     pub idempotency: Tree,
 }
 
-/// Version 2 to 3: each JSON record and its body from the `bodies` tree
-/// become one value. Safe to run again after a crash part way: a record
-/// still in JSON starts with `{`, and the bodies go only once every record
-/// is joined and flushed.
-fn join_bodies(db: &Db, dir: &Path) -> Result<(), StoreError> {
+/// Version 2 to 3: each JSON record gets the layout header, with its body
+/// left where it is (apart). Nothing moves, so a crash part way loses
+/// nothing: a record still in JSON starts with `{` and is framed next time.
+fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
     let messages = db.open_tree("messages")?;
-    let bodies = db.open_tree("bodies")?;
     for item in messages.iter() {
         let (k, v) = item?;
         if v.first() == Some(&b'{') {
-            let body = bodies.get(&k)?.unwrap_or_default();
-            messages.insert(&k, message_value(&body, |out| out.extend_from_slice(&v)))?;
+            messages.insert(&k, message_value(None, |out| out.extend_from_slice(&v)))?;
         }
     }
-    durable(db, dir)?;
-    db.drop_tree("bodies")?;
     durable(db, dir)
 }
 
@@ -212,7 +242,7 @@ impl Store {
                     db.drop_tree("finished")?;
                 }
                 if found < 3 {
-                    join_bodies(&db, dir)?;
+                    frame_records(&db, dir)?;
                 }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
@@ -232,6 +262,7 @@ impl Store {
             inbound_users: db.open_tree("inbound_users")?,
             messages: MessageTrees {
                 messages: db.open_tree("messages")?,
+                bodies: db.open_tree("bodies")?,
                 attempts: db.open_tree("attempts")?,
                 idempotency: db.open_tree("idempotency")?,
             },
@@ -467,9 +498,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
-        for gone in [&b"finished"[..], b"bodies"] {
-            assert!(!db.tree_names().iter().any(|n| n.as_ref() == gone));
-        }
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
         let v = db
             .open_tree("messages")
             .unwrap()
@@ -478,15 +507,28 @@ mod tests {
             .unwrap();
         assert_eq!(
             message_parts(&v).unwrap(),
-            (&br#"{"seq":7}"#[..], &b"body"[..])
+            (&br#"{"seq":7}"#[..], StoredBody::Apart)
         );
+        let body = db.open_tree("bodies").unwrap().get(b"k7").unwrap().unwrap();
+        assert_eq!(body.as_ref(), b"body", "the body stays where it was");
     }
 
     #[test]
     fn message_values_split_back_and_bad_ones_are_named() {
-        let v = message_value(b"x", |out| out.extend_from_slice(b"{}"));
-        assert_eq!(message_parts(&v).unwrap(), (&b"{}"[..], &b"x"[..]));
+        let v = message_value(Some(b"x"), |out| out.extend_from_slice(b"{}"));
+        assert_eq!(
+            message_parts(&v).unwrap(),
+            (&b"{}"[..], StoredBody::Inline(b"x"))
+        );
         assert!(message_parts(&v[..3]).unwrap_err().contains("shorter"));
+        let apart = message_value(None, |out| out.extend_from_slice(b"{}"));
+        assert_eq!(
+            message_parts(&apart).unwrap(),
+            (&b"{}"[..], StoredBody::Apart)
+        );
+        let mut bad = apart.clone();
+        bad.push(0);
+        assert!(message_parts(&bad).unwrap_err().contains("stored apart"));
         assert!(message_parts(&[1, 0, 0, 0, 9, b'{'])
             .unwrap_err()
             .contains("past the end"));
