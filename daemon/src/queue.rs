@@ -1474,7 +1474,10 @@ mod tests {
         assert_eq!(&q.record(small).unwrap().unwrap().body[..], b"body");
         take(&q, 10);
         done(&q, seq, Disposition::Final(MessageState::Error));
-        assert!(stored(seq).len() < 2048, "a state change does not rewrite it");
+        assert!(
+            stored(seq).len() < 2048,
+            "a state change does not rewrite it"
+        );
         let copy = q.replay(seq).unwrap();
         assert!(apart(copy.seq));
         assert_eq!(q.record(copy.seq).unwrap().unwrap().body, big);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outbox_proto::{ErrorKind, Frame, FrameDecoder, Limits};
+use outbox_proto::{ChunkSource, ErrorKind, Frame, FrameReader, Limits};
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,6 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Body chunk size on request streams: well under the frame limit.
 const CHUNK: usize = 64 * 1024;
-/// Most bytes one read of a stream takes.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// One connected relay.
 pub struct Session {
@@ -241,7 +239,7 @@ impl Session {
                     .map_err(|e| self.dropped(e))?;
                 let _ = send.finish();
             }
-            let mut frames = FrameReader::new(&mut recv, limits);
+            let mut frames = FrameReader::new(Stream(&mut recv), limits);
             let (status, headers) = match frames.next().await.map_err(|e| self.dropped(e))? {
                 Some(Frame::ResponseHead { status, headers }) => (status, headers),
                 Some(Frame::Error { kind, message }) => {
@@ -369,38 +367,15 @@ pub async fn write_frame(
     send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
-/// Frames of one request or response stream, read a chunk at a time
-/// (one read usually brings a whole small message) and decoded by
-/// [`FrameDecoder`], which never buffers more than one frame within the
-/// limits plus one chunk.
-pub struct FrameReader<'a> {
-    recv: &'a mut RecvStream,
-    decoder: FrameDecoder,
-}
+/// A QUIC receive stream as the source of a [`FrameReader`].
+struct Stream<'a>(&'a mut RecvStream);
 
-impl<'a> FrameReader<'a> {
-    pub fn new(recv: &'a mut RecvStream, limits: Limits) -> Self {
-        FrameReader {
-            recv,
-            decoder: FrameDecoder::new(limits),
-        }
-    }
+impl ChunkSource for Stream<'_> {
+    type Chunk = Bytes;
+    type Error = quinn::ReadError;
 
-    /// The next frame; `None` when the stream ended cleanly between frames.
-    pub async fn next(&mut self) -> Result<Option<Frame>, String> {
-        loop {
-            if let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
-                return Ok(Some(frame));
-            }
-            match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
-                Ok(None) => {
-                    self.decoder.end_of_stream().map_err(|e| e.to_string())?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
+        Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
     }
 }
 

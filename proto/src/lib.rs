@@ -92,6 +92,7 @@ mod decoder;
 mod frame;
 mod handshake;
 mod limits;
+mod reader;
 mod wire;
 
 pub use codec::{decode_one, decode_payload, encode, frame_len, DecodeError, EncodeError};
@@ -101,3 +102,4 @@ pub use handshake::{
     check_name, check_version, NameError, ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use limits::{LimitExceeded, Limits, FRAME_CEILING, HEADER_LEN};
+pub use reader::{ChunkSource, FrameReader};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::{ErrorKind, Frame, FrameDecoder, Limits, ALPN, PROTOCOL_VERSION};
+use outbox_proto::{ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +22,6 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK: usize = 64 * 1024;
-/// Most bytes one read of a stream takes.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// The QUIC client endpoint shared by all sessions.
 pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
@@ -238,7 +236,7 @@ async fn perform(
     limits: &Limits,
 ) -> Result<(), Failure> {
     let protocol = |e: String| Failure::new(ErrorKind::Protocol, e);
-    let mut frames = FrameReader::new(recv, *limits);
+    let mut frames = FrameReader::new(Stream(recv), *limits);
     let Some(Frame::RequestHead {
         method,
         url,
@@ -352,38 +350,15 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> R
     send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
-/// Frames of one request or response stream, read a chunk at a time
-/// (one read usually brings a whole small message) and decoded by
-/// [`FrameDecoder`], which never buffers more than one frame within the
-/// limits plus one chunk.
-pub struct FrameReader<'a> {
-    recv: &'a mut RecvStream,
-    decoder: FrameDecoder,
-}
+/// A QUIC receive stream as the source of a [`FrameReader`].
+struct Stream<'a>(&'a mut RecvStream);
 
-impl<'a> FrameReader<'a> {
-    pub fn new(recv: &'a mut RecvStream, limits: Limits) -> Self {
-        FrameReader {
-            recv,
-            decoder: FrameDecoder::new(limits),
-        }
-    }
+impl ChunkSource for Stream<'_> {
+    type Chunk = Bytes;
+    type Error = quinn::ReadError;
 
-    /// The next frame; `None` when the stream ended cleanly between frames.
-    pub async fn next(&mut self) -> Result<Option<Frame>, String> {
-        loop {
-            if let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
-                return Ok(Some(frame));
-            }
-            match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
-                Ok(None) => {
-                    self.decoder.end_of_stream().map_err(|e| e.to_string())?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
+        Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
     }
 }
 
