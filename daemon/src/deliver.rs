@@ -44,12 +44,12 @@ pub struct Prepared {
 
 /// Builds the request of `rec` from the active connection and message type:
 /// `endpoint_url` joined with the expanded path, the type's headers, the
-/// producer's headers, and `Idempotency-Key: <message id>`.
+/// producer's headers, and `Idempotency-Key: <message id>`; the body is
+/// the record's.
 pub fn build(
     connection: &Connection,
     message_type: &MessageType,
     rec: &MessageRecord,
-    body: Bytes,
 ) -> Result<Prepared, String> {
     let id = format_id(rec.seq);
     let lookup = |r: &Ref<'_>| -> Option<String> {
@@ -93,7 +93,7 @@ pub fn build(
         method,
         url,
         headers,
-        body,
+        body: rec.body.clone(),
     })
 }
 
@@ -511,7 +511,7 @@ mod tests {
             ]
             .into(),
         };
-        let p = build(&connection(""), &mt, &record(), Bytes::from_static(b"{}")).unwrap();
+        let p = build(&connection(""), &mt, &record()).unwrap();
         assert_eq!(p.url, "https://acme.example.com/api/incident/x%20y");
         assert_eq!(p.method, Method::POST);
         assert_eq!(p.headers["idempotency-key"], "000000000000002a");
@@ -521,7 +521,7 @@ mod tests {
             path: "/api/${params.missing}".into(),
             ..mt
         };
-        let e = build(&connection(""), &bad, &record(), Bytes::new()).unwrap_err();
+        let e = build(&connection(""), &bad, &record()).unwrap_err();
         assert!(e.contains("unknown params key \"missing\""), "{e}");
     }
 

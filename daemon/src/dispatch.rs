@@ -92,15 +92,14 @@ pub async fn prune(app: Arc<App>, shutdown: CancellationToken) {
 
 /// One attempt for message `seq` of `integration`.
 async fn attempt(app: &App, integration: &str, seq: u64) {
-    let job = match app.queue.job(seq) {
-        Ok(Some(job)) => job,
+    let rec = match app.queue.job(seq) {
+        Ok(Some(rec)) => rec,
         Ok(None) => return app.queue.release(integration, seq),
         Err(e) => {
             tracing::error!(error = %e, "message cannot be read; left queued");
             return app.queue.release(integration, seq);
         }
     };
-    let rec = job.record;
     let catalog = app.catalog();
     let Some(entry) = catalog.integrations.get(integration) else {
         return finish(app, rec, None, Disposition::PutBack);
@@ -145,7 +144,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                 rec.message
             )
         })
-        .and_then(|mt| deliver::build(connection, mt, &rec, job.body.clone()));
+        .and_then(|mt| deliver::build(connection, mt, &rec));
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {

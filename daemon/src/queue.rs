@@ -215,13 +215,6 @@ fn corrupt(tree: &'static str, key: u64, e: impl std::fmt::Display) -> StoreErro
     }
 }
 
-/// A message taken for delivery.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub record: MessageRecord,
-    pub body: Bytes,
-}
-
 /// The in-memory schedule of one integration.
 #[derive(Default)]
 struct Lane {
@@ -699,17 +692,13 @@ impl Queue {
         (taken, next)
     }
 
-    /// Loads the record and body of a message taken by [`Queue::take_due`].
-    /// `None` if it vanished (pruned or ignored meanwhile).
-    pub fn job(&self, seq: u64) -> Result<Option<Job>, StoreError> {
-        let Some(record) = self.record(seq)? else {
-            return Ok(None);
-        };
-        if record.state != MessageState::Queued {
-            return Ok(None);
-        }
-        let body = record.body.clone();
-        Ok(Some(Job { record, body }))
+    /// The record, with its body, of a message taken by
+    /// [`Queue::take_due`]; `None` if it vanished (pruned or ignored
+    /// meanwhile).
+    pub fn job(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        Ok(self
+            .record(seq)?
+            .filter(|r| r.state == MessageState::Queued))
     }
 
     /// Gives back a taken message that could not be loaded.
