@@ -196,7 +196,7 @@ impl Session {
         let started = Instant::now();
         let limits = Limits::default();
         let work = async {
-            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.dropped(e))?;
+            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.dropped(e))?;
             let head = Frame::RequestHead {
                 method: method.to_string(),
                 url: url.to_string(),
@@ -239,7 +239,7 @@ impl Session {
                     .map_err(|e| self.dropped(e))?;
                 let _ = send.finish();
             }
-            let mut frames = FrameReader::new(Stream(&mut recv), limits);
+            let mut frames = FrameReader::new(Stream(recv), limits);
             let (status, headers) = match frames.next().await.map_err(|e| self.dropped(e))? {
                 Some(Frame::ResponseHead { status, headers }) => (status, headers),
                 Some(Frame::Error { kind, message }) => {
@@ -367,34 +367,18 @@ pub async fn write_frame(
     send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
-/// A QUIC receive stream as the source of a [`FrameReader`].
-struct Stream<'a>(&'a mut RecvStream);
+/// A QUIC receive stream as the source of a [`FrameReader`]. Every stream
+/// is read through one reader for its whole life, so nothing read ahead is
+/// lost.
+struct Stream(RecvStream);
 
-impl ChunkSource for Stream<'_> {
+impl ChunkSource for Stream {
     type Chunk = Bytes;
     type Error = quinn::ReadError;
 
     async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
         Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
     }
-}
-
-/// Reads one frame; `None` when the stream ended cleanly between frames.
-pub async fn read_frame(recv: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, String> {
-    let mut header = [0u8; 4];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = outbox_proto::frame_len(header, limits).map_err(|e| e.to_string())?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    outbox_proto::decode_payload(&payload, limits)
-        .map(Some)
-        .map_err(|e| e.to_string())
 }
 
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.
@@ -465,12 +449,13 @@ async fn session(
 ) {
     let limits = Limits::default();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut recv, &limits).await?;
-        Ok::<_, String>((send, recv, frame))
+        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let mut control = FrameReader::new(Stream(recv), limits);
+        let frame = control.next().await?;
+        Ok::<_, String>((send, control, frame))
     })
     .await;
-    let (mut send, mut recv, frame) = match hello {
+    let (mut send, mut control, frame) = match hello {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::warn!(%address, error = %e, "relay refused: no valid hello");
@@ -538,7 +523,7 @@ async fn session(
 
     // Control stream: answer heartbeats until the relay goes quiet or away.
     let reason = loop {
-        match tokio::time::timeout(HEARTBEAT * 3, read_frame(&mut recv, &limits)).await {
+        match tokio::time::timeout(HEARTBEAT * 3, control.next()).await {
             Err(_) => break "no heartbeat for 15s".to_string(),
             Ok(Err(e)) => break e,
             Ok(Ok(None)) => break "control stream closed".to_string(),

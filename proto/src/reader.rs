@@ -41,6 +41,11 @@ impl<S: ChunkSource> FrameReader<S> {
         }
     }
 
+    /// The source, e.g. to stop a stream whose rest will not be read.
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
     /// The next frame; `None` when the stream ended cleanly between frames.
     /// Errors name what was wrong: the source's error, a bad frame, or a
     /// stream that ended inside a frame.

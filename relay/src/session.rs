@@ -102,7 +102,7 @@ pub async fn keep(
     .await
 }
 
-type Control = (SendStream, RecvStream, Duration);
+type Control = (SendStream, FrameReader<Stream>, Duration);
 
 async fn connect(
     relay: &Relay,
@@ -128,7 +128,8 @@ async fn connect(
         .map_err(|e| format!("QUIC handshake with {}: {e}", daemon.address))?;
     let limits = Limits::default();
     let hello = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut control = FrameReader::new(Stream(recv), limits);
         let frame = Frame::Hello {
             name: relay.config.name.clone(),
             token: relay.config.token.expose().to_string(),
@@ -136,7 +137,7 @@ async fn connect(
             relay_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         write_frame(&mut send, &frame, &limits).await?;
-        match read_frame(&mut recv, &limits).await? {
+        match control.next().await? {
             Some(Frame::Accept {
                 heartbeat_interval_ms,
                 session_id,
@@ -144,7 +145,7 @@ async fn connect(
             }) => {
                 tracing::info!(session = session_id, %daemon_version, "session open");
                 let every = Duration::from_millis(heartbeat_interval_ms.clamp(500, 60_000));
-                Ok((send, recv, every))
+                Ok((send, control, every))
             }
             Some(Frame::Reject { reason }) => {
                 Err(format!("the daemon refused this relay: {reason}"))
@@ -170,14 +171,14 @@ async fn serve(
     control: Control,
     stop: &CancellationToken,
 ) -> String {
-    let (mut send, mut recv, every) = control;
+    let (mut send, mut control, every) = control;
     let limits = Limits::default();
     let heartbeat = async {
         let mut seq = 0u64;
         loop {
             seq += 1;
             write_frame(&mut send, &Frame::Heartbeat { seq }, &limits).await?;
-            let answered = tokio::time::timeout(every * 3, read_frame(&mut recv, &limits)).await;
+            let answered = tokio::time::timeout(every * 3, control.next()).await;
             match answered {
                 Err(_) => return Err::<(), String>("no heartbeat answer".into()),
                 Ok(Err(e)) => return Err(e),
@@ -207,14 +208,15 @@ async fn serve(
 }
 
 /// One request stream: read the head and body, perform, stream the answer.
-async fn request(relay: &Relay, mut send: SendStream, mut recv: RecvStream) {
+async fn request(relay: &Relay, mut send: SendStream, recv: RecvStream) {
     let limits = Limits::default();
-    let result = perform(relay, &mut send, &mut recv, &limits).await;
+    let mut frames = FrameReader::new(Stream(recv), limits);
+    let result = perform(relay, &mut send, &mut frames, &limits).await;
     if let Err(f) = result {
         tracing::info!(kind = ?f.kind, error = %f.message, "request refused or failed");
         // The daemon may still be writing a body this relay will not read:
         // stop it, so it turns to reading the error below.
-        let _ = recv.stop(0u32.into());
+        let _ = frames.source_mut().0.stop(0u32.into());
         let _ = write_frame(
             &mut send,
             &Frame::Error {
@@ -232,11 +234,10 @@ async fn request(relay: &Relay, mut send: SendStream, mut recv: RecvStream) {
 async fn perform(
     relay: &Relay,
     send: &mut SendStream,
-    recv: &mut RecvStream,
+    frames: &mut FrameReader<Stream>,
     limits: &Limits,
 ) -> Result<(), Failure> {
     let protocol = |e: String| Failure::new(ErrorKind::Protocol, e);
-    let mut frames = FrameReader::new(Stream(recv), *limits);
     let Some(Frame::RequestHead {
         method,
         url,
@@ -350,31 +351,16 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> R
     send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
-/// A QUIC receive stream as the source of a [`FrameReader`].
-struct Stream<'a>(&'a mut RecvStream);
+/// A QUIC receive stream as the source of a [`FrameReader`]. Every stream
+/// is read through one reader for its whole life, so nothing read ahead is
+/// lost.
+struct Stream(RecvStream);
 
-impl ChunkSource for Stream<'_> {
+impl ChunkSource for Stream {
     type Chunk = Bytes;
     type Error = quinn::ReadError;
 
     async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
         Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
     }
-}
-
-async fn read_frame(recv: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, String> {
-    let mut header = [0u8; 4];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = outbox_proto::frame_len(header, limits).map_err(|e| e.to_string())?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    outbox_proto::decode_payload(&payload, limits)
-        .map(Some)
-        .map_err(|e| e.to_string())
 }
