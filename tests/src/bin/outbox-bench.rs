@@ -1106,6 +1106,33 @@ impl Daemon {
             .cloned()
             .ok_or_else(|| anyhow!("integration {INTEGRATION} missing from /v1/status: {status}"))
     }
+
+    /// Activates `connection` of the bench integration (starts a delivery).
+    async fn activate(&self, c: &HttpClient, connection: &str) -> Result<()> {
+        let path = format!("/v1/integrations/{INTEGRATION}/connections/{connection}/activate");
+        self.api(c, Method::POST, &path, None).await?;
+        Ok(())
+    }
+
+    /// Waits until the daemon records every message of the integration as
+    /// done (queue depth 0): seconds since `t0`, `None` past `deadline`,
+    /// and the integration's status at the end.
+    async fn drained(
+        &self,
+        c: &HttpClient,
+        t0: Instant,
+        deadline: Instant,
+    ) -> Result<(Option<f64>, Value)> {
+        let mut state = Value::Null;
+        while Instant::now() < deadline {
+            state = self.integration(c).await?;
+            if state["queue_depth"] == 0 {
+                return Ok((Some(t0.elapsed().as_secs_f64()), state));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok((None, state))
+    }
 }
 
 impl Tunnel {
@@ -1210,6 +1237,17 @@ fn delivery_request(sink: SocketAddr, body: &Bytes) -> MakeRequest {
             .body(Full::new(body.clone()))
             .expect("a valid request")
     })
+}
+
+/// From the sink's stats (answered at `answered`, times as "how long
+/// ago"): seconds from `t0` until the last key and until the first.
+fn sink_times(answered: Instant, stats: &Value, t0: Instant) -> (f64, f64) {
+    let at = |k: &str| {
+        (answered - Duration::from_micros(stats[k].as_u64().unwrap_or(0)))
+            .saturating_duration_since(t0)
+            .as_secs_f64()
+    };
+    (at("done_ago_us"), at("first_ago_us"))
 }
 
 /// Waits until the sink has seen `n` distinct keys; answers when its
@@ -1466,37 +1504,15 @@ async fn enqueue_and_delivery(
     );
     let sampler = RssSampler::start(pid, o.sample_every);
     let t0 = Instant::now();
-    daemon
-        .api(
-            &c,
-            Method::POST,
-            &format!("/v1/integrations/{INTEGRATION}/connections/{CONNECTION}/activate"),
-            None,
-        )
-        .await?;
+    daemon.activate(&c, CONNECTION).await?;
     let delivered = sink_wait(&c, sink.addr, queued, deadline).await;
     let del_cpu = CpuAcc::of(snap, queued);
     let (del_rss_max, del_rss_mean, _) = sampler.finish();
     let del_hwm = proc_status_kib(pid, "VmHWM").unwrap_or(0);
     let (answered, del_stats) = delivered?;
-    let ago = |k: &str| Duration::from_micros(del_stats[k].as_u64().unwrap_or(0));
-    let del_secs = (answered - ago("done_ago_us"))
-        .saturating_duration_since(t0)
-        .as_secs_f64();
-    let first_at = (answered - ago("first_ago_us"))
-        .saturating_duration_since(t0)
-        .as_secs_f64();
+    let (del_secs, first_at) = sink_times(answered, &del_stats, t0);
     // The daemon's own view: every message recorded sent.
-    let mut drained = None;
-    let mut final_state = Value::Null;
-    while Instant::now() < deadline {
-        final_state = daemon.integration(&c).await?;
-        if final_state["queue_depth"] == 0 {
-            drained = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (drained, final_state) = daemon.drained(&c, t0, deadline).await?;
     let rss_end = proc_status_kib(pid, "VmRSS").unwrap_or(0);
     let hwm_total = proc_status_kib(pid, "VmHWM").unwrap_or(0);
 
@@ -1975,36 +1991,14 @@ async fn timed_delivery(
         &[("outboxd", pid), ("relay", rpid)],
     );
     let t0 = Instant::now();
-    daemon
-        .api(
-            c,
-            Method::POST,
-            &format!("/v1/integrations/{INTEGRATION}/connections/{connection}/activate"),
-            None,
-        )
-        .await?;
+    daemon.activate(c, connection).await?;
     let delivered = sink_wait(c, sink.addr, n, deadline).await;
     cpu.add(snap);
     let (rss_max, rss_mean, _) = sampler.finish();
     let hwm = proc_status_kib(rpid, "VmHWM").unwrap_or(0);
     let (answered, stats) = delivered.map_err(|e| anyhow!("{e}\n{}", relay.log_tail()))?;
-    let ago = |k: &str| Duration::from_micros(stats[k].as_u64().unwrap_or(0));
-    let secs = (answered - ago("done_ago_us"))
-        .saturating_duration_since(t0)
-        .as_secs_f64();
-    let first_secs = (answered - ago("first_ago_us"))
-        .saturating_duration_since(t0)
-        .as_secs_f64();
-    let mut drained_secs = None;
-    let mut state = Value::Null;
-    while Instant::now() < deadline {
-        state = daemon.integration(c).await?;
-        if state["queue_depth"] == 0 {
-            drained_secs = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (secs, first_secs) = sink_times(answered, &stats, t0);
+    let (drained_secs, state) = daemon.drained(c, t0, deadline).await?;
     Ok(Delivery {
         secs,
         first_secs,
