@@ -120,13 +120,8 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         via: "direct".into(),
         ..Default::default()
     };
-    let where_ = format!(
-        "{integration}/{} ({})",
-        connection.name, connection.environment
-    );
-
     if let Err(e) = deliver::guard(&app.config.instance_name, connection) {
-        tracing::warn!(connection = %connection.name, error = %e, "{where_}: not sent");
+        tracing::warn!(connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
         base.error = Some(e);
         base.outcome = "error".into();
         return finish(
@@ -148,7 +143,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(error = %e, "{where_}: request cannot be built");
+            tracing::warn!(connection = %connection.name, environment = %connection.environment, error = %e, "request cannot be built");
             base.error = Some(e);
             base.outcome = "error".into();
             return finish(

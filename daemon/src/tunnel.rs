@@ -242,14 +242,7 @@ impl Session {
             let mut frames = FrameReader::new(Stream(recv), limits);
             let (status, headers) = match frames.next().await.map_err(|e| self.dropped(e))? {
                 Some(Frame::ResponseHead { status, headers }) => (status, headers),
-                Some(Frame::Error { kind, message }) => {
-                    return Err(RelayError::Remote {
-                        name: self.name.clone(),
-                        address: self.address,
-                        kind,
-                        message,
-                    })
-                }
+                Some(Frame::Error { kind, message }) => return Err(self.remote(kind, message)),
                 other => {
                     return Err(self.dropped(format!("expected a response head, got {other:?}")))
                 }
@@ -265,14 +258,7 @@ impl Session {
                     None => {
                         return Err(self.dropped("the relay's answer ended before its end frame"))
                     }
-                    Some(Frame::Error { kind, message }) => {
-                        return Err(RelayError::Remote {
-                            name: self.name.clone(),
-                            address: self.address,
-                            kind,
-                            message,
-                        })
-                    }
+                    Some(Frame::Error { kind, message }) => return Err(self.remote(kind, message)),
                     Some(other) => {
                         return Err(
                             self.dropped(format!("unexpected frame in a response body: {other:?}"))
@@ -306,12 +292,7 @@ impl Session {
                 ..
             })) => (
                 Err(SendError::Timeout(timeout)),
-                Err(RelayError::Remote {
-                    name: self.name.clone(),
-                    address: self.address,
-                    kind: ErrorKind::Timeout,
-                    message,
-                }),
+                Err(self.remote(ErrorKind::Timeout, message)),
             ),
             Ok(Err(e)) => {
                 if matches!(e, RelayError::Dropped { .. }) {
@@ -330,6 +311,16 @@ impl Session {
                 ));
                 (Err(SendError::Failed(e.to_string())), Err(e))
             }
+        }
+    }
+
+    /// The relay answered this request with an error frame.
+    fn remote(&self, kind: ErrorKind, message: String) -> RelayError {
+        RelayError::Remote {
+            name: self.name.clone(),
+            address: self.address,
+            kind,
+            message,
         }
     }
 
