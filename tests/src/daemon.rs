@@ -66,16 +66,28 @@ pub struct DaemonBuilder {
 /// A running (or stopped) `outboxd` with its temporary directory, which
 /// holds the config file, the log and the data dir, and survives restarts.
 pub struct Daemon {
-    dir: tempfile::TempDir,
+    /// The temporary directory; [`dir`](Self::dir) is the usual way to it.
+    /// Public for suites that still write `d.dir.path()`.
+    pub dir: tempfile::TempDir,
     port: u16,
     token: String,
     config_path: PathBuf,
     env: Vec<(String, String)>,
     child: Option<Child>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    api: ApiClient,
     starts: u32,
     /// A panic message already carried the log tail; Drop need not repeat it.
     log_shown: bool,
+}
+
+/// A cheap, cloneable client of one daemon's API (its URL and token), for
+/// producers spawned as `'static` tasks; [`Daemon::api_client`] makes one.
+/// Its connection pool is its own: after a restart, take a fresh one.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// An API response.
@@ -175,11 +187,11 @@ impl DaemonBuilder {
         Daemon {
             dir,
             port,
+            api: ApiClient::new(port, &self.token),
             token: self.token,
             config_path,
             env: self.env,
             child: None,
-            client: api_client(),
             starts: 0,
             log_shown: false,
         }
@@ -424,6 +436,11 @@ impl Daemon {
         )
     }
 
+    /// A cloneable client of this daemon's API, to move into spawned tasks.
+    pub fn api_client(&self) -> ApiClient {
+        self.api.clone()
+    }
+
     /// An API request; `Err` with the reason when no response came back
     /// (within [`REQUEST_TIMEOUT`]).
     pub async fn try_request(
@@ -434,43 +451,9 @@ impl Daemon {
         body: Option<(&str, Bytes)>,
         headers: &[(&str, &str)],
     ) -> Result<ApiReply, String> {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.api_url()));
-        if let Some(t) = token {
-            b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let req = match body {
-            Some((content_type, bytes)) => b
-                .header(http::header::CONTENT_TYPE, content_type)
-                .body(Full::new(bytes)),
-            None => b.body(Full::new(Bytes::new())),
-        }
-        .map_err(|e| format!("bad request: {e}"))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| crate::client::error_chain(&e))?;
-            let (parts, body) = resp.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| crate::client::error_chain(&e))?
-                .to_bytes();
-            Ok(ApiReply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        self.api
+            .try_request(method, path, token, body, headers)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
     }
 
     /// An API request with any token (or none), for tests of refusals;
@@ -506,10 +489,14 @@ impl Daemon {
         (r.status, r.text())
     }
 
-    /// `POST path` with a JSON body and the token.
-    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        self.post_body(path, "application/json", Bytes::from(body.to_string()), &[])
-            .await
+    /// `POST path` with a JSON body (a `Value` or a `&Value`) and the token.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: impl std::borrow::Borrow<Value>,
+    ) -> (StatusCode, Value) {
+        let body = Bytes::from(body.borrow().to_string());
+        self.post_body(path, "application/json", body, &[]).await
     }
 
     /// `POST path` with any body, content type and extra headers (e.g.
@@ -622,7 +609,7 @@ impl Daemon {
     async fn spawn_and_wait(&mut self) {
         self.starts += 1;
         // A fresh pool: connections to a previous process are dead.
-        self.client = api_client();
+        self.api = ApiClient::new(self.port, &self.token);
         let log_path = self.log_path();
         let mut cmd = self.outboxd_command(&[]);
         let mut log = std::fs::OpenOptions::new()
@@ -668,6 +655,84 @@ impl Daemon {
     }
 }
 
+impl ApiClient {
+    fn new(port: u16, token: &str) -> ApiClient {
+        ApiClient {
+            base: format!("http://127.0.0.1:{port}"),
+            token: token.into(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// An API request, as [`Daemon::try_request`].
+    pub async fn try_request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Bytes)>,
+        headers: &[(&str, &str)],
+    ) -> Result<ApiReply, String> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = match body {
+            Some((content_type, bytes)) => b
+                .header(http::header::CONTENT_TYPE, content_type)
+                .body(Full::new(bytes)),
+            None => b.body(Full::new(Bytes::new())),
+        }
+        .map_err(|e| format!("bad request: {e}"))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| crate::client::error_chain(&e))?;
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| crate::client::error_chain(&e))?
+                .to_bytes();
+            Ok(ApiReply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
+    }
+
+    /// `POST /v1/integrations/{integration}/messages` with a JSON envelope
+    /// and the token; `Err` when no response came back, so a producer racing
+    /// a shutdown or a kill can tell an unacknowledged message.
+    pub async fn enqueue(
+        &self,
+        integration: &str,
+        envelope: &Value,
+    ) -> Result<(StatusCode, Value), String> {
+        let r = self
+            .try_request(
+                Method::POST,
+                &format!("/v1/integrations/{integration}/messages"),
+                Some(&self.token),
+                Some(("application/json", Bytes::from(envelope.to_string()))),
+                &[],
+            )
+            .await?;
+        Ok((r.status, r.json()))
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() && !self.log_shown && self.log_path().exists() {
@@ -696,10 +761,6 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
             }
         }
     }
-}
-
-fn api_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
 }
 
 /// The `OUTBOX_*` variables of this process, which would override the

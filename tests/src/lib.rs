@@ -35,7 +35,7 @@ mod server;
 pub mod sink;
 pub mod wait;
 
-pub use daemon::{ApiReply, Daemon, DaemonBuilder};
+pub use daemon::{ApiClient, ApiReply, Daemon, DaemonBuilder};
 pub use oauth::{OAuthServer, OAuthServerBuilder};
 pub use pki::{Identity, Pki, PkiFiles};
 pub use sink::{Received, Reply, Sink, SinkBuilder};

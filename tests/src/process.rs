@@ -61,6 +61,29 @@ pub fn signal_child(child: &mut Child, sig: libc::c_int) -> io::Result<Option<Ex
     signal(child.id(), sig).map(|()| None)
 }
 
+/// SIGTERM to `child`, then waits (at most `limit`, without blocking the
+/// async runtime) for its exit status; on timeout kills it with SIGKILL
+/// and panics. For children a test spawns itself (a relay, a second
+/// `outboxd`); [`Daemon::terminate`](crate::Daemon::terminate) does this
+/// for the daemon.
+pub async fn terminate(child: &mut Child, limit: Duration) -> ExitStatus {
+    match signal_child(child, libc::SIGTERM) {
+        Ok(None) => {}
+        Ok(Some(status)) => return status,
+        Err(e) => panic!("SIGTERM to process {}: {e}", child.id()),
+    }
+    match wait_exit(child, limit).await {
+        Some(status) => status,
+        None => {
+            kill9(child);
+            panic!(
+                "process {} did not exit within {limit:?} of SIGTERM",
+                child.id()
+            );
+        }
+    }
+}
+
 /// The last lines of the file at `path` (empty when it cannot be read).
 pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();

@@ -71,8 +71,8 @@ password = { env = "ACME_INBOUND_PW" }
 "#;
 
 async fn daemon() -> Daemon {
-    Daemon::builder()
-        .config("[mid_servers.dc1]\ntoken = \"relay-secret\"")
+    suite_daemon()
+        .config_toml("[mid_servers.dc1]\ntoken = \"relay-secret\"")
         .start()
         .await
 }
@@ -184,8 +184,8 @@ async fn an_invalid_document_is_refused_whole_with_every_problem() {
     );
 
     // The CLI shows every problem and exits 1.
-    let file = write(d.dir.path(), "bad.toml", &bad);
-    let out = d.cli(&["apply", "-f", file.to_str().unwrap()]);
+    let file = write(d.dir(), "bad.toml", &bad);
+    let out = d.cli(&["apply", "-f", file.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("connection[prod].environment"), "{err}");
@@ -204,7 +204,7 @@ async fn activation_rules_through_the_api() {
 
     // Rule 1: activating test deactivates prod.
     let (s, v) = d
-        .post(&format!("{base}/connections/test/activate"), json!({}))
+        .post_json(&format!("{base}/connections/test/activate"), json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(active_of(&v).as_deref(), Some("test"));
@@ -218,18 +218,18 @@ async fn activation_rules_through_the_api() {
 
     // Rule 2: deactivating the active connection turns the integration off.
     let (_, v) = d
-        .post(&format!("{base}/connections/test/deactivate"), json!({}))
+        .post_json(&format!("{base}/connections/test/deactivate"), json!({}))
         .await;
     assert_eq!(v["state"], "off");
     assert_eq!(v["active_connection"], Value::Null);
 
     // Rule 3: activating the integration brings back the last active one.
-    let (s, v) = d.post(&format!("{base}/activate"), json!({})).await;
+    let (s, v) = d.post_json(&format!("{base}/activate"), json!({})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(active_of(&v).as_deref(), Some("test"));
 
     // Rule 2: deactivating the integration deactivates its connection.
-    let (_, v) = d.post(&format!("{base}/deactivate"), json!({})).await;
+    let (_, v) = d.post_json(&format!("{base}/deactivate"), json!({})).await;
     assert_eq!(v["state"], "off");
     assert!(v["connections"]
         .as_array()
@@ -238,21 +238,23 @@ async fn activation_rules_through_the_api() {
         .all(|c| c["active"] == false));
 
     // Pause needs an active integration; resume a paused one.
-    let (s, _) = d.post(&format!("{base}/pause"), json!({})).await;
+    let (s, _) = d.post_json(&format!("{base}/pause"), json!({})).await;
     assert_eq!(s, StatusCode::CONFLICT);
-    d.post(&format!("{base}/activate"), json!({})).await;
-    let (_, v) = d.post(&format!("{base}/pause"), json!({})).await;
+    d.post_json(&format!("{base}/activate"), json!({})).await;
+    let (_, v) = d.post_json(&format!("{base}/pause"), json!({})).await;
     assert_eq!(v["state"], "paused");
-    let (_, v) = d.post(&format!("{base}/resume"), json!({})).await;
+    let (_, v) = d.post_json(&format!("{base}/resume"), json!({})).await;
     assert_eq!(v["state"], "active");
 
     // Unknown names are 404 with a JSON error.
     let (s, v) = d
-        .post(&format!("{base}/connections/nope/activate"), json!({}))
+        .post_json(&format!("{base}/connections/nope/activate"), json!({}))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("nope"));
-    let (s, _) = d.post("/v1/integrations/nope/activate", json!({})).await;
+    let (s, _) = d
+        .post_json("/v1/integrations/nope/activate", json!({}))
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -263,12 +265,12 @@ async fn rule3_refuses_with_the_list_of_connections() {
     let (s, _) = d.apply(&doc).await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = d
-        .post("/v1/integrations/acme-incidents/activate", json!({}))
+        .post_json("/v1/integrations/acme-incidents/activate", json!({}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     let e = v["error"].as_str().unwrap();
     assert!(e.contains("dev, prod, test"), "{e}");
-    let out = d.cli(&["activate", "acme-incidents"]);
+    let out = d.cli(&["activate", "acme-incidents"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("dev, prod, test"));
 }
@@ -277,28 +279,28 @@ async fn rule3_refuses_with_the_list_of_connections() {
 async fn state_survives_restart_and_a_second_daemon_is_refused() {
     let mut d = daemon().await;
     d.apply(SPEC_EXAMPLE).await;
-    d.post(
+    d.post_json(
         "/v1/integrations/acme-incidents/connections/dev/activate",
         json!({}),
     )
     .await;
-    d.post("/v1/integrations/acme-incidents/pause", json!({}))
+    d.post_json("/v1/integrations/acme-incidents/pause", json!({}))
         .await;
 
     // A second outboxd on the same data dir fails clearly, no panic.
-    let out = d.run_outboxd(&[]);
+    let out = d.outboxd_command(&[]).output().expect("outboxd runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another outboxd"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
     assert_eq!(
-        d.terminate().code(),
+        d.terminate().await.code(),
         Some(0),
         "SIGTERM exits 0:\n{}",
         d.log()
     );
-    d.start().await;
+    d.restart().await;
     let (_, v) = d.get("/v1/integrations/acme-incidents").await;
     assert_eq!(v["state"], "paused");
     assert_eq!(active_of(&v).as_deref(), Some("dev"));
@@ -309,37 +311,31 @@ async fn state_survives_restart_and_a_second_daemon_is_refused() {
 #[tokio::test]
 async fn bad_tokens_bad_bodies_and_unknown_paths() {
     let d = daemon().await;
-    let (s, v) = d
-        .request(Method::GET, "/v1/integrations", None, None)
-        .await
-        .unwrap();
+    let (s, v) = d.request(Method::GET, "/v1/integrations", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(v["error"].is_string());
     let (s, _) = d
         .request(Method::GET, "/v1/integrations", Some("wrong"), None)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = d
-        .request(Method::GET, "/healthz", None, None)
-        .await
-        .unwrap();
+    let (s, _) = d.request(Method::GET, "/healthz", None, None).await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = d.get("/v1/nothing-here").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(v["error"].is_string());
     d.apply(SPEC_EXAMPLE).await;
     let (s, v) = d
-        .post_raw(
+        .post_body(
             "/v1/integrations/acme-incidents/messages",
             "application/json",
-            "{\"message\": ",
+            "{\"message\": ".into(),
+            &[],
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["error"].as_str().unwrap().contains("line 1"), "{v}");
     let (s, _) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme-incidents/messages",
             json!({"nope": 1}),
         )
@@ -353,21 +349,21 @@ async fn bad_tokens_bad_bodies_and_unknown_paths() {
 #[tokio::test]
 async fn cli_tables_json_and_exit_codes() {
     let d = daemon().await;
-    let file = write(d.dir.path(), "acme.toml", SPEC_EXAMPLE);
-    let out = d.cli(&["apply", "-f", file.to_str().unwrap()]);
+    let file = write(d.dir(), "acme.toml", SPEC_EXAMPLE);
+    let out = d.cli(&["apply", "-f", file.to_str().unwrap()]).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = d.cli(&["integrations"]);
+    let out = d.cli(&["integrations"]).await;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(
         table.contains("acme-incidents") && table.contains("production"),
         "{table}"
     );
-    let out = d.cli(&["--json", "connections", "acme-incidents"]);
+    let out = d.cli(&["--json", "connections", "acme-incidents"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 3);
     assert!(v
@@ -375,16 +371,16 @@ async fn cli_tables_json_and_exit_codes() {
         .unwrap()
         .iter()
         .all(|c| c["name"].is_string() && c["environment"].is_string()));
-    let out = d.cli(&["activate", "acme-incidents/test"]);
+    let out = d.cli(&["activate", "acme-incidents/test"]).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("active connection test (test)"));
-    let out = d.cli(&["activate", "acme-incidents/nope"]);
+    let out = d.cli(&["activate", "acme-incidents/nope"]).await;
     assert_eq!(out.status.code(), Some(1));
-    let out = d.cli(&["activate", "a/b/c"]);
+    let out = d.cli(&["activate", "a/b/c"]).await;
     assert_eq!(out.status.code(), Some(2));
-    let out = d.cli(&["no-such-command"]);
+    let out = d.cli(&["no-such-command"]).await;
     assert_eq!(out.status.code(), Some(2));
-    let out = d.cli(&["docs"]);
+    let out = d.cli(&["docs"]).await;
     let md = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "## acme-incidents",
@@ -432,31 +428,35 @@ async fn invalid_configs_exit_2_naming_the_key_before_binding() {
         ("[log]\nformat = \"xml\"", "log.format"),
     ];
     for (extra, key) in cases {
-        let d = Daemon::builder().config(extra).prepare();
+        let d = suite_daemon().config_toml(extra).prepare();
         for args in [&["--check-config"][..], &[][..]] {
-            let out = d.run_outboxd(args);
+            let out = d.outboxd_command(args).output().expect("outboxd runs");
             assert_eq!(out.status.code(), Some(2), "{extra} {args:?}");
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.contains(key), "{extra}: {err}");
             assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         }
         // Nothing listened on the API port.
-        assert!(std::net::TcpStream::connect(("127.0.0.1", d.port)).is_err());
+        assert!(std::net::TcpStream::connect(("127.0.0.1", d.port())).is_err());
     }
     // A bad address.
-    let d = Daemon::builder().prepare();
-    let text = std::fs::read_to_string(&d.config)
+    let d = suite_daemon().prepare();
+    let text = std::fs::read_to_string(d.config_path())
         .unwrap()
         .replace("listen = \"127.0.0.1:", "listen = \"nowhere:");
-    std::fs::write(&d.config, text).unwrap();
-    let out = d.run_outboxd(&["--check-config"]);
+    std::fs::write(d.config_path(), text).unwrap();
+    let out = d
+        .outboxd_command(&["--check-config"])
+        .output()
+        .expect("outboxd runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("api.listen"));
     // Environment overrides are checked too.
-    let d = Daemon::builder()
-        .env("OUTBOX_API__LISTEN", "bogus")
-        .prepare();
-    let out = d.run_outboxd(&["--check-config"]);
+    let d = suite_daemon().env("OUTBOX_API__LISTEN", "bogus").prepare();
+    let out = d
+        .outboxd_command(&["--check-config"])
+        .output()
+        .expect("outboxd runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("api.listen"));
 }
@@ -481,7 +481,7 @@ async fn without_a_token_in_the_config_one_is_generated_for_the_cli() {
         .spawn()
         .unwrap();
     let token_file = data.join("api-token");
-    eventually(Duration::from_secs(20), "the token file", async || {
+    eventually_msg(Duration::from_secs(20), "the token file", async || {
         std::fs::metadata(&token_file).ok()
     })
     .await;
@@ -489,7 +489,7 @@ async fn without_a_token_in_the_config_one_is_generated_for_the_cli() {
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // The CLI finds the token through the data dir, with no --token.
-    let out = eventually(Duration::from_secs(20), "the API", async || {
+    let out = eventually_msg(Duration::from_secs(20), "the API", async || {
         let out = std::process::Command::new(bin("outbox"))
             .args([
                 "--api",
@@ -505,9 +505,10 @@ async fn without_a_token_in_the_config_one_is_generated_for_the_cli() {
     })
     .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
-    signal(child.id(), libc::SIGTERM);
     assert_eq!(
-        wait_bounded(&mut child, Duration::from_secs(20)).code(),
+        process::terminate(&mut child, Duration::from_secs(20))
+            .await
+            .code(),
         Some(0)
     );
 }

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 async fn setup(extra: &str) -> (Daemon, Sink) {
     let sink = Sink::start().await;
-    let d = Daemon::builder().instance_name("acme-dev").start().await;
+    let d = suite_daemon().instance_name("acme-dev").start().await;
     let doc = integration(
         "acme",
         &[&connection(
@@ -32,7 +32,7 @@ async fn setup(extra: &str) -> (Daemon, Sink) {
 }
 
 async fn send(d: &Daemon, body: Value) -> String {
-    let (s, v) = d.post("/v1/integrations/acme/messages", body).await;
+    let (s, v) = d.post_json("/v1/integrations/acme/messages", body).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
@@ -49,9 +49,9 @@ async fn a_message_is_built_from_the_active_connection_and_delivered() {
         json!({"message": "Create", "body": {"a": 1}, "headers": {"X-Trace": "t1"}}),
     )
     .await;
-    d.wait_state(&id, "queued", WAIT).await;
+    d.wait_for_state(&id, "queued", WAIT).await;
     // Missing env var: the attempt says so and the message waits to retry.
-    let m = eventually(WAIT, "an attempt", async || {
+    let m = eventually_msg(WAIT, "an attempt", async || {
         let m = d.message(&id).await;
         (!m["attempts"].as_array().unwrap().is_empty()).then_some(m)
     })
@@ -80,12 +80,12 @@ async fn a_message_is_built_from_the_active_connection_and_delivered() {
     );
     let (s, v) = d.apply(&doc).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    d.post(
+    d.post_json(
         "/v1/integrations/acme/connections/other/activate",
         json!({}),
     )
     .await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     let got = sink.received();
     let last = got.last().unwrap();
     assert_eq!(last.method, "POST");
@@ -113,7 +113,7 @@ async fn basic_auth_is_sent_and_masked_in_attempts() {
     let (d, sink) =
         setup("auth = { type = \"basic\", username = \"svc\", password = \"s3cret\" }").await;
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     let auth = sink.received()[0].headers["authorization"]
         .to_str()
         .unwrap()
@@ -129,9 +129,9 @@ async fn basic_auth_is_sent_and_masked_in_attempts() {
 #[tokio::test]
 async fn retryable_statuses_are_retried_then_sent() {
     let (d, sink) = setup("").await;
-    sink.script(&[503, 503, 503]);
+    sink.push_script([503, 503, 503]);
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     let statuses: Vec<u64> = m["attempts"]
         .as_array()
         .unwrap()
@@ -139,12 +139,16 @@ async fn retryable_statuses_are_retried_then_sent() {
         .map(|a| a["status"].as_u64().unwrap())
         .collect();
     assert_eq!(statuses, [503, 503, 503, 200]);
-    assert_eq!(sink.ids().len(), 1, "one message, one idempotency key");
+    assert_eq!(
+        sink.distinct_ids().len(),
+        1,
+        "one message, one idempotency key"
+    );
 
     // 429 with Retry-After: honoured (capped at the backoff max of 1s).
-    sink.script_with(429, &[("Retry-After", "1")]);
+    sink.push_script([Reply::new(429).header("Retry-After", "1")]);
     let id = send(&d, json!({"message": "Create", "body": "y"})).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     let a = &m["attempts"][0];
     assert_eq!(a["status"], 429);
     assert_eq!(a["outcome"], "retry in 1s");
@@ -153,9 +157,9 @@ async fn retryable_statuses_are_retried_then_sent() {
 #[tokio::test]
 async fn final_statuses_end_in_error_and_max_attempts_is_respected() {
     let (d, sink) = setup("").await;
-    sink.script(&[401]);
+    sink.push_script([401]);
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     assert_eq!(
         m["attempts"].as_array().unwrap().len(),
         1,
@@ -164,7 +168,7 @@ async fn final_statuses_end_in_error_and_max_attempts_is_respected() {
 
     sink.set_status(500);
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     assert_eq!(
         m["attempts"].as_array().unwrap().len(),
         5,
@@ -176,22 +180,22 @@ async fn final_statuses_end_in_error_and_max_attempts_is_respected() {
 #[tokio::test]
 async fn response_actions_override_the_outcome() {
     let sink = Sink::start().await;
-    let d = Daemon::builder().start().await;
+    let d = suite_daemon().start().await;
     let doc = integration("acme", &[&connection("dev", "development", &sink.url(), "active = true")]).replace(
         "concurrency = 4\n",
         "concurrency = 4\nresponse_action = [ { code = \"401\", retry = true }, { code = \"4xx\", retry = false, state = \"ignored\" } ]\n",
     );
     let (s, v) = d.apply(&doc).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    sink.script(&[401, 404]);
+    sink.push_script([401, 404]);
     let (_, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
     let id = v["id"].as_str().unwrap();
-    let m = d.wait_state(id, "ignored", WAIT).await;
+    let m = d.wait_for_state(id, "ignored", WAIT).await;
     let statuses: Vec<u64> = m["attempts"]
         .as_array()
         .unwrap()
@@ -205,7 +209,7 @@ async fn response_actions_override_the_outcome() {
 async fn the_instance_guard_refuses_a_connection_for_another_instance() {
     let (d, sink) = setup("instance_name = \"acme-prod\"").await;
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     let e = m["attempts"][0]["error"].as_str().unwrap();
     assert!(
         e.contains("\"acme-prod\"") && e.contains("\"acme-dev\""),
@@ -213,7 +217,7 @@ async fn the_instance_guard_refuses_a_connection_for_another_instance() {
     );
     assert_eq!(sink.count(), 0, "nothing was sent");
     let (_, t) = d
-        .post("/v1/integrations/acme/connections/dev/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/dev/test", json!({}))
         .await;
     assert_eq!(t["guard"]["ok"], false);
 }
@@ -221,7 +225,7 @@ async fn the_instance_guard_refuses_a_connection_for_another_instance() {
 #[tokio::test]
 async fn paused_and_off_integrations_hold_messages_in_order() {
     let (d, sink) = setup("").await;
-    d.post("/v1/integrations/acme/pause", json!({})).await;
+    d.post_json("/v1/integrations/acme/pause", json!({})).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -234,12 +238,14 @@ async fn paused_and_off_integrations_hold_messages_in_order() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.count(), 0, "paused: nothing goes");
-    d.post("/v1/integrations/acme/deactivate", json!({})).await;
+    d.post_json("/v1/integrations/acme/deactivate", json!({}))
+        .await;
     let (_, v) = d.get("/v1/integrations/acme").await;
     assert_eq!(v["state"], "off");
     assert_eq!(v["queue_depth"], 5);
-    d.post("/v1/integrations/acme/activate", json!({})).await;
-    eventually(WAIT, "all five sent", async || {
+    d.post_json("/v1/integrations/acme/activate", json!({}))
+        .await;
+    eventually_msg(WAIT, "all five sent", async || {
         (sink.count() == 5).then_some(())
     })
     .await;
@@ -256,30 +262,32 @@ async fn paused_and_off_integrations_hold_messages_in_order() {
 #[tokio::test]
 async fn bodies_survive_a_restart_and_are_sent_as_they_came() {
     let (mut d, sink) = setup("").await;
-    d.post("/v1/integrations/acme/deactivate", json!({})).await;
+    d.post_json("/v1/integrations/acme/deactivate", json!({}))
+        .await;
     let body = "{\"caf\u{e9}\": [1, 2]}\n";
     let id = send(&d, json!({"message": "Create", "body": body})).await;
     assert_eq!(d.message(&id).await["body"], body);
-    d.terminate();
-    d.start().await;
+    d.terminate().await;
+    d.restart().await;
     assert_eq!(d.message(&id).await["body"], body, "after a restart");
-    d.post("/v1/integrations/acme/activate", json!({})).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    d.post_json("/v1/integrations/acme/activate", json!({}))
+        .await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(m["body"], body);
     assert_eq!(sink.received()[0].body, body.as_bytes());
     let (s, copy) = d
-        .post(&format!("/v1/messages/{id}/replay"), json!({}))
+        .post_json(&format!("/v1/messages/{id}/replay"), json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{copy}");
     let copy_id = copy["id"].as_str().unwrap();
-    assert_eq!(d.wait_state(copy_id, "sent", WAIT).await["body"], body);
+    assert_eq!(d.wait_for_state(copy_id, "sent", WAIT).await["body"], body);
     assert_eq!(sink.received()[1].body, body.as_bytes());
 }
 
 #[tokio::test]
 async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
     let (d, sink) = setup("").await;
-    sink.script(&[400]);
+    sink.push_script([400]);
     // a2 waits behind a1, so the scripted 400 can only go to a1.
     let a1 = send(
         &d,
@@ -291,14 +299,14 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
         json!({"message": "Create", "body": "a2", "ordering_key": "a"}),
     )
     .await;
-    d.wait_state(&a1, "error", WAIT).await;
+    d.wait_for_state(&a1, "error", WAIT).await;
     // Another line is not held up.
     let b1 = send(
         &d,
         json!({"message": "Create", "body": "b1", "ordering_key": "b"}),
     )
     .await;
-    d.wait_state(&b1, "sent", WAIT).await;
+    d.wait_for_state(&b1, "sent", WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         d.message(&a2).await["state"],
@@ -308,12 +316,12 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
 
     // Replay: the copy takes a1's place and goes before a2.
     let (s, copy) = d
-        .post(&format!("/v1/messages/{a1}/replay"), json!({}))
+        .post_json(&format!("/v1/messages/{a1}/replay"), json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{copy}");
     let copy_id = copy["id"].as_str().unwrap().to_string();
     assert_eq!(copy["replay_of"], a1.as_str());
-    d.wait_state(&a2, "sent", WAIT).await;
+    d.wait_for_state(&a2, "sent", WAIT).await;
     assert_eq!(d.message(&a1).await["state"], "ignored");
     let order: Vec<String> = sink
         .received()
@@ -324,7 +332,7 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
     assert_eq!(order, [a1.clone(), copy_id, a2.clone()]);
 
     // Ignore releases the ones behind.
-    sink.script(&[422]);
+    sink.push_script([422]);
     let c1 = send(
         &d,
         json!({"message": "Create", "body": "c1", "ordering_key": "c"}),
@@ -335,26 +343,27 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
         json!({"message": "Create", "body": "c2", "ordering_key": "c"}),
     )
     .await;
-    d.wait_state(&c1, "error", WAIT).await;
-    let out = d.cli(&["ignore", &c1]);
+    d.wait_for_state(&c1, "error", WAIT).await;
+    let out = d.cli(&["ignore", &c1]).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    d.wait_state(&c2, "sent", WAIT).await;
+    d.wait_for_state(&c2, "sent", WAIT).await;
 
     // Repair replays every message in error, in order.
-    sink.script(&[400, 400]);
+    sink.push_script([400, 400]);
     let e1 = send(&d, json!({"message": "Create", "body": "e1"})).await;
     let e2 = send(&d, json!({"message": "Create", "body": "e2"})).await;
-    d.wait_state(&e1, "error", WAIT).await;
-    d.wait_state(&e2, "error", WAIT).await;
-    let out = d.cli(&["--json", "repair", "acme"]);
+    d.wait_for_state(&e1, "error", WAIT).await;
+    d.wait_for_state(&e2, "error", WAIT).await;
+    let out = d.cli(&["--json", "repair", "acme"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["replayed"], 2);
     for m in v["messages"].as_array().unwrap() {
-        d.wait_state(m["id"].as_str().unwrap(), "sent", WAIT).await;
+        d.wait_for_state(m["id"].as_str().unwrap(), "sent", WAIT)
+            .await;
     }
 }
 
@@ -367,14 +376,14 @@ async fn idempotency_keys_bad_input_and_limits() {
     )
     .await;
     let (s, again) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create", "body": "x", "idempotency_key": "order-1"}),
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED);
     assert_eq!(again["id"], first.as_str());
-    d.wait_state(&first, "sent", WAIT).await;
+    d.wait_for_state(&first, "sent", WAIT).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sink.count(), 1);
 
@@ -386,35 +395,41 @@ async fn idempotency_keys_bad_input_and_limits() {
             Some(TOKEN),
             Some(("text/plain", bytes::Bytes::from_static(b"raw body"))),
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    d.wait_state(v["id"].as_str().unwrap(), "sent", WAIT).await;
+    d.wait_for_state(v["id"].as_str().unwrap(), "sent", WAIT)
+        .await;
     assert_eq!(&sink.received().last().unwrap().body[..], b"raw body");
 
     let (s, _) = d
-        .post(
+        .post_json(
             "/v1/integrations/nope/messages",
             json!({"message": "Create"}),
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, v) = d
-        .post("/v1/integrations/acme/messages", json!({"message": "Nope"}))
+        .post_json("/v1/integrations/acme/messages", json!({"message": "Nope"}))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("Create"), "{v}");
     let (s, _) = d
-        .post_raw(
+        .post_body(
             "/v1/integrations/acme/messages",
             "application/json",
-            "{not json",
+            "{not json".into(),
+            &[],
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let big = vec![b'x'; 5 << 20];
     let (s, v) = d
-        .post_raw("/v1/integrations/acme/messages/Create", "text/plain", big)
+        .post_body(
+            "/v1/integrations/acme/messages/Create",
+            "text/plain",
+            big.into(),
+            &[],
+        )
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     let (s, _) = d.get("/v1/messages/zz").await;
@@ -425,15 +440,15 @@ async fn idempotency_keys_bad_input_and_limits() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     // Still up and delivering.
     let id = send(&d, json!({"message": "Create", "body": "after"})).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
 }
 
 #[tokio::test]
 async fn connection_test_heads_then_gets() {
     let (d, sink) = setup("").await;
-    sink.script(&[405]);
+    sink.push_script([405]);
     let (s, t) = d
-        .post("/v1/integrations/acme/connections/dev/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/dev/test", json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{t}");
     assert_eq!(t["ok"], true);
@@ -447,7 +462,7 @@ async fn connection_test_heads_then_gets() {
 
     // HEAD succeeding: no GET.
     let (_, t) = d
-        .post("/v1/integrations/acme/connections/dev/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/dev/test", json!({}))
         .await;
     assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
 
@@ -463,12 +478,12 @@ async fn connection_test_heads_then_gets() {
     );
     d.apply(&doc).await;
     let (_, t) = d
-        .post("/v1/integrations/down/connections/c/test", json!({}))
+        .post_json("/v1/integrations/down/connections/c/test", json!({}))
         .await;
     assert_eq!(t["ok"], false);
     assert_eq!(t["attempts"].as_array().unwrap().len(), 2);
     assert!(t["attempts"][0]["error"].is_string());
-    let out = d.cli(&["test", "down/c"]);
+    let out = d.cli(&["test", "down/c"]).await;
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -477,14 +492,11 @@ async fn metrics_and_status_tell_what_is_wrong() {
     let (d, sink) = setup("").await;
     sink.set_status(503);
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    eventually(WAIT, "a failed attempt", async || {
+    eventually_msg(WAIT, "a failed attempt", async || {
         (d.message(&id).await["attempt_count"].as_u64() >= Some(1)).then_some(())
     })
     .await;
-    let (s, v) = d
-        .request(http::Method::GET, "/metrics", None, None)
-        .await
-        .unwrap();
+    let (s, v) = d.request(http::Method::GET, "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     let text = v.as_str().unwrap();
     for needle in [
@@ -496,7 +508,7 @@ async fn metrics_and_status_tell_what_is_wrong() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
-    let out = d.cli(&["status"]);
+    let out = d.cli(&["status"]).await;
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(
         screen.contains("acme") && screen.contains("HTTP 503"),
@@ -514,7 +526,7 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     let sink = Sink::start().await;
     // Slow enough that the kill lands while many messages are still queued.
     sink.set_delay(Duration::from_millis(5));
-    let d = Daemon::builder().start().await;
+    let d = suite_daemon().start().await;
     let doc = integration(
         "acme",
         &[&connection(
@@ -555,30 +567,30 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     let acked: HashSet<String> = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), MESSAGES, "every enqueue was acknowledged");
     // Kill once delivery is under way but far from done.
-    eventually(WAIT, "delivery to start", async || {
+    eventually_msg(WAIT, "delivery to start", async || {
         (sink.count() > 50).then_some(())
     })
     .await;
     let mut guard = d.lock().await;
     guard.kill9();
-    let seen_before = sink.ids().len();
+    let seen_before = sink.distinct_ids().len();
     assert!(
         seen_before < MESSAGES,
         "the kill came too late to prove anything"
     );
     sink.set_delay(Duration::ZERO);
-    guard.start().await;
-    eventually(
+    guard.restart().await;
+    eventually_msg(
         Duration::from_secs(120),
         "every acknowledged id at the sink",
         async || {
-            let seen = sink.ids();
+            let seen = sink.distinct_ids();
             acked.is_subset(&seen).then_some(())
         },
     )
     .await;
     let (_, v) = guard.get("/v1/integrations/acme").await;
-    eventually(WAIT, "an empty queue", async || {
+    eventually_msg(WAIT, "an empty queue", async || {
         let (_, v) = guard.get("/v1/integrations/acme").await;
         (v["queue_depth"] == 0).then_some(())
     })

@@ -28,8 +28,8 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
             &[&connection("c", "test", &sink.url(), "active = true")],
         ),
     );
-    let d = Daemon::builder()
-        .config(&apply_dir_config(files.path()))
+    let mut d = suite_daemon()
+        .config_toml(&apply_dir_config(files.path()))
         .start()
         .await;
     let (_, v) = d.get("/v1/integrations/alpha").await;
@@ -66,7 +66,7 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
         ),
     );
     d.signal(libc::SIGHUP);
-    eventually(WAIT, "beta after reload", async || {
+    eventually_msg(WAIT, "beta after reload", async || {
         let (s, _) = d.get("/v1/integrations/beta").await;
         (s == StatusCode::OK).then_some(())
     })
@@ -79,7 +79,7 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
         &integration("gamma", &[&connection("c", "prodd", &sink.url(), "")]),
     );
     d.signal(libc::SIGHUP);
-    eventually(WAIT, "the refusal in the log", async || {
+    eventually_msg(WAIT, "the refusal in the log", async || {
         d.log().contains("reload refused").then_some(())
     })
     .await;
@@ -94,20 +94,20 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
     std::fs::remove_file(files.path().join("c.toml")).unwrap();
 
     // A broken config file: logged, the running config stays.
-    let good = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(&d.config, format!("{good}\nnot valid toml [[[")).unwrap();
+    let good = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(d.config_path(), format!("{good}\nnot valid toml [[[")).unwrap();
     d.signal(libc::SIGHUP);
-    eventually(WAIT, "the config refusal in the log", async || {
+    eventually_msg(WAIT, "the config refusal in the log", async || {
         d.log().contains("invalid configuration").then_some(())
     })
     .await;
-    std::fs::write(&d.config, good).unwrap();
+    std::fs::write(d.config_path(), good).unwrap();
 
     let ids = producer.await.unwrap();
     for id in &ids {
-        d.wait_state(id, "sent", WAIT).await;
+        d.wait_for_state(id, "sent", WAIT).await;
     }
-    assert_eq!(sink.ids().len(), ids.len());
+    assert_eq!(sink.distinct_ids().len(), ids.len());
     let (_, v) = d.get("/v1/integrations/alpha").await;
     assert_eq!(v["state"], "active");
 }
@@ -117,8 +117,8 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
 async fn sigterm_refuses_new_messages_and_lets_attempts_in_flight_finish() {
     let sink = Sink::start().await;
     sink.set_delay(Duration::from_millis(1500));
-    let mut d = Daemon::builder()
-        .config("shutdown_grace = \"10s\"")
+    let mut d = suite_daemon()
+        .config_toml("shutdown_grace = \"10s\"")
         .start()
         .await;
     d.apply(&integration(
@@ -127,18 +127,18 @@ async fn sigterm_refuses_new_messages_and_lets_attempts_in_flight_finish() {
     ))
     .await;
     let (_, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
     let id = v["id"].as_str().unwrap().to_string();
-    d.wait_state(&id, "sending", WAIT).await;
+    d.wait_for_state(&id, "sending", WAIT).await;
 
     let api = d.api_client();
     d.signal(libc::SIGTERM);
     // During the grace period the API answers, and refuses enqueues.
-    let refused = eventually(WAIT, "a 503 for a new message", async || {
+    let refused = eventually_msg(WAIT, "a 503 for a new message", async || {
         match api.enqueue("acme", &json!({"message": "Create"})).await {
             Ok((StatusCode::SERVICE_UNAVAILABLE, v)) => Some(v),
             _ => None,
@@ -149,10 +149,10 @@ async fn sigterm_refuses_new_messages_and_lets_attempts_in_flight_finish() {
         refused["error"].as_str().unwrap().contains("shutting down"),
         "{refused}"
     );
-    let status = d.terminate();
+    let status = d.terminate().await;
     assert_eq!(status.code(), Some(0));
     assert_eq!(sink.count(), 1, "the attempt in flight finished");
-    d.start().await;
+    d.restart().await;
     assert_eq!(d.message(&id).await["state"], "sent");
 }
 
@@ -161,8 +161,8 @@ async fn sigterm_refuses_new_messages_and_lets_attempts_in_flight_finish() {
 async fn attempts_still_in_flight_at_the_deadline_are_queued_again() {
     let sink = Sink::start().await;
     sink.set_delay(Duration::from_secs(10));
-    let mut d = Daemon::builder()
-        .config("shutdown_grace = \"500ms\"")
+    let mut d = suite_daemon()
+        .config_toml("shutdown_grace = \"500ms\"")
         .start()
         .await;
     d.apply(&integration(
@@ -171,23 +171,23 @@ async fn attempts_still_in_flight_at_the_deadline_are_queued_again() {
     ))
     .await;
     let (_, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
     let id = v["id"].as_str().unwrap().to_string();
-    d.wait_state(&id, "sending", WAIT).await;
+    d.wait_for_state(&id, "sending", WAIT).await;
     let started = Instant::now();
-    let status = d.terminate();
+    let status = d.terminate().await;
     assert_eq!(status.code(), Some(0));
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "the grace period bounds the stop"
     );
     sink.set_delay(Duration::ZERO);
-    d.start().await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    d.restart().await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert!(sink.count() >= 2, "sent again after the restart");
     assert!(!m["attempts"].as_array().unwrap().is_empty());
 }
@@ -195,40 +195,37 @@ async fn attempts_still_in_flight_at_the_deadline_are_queued_again() {
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
     let sink = Sink::start().await;
-    let d = Daemon::builder().start().await;
+    let d = suite_daemon().start().await;
     d.apply(&integration(
         "acme",
         &[&connection("c", "test", &sink.url(), "active = true")],
     ))
     .await;
     for _ in 0..3 {
-        d.post(
+        d.post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
     }
-    eventually(WAIT, "three sent", async || {
+    eventually_msg(WAIT, "three sent", async || {
         (sink.count() == 3).then_some(())
     })
     .await;
     sink.set_status(503);
     let (_, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
     let failing = v["id"].as_str().unwrap().to_string();
-    eventually(WAIT, "a failed attempt", async || {
+    eventually_msg(WAIT, "a failed attempt", async || {
         (d.message(&failing).await["attempt_count"].as_u64() >= Some(1)).then_some(())
     })
     .await;
 
-    let (s, text) = d
-        .request(Method::GET, "/metrics", None, None)
-        .await
-        .unwrap();
+    let (s, text) = d.request(Method::GET, "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     let text = text.as_str().unwrap().to_string();
     let scrape =
@@ -288,7 +285,7 @@ async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
         i["last_error_at"].is_string() && i["last_sent_at"].is_string(),
         "{i}"
     );
-    let out = d.cli(&["status"]);
+    let out = d.cli(&["status"]).await;
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(screen.contains("HTTP 503"), "{screen}");
     // One log line per delivery outcome, with the fields an operator greps.
@@ -311,8 +308,8 @@ async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
 #[tokio::test]
 async fn json_logs_when_configured() {
     let sink = Sink::start().await;
-    let d = Daemon::builder()
-        .config("[log]\nlevel = \"info\"\nformat = \"json\"")
+    let d = suite_daemon()
+        .config_toml("[log]\nlevel = \"info\"\nformat = \"json\"")
         .start()
         .await;
     d.apply(&integration(
@@ -321,12 +318,13 @@ async fn json_logs_when_configured() {
     ))
     .await;
     let (_, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create"}),
         )
         .await;
-    d.wait_state(v["id"].as_str().unwrap(), "sent", WAIT).await;
+    d.wait_for_state(v["id"].as_str().unwrap(), "sent", WAIT)
+        .await;
     let log = d.log();
     let delivered = log
         .lines()
@@ -350,7 +348,7 @@ async fn sd_notify_ready_reloading_stopping_and_watchdog() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut d = Daemon::builder()
+    let mut d = suite_daemon()
         .env("NOTIFY_SOCKET", path.to_str().unwrap())
         .env("WATCHDOG_USEC", "400000")
         .start()
@@ -373,6 +371,6 @@ async fn sd_notify_ready_reloading_stopping_and_watchdog() {
     let after_reload = seen.rfind("RELOADING=1").unwrap();
     let mut tail = seen[after_reload..].to_string();
     recv_until("READY=1", &mut tail);
-    assert_eq!(d.terminate().code(), Some(0));
+    assert_eq!(d.terminate().await.code(), Some(0));
     recv_until("STOPPING=1", &mut seen);
 }

@@ -212,15 +212,13 @@ impl Relay {
 
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            process::kill9(&mut c);
         }
     }
 
-    fn terminate(&mut self) -> ExitStatus {
+    async fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        signal(c.id(), libc::SIGTERM);
-        wait_bounded(&mut c, Duration::from_secs(20))
+        process::terminate(&mut c, Duration::from_secs(20)).await
     }
 }
 
@@ -250,8 +248,8 @@ fn check_config(dir: &Path, text: &str) -> Output {
 
 /// A daemon whose tunnel is the one `pki init` described, on `tunnel_port`.
 async fn daemon(pki: &Pki, tunnel_port: u16) -> Daemon {
-    Daemon::builder()
-        .config(&pki.daemon_config(tunnel_port))
+    suite_daemon()
+        .config_toml(&pki.daemon_config(tunnel_port))
         .start()
         .await
 }
@@ -279,7 +277,7 @@ async fn apply(d: &Daemon, doc: &str) {
 }
 
 fn allow(sink: &Sink) -> Vec<String> {
-    vec![sink.addr.to_string()]
+    vec![sink.addr().to_string()]
 }
 
 async fn sessions(d: &Daemon) -> Vec<Value> {
@@ -290,7 +288,7 @@ async fn sessions(d: &Daemon) -> Vec<Value> {
 
 /// Waits until exactly `n` relay sessions are listed.
 async fn wait_sessions(d: &Daemon, n: usize, timeout: Duration) -> Vec<Value> {
-    eventually(timeout, &format!("{n} relay session(s)"), async || {
+    eventually_msg(timeout, &format!("{n} relay session(s)"), async || {
         let s = sessions(d).await;
         (s.len() == n).then_some(s)
     })
@@ -299,7 +297,7 @@ async fn wait_sessions(d: &Daemon, n: usize, timeout: Duration) -> Vec<Value> {
 
 async fn send(d: &Daemon, integration: &str, body: Value) -> String {
     let (s, v) = d
-        .post(&format!("/v1/integrations/{integration}/messages"), body)
+        .post_json(&format!("/v1/integrations/{integration}/messages"), body)
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     v["id"].as_str().unwrap().to_string()
@@ -339,7 +337,7 @@ fn produce(d: &Daemon, integration: &str, n: usize) -> tokio::task::JoinHandle<V
 /// attempts.
 async fn all_sent(d: &Daemon, integration: &str, ids: &[String], timeout: Duration) -> Vec<Value> {
     let want: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    eventually(
+    eventually_msg(
         timeout,
         &format!("{} messages sent", ids.len()),
         async || {
@@ -371,7 +369,7 @@ async fn all_sent(d: &Daemon, integration: &str, ids: &[String], timeout: Durati
 async fn waiting(d: &Daemon, id: &str) -> Value {
     // The attempt is written just before the record goes back to queued, so
     // wait for both.
-    let m = eventually(WAIT, "a waiting attempt", async || {
+    let m = eventually_msg(WAIT, "a waiting attempt", async || {
         let m = d.message(id).await;
         (m["state"] == "queued" && !attempts(&m).is_empty()).then_some(m)
     })
@@ -433,7 +431,7 @@ async fn messages_go_through_a_relay_set_up_with_pki_init() {
 
     // The connection test goes through the relay too.
     let (s, t) = d
-        .post("/v1/integrations/acme/connections/dc/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/dc/test", json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{t}");
     assert_eq!(t["ok"], true, "{t}");
@@ -453,7 +451,7 @@ async fn messages_go_through_a_relay_set_up_with_pki_init() {
         assert_eq!(a[0]["status"], 200, "{m}");
         assert_eq!(a[0]["connection"], "dc", "{m}");
     }
-    let seen = sink.ids();
+    let seen = sink.distinct_ids();
     assert!(
         ids.iter().all(|id| seen.contains(id)),
         "the sink saw every id"
@@ -470,20 +468,20 @@ async fn messages_go_through_a_relay_set_up_with_pki_init() {
     assert!(r.body.starts_with(b"{\"n\":"), "{:?}", r.body);
 
     // The CLI lists the session, as a table and as JSON.
-    let out = d.cli(&["mid-servers"]);
+    let out = d.cli(&["mid-servers"]).await;
     assert!(out.status.success(), "{out:?}");
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(
         screen.contains("dc1") && screen.contains(&address),
         "{screen}"
     );
-    let out = d.cli(&["--json", "mid-servers"]);
+    let out = d.cli(&["--json", "mid-servers"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v[0]["name"], "dc1", "{v}");
     assert_eq!(v[0]["address"], address.as_str(), "{v}");
 
     // SIGTERM: the relay drains, exits 0 and its session goes away.
-    let status = relay.terminate();
+    let status = relay.terminate().await;
     assert!(status.success(), "SIGTERM exits 0: {status}");
     wait_sessions(&d, 0, WAIT).await;
     assert!(
@@ -574,7 +572,7 @@ async fn a_relay_with_a_wrong_token_is_refused_and_keeps_retrying() {
     let mut relay = Relay::start(&config);
 
     // Refused at least twice: it retries (with backoff) after a refusal.
-    eventually(WAIT, "two refusals in the relay log", async || {
+    eventually_msg(WAIT, "two refusals in the relay log", async || {
         (lines_with(&relay.log(), &["refused", "wrong token for MID server"]).len() >= 2)
             .then_some(())
     })
@@ -622,13 +620,13 @@ async fn a_target_outside_the_allow_list_ends_in_error() {
     wait_sessions(&d, 1, WAIT).await;
 
     let id = send(&d, "acme", json!({"message": "Create", "body": "x"})).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     let a = attempts(&m);
     assert_eq!(a.len(), 1, "not retried: {m}");
     let e = a[0]["error"].as_str().unwrap_or("");
     assert!(e.contains("not in this relay's allow list"), "{m}");
     assert!(
-        e.contains(&denied.addr.to_string()),
+        e.contains(&denied.addr().to_string()),
         "names the target: {m}"
     );
     assert!(
@@ -639,7 +637,7 @@ async fn a_target_outside_the_allow_list_ends_in_error() {
 
     // The connection test says so too.
     let (_, t) = d
-        .post("/v1/integrations/acme/connections/dc/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/dc/test", json!({}))
         .await;
     assert_eq!(t["ok"], false, "{t}");
     assert!(
@@ -658,7 +656,7 @@ async fn a_target_outside_the_allow_list_ends_in_error() {
         ok.push(send(&d, "ok", json!({"message": "Create", "body": {"n": i}})).await);
     }
     all_sent(&d, "ok", &ok, WAIT).await;
-    assert_eq!(allowed.ids().len(), 5);
+    assert_eq!(allowed.distinct_ids().len(), 5);
 }
 
 /// `kill -9` of the only relay in the middle of a run, then a restart:
@@ -676,13 +674,13 @@ async fn a_relay_killed_mid_run_and_restarted_loses_nothing() {
     wait_sessions(&d, 1, WAIT).await;
 
     let producers = produce(&d, "acme", MESSAGES);
-    eventually(WAIT, "delivery under way", async || {
+    eventually_msg(WAIT, "delivery under way", async || {
         (sink.count() >= 50).then_some(())
     })
     .await;
     relay.kill9();
     let killed = Instant::now();
-    let seen_before = sink.ids().len();
+    let seen_before = sink.distinct_ids().len();
     let ids = producers.await.unwrap();
     assert!(
         seen_before < MESSAGES,
@@ -694,7 +692,7 @@ async fn a_relay_killed_mid_run_and_restarted_loses_nothing() {
         "{seen_before} at the sink at the kill; all {MESSAGES} sent {:?} after it",
         killed.elapsed()
     );
-    let seen = sink.ids();
+    let seen = sink.distinct_ids();
     let lost: Vec<&String> = ids.iter().filter(|id| !seen.contains(*id)).collect();
     assert!(lost.is_empty(), "never reached the sink: {lost:?}");
     eprintln!(
@@ -739,14 +737,14 @@ async fn a_cluster_of_two_relays_survives_the_loss_of_one() {
     let via_b = format!("mid:dc1 ({addr_b})");
 
     let producers = produce(&d, "acme", MESSAGES);
-    eventually(WAIT, "both relays carrying requests", async || {
+    eventually_msg(WAIT, "both relays carrying requests", async || {
         let performed = |r: &Relay| lines_with(&r.log(), &["performed"]).len();
         (sink.count() >= 100 && performed(&a) >= 10 && performed(&b) >= 10).then_some(())
     })
     .await;
     a.kill9();
     let killed = Instant::now();
-    let seen_before = sink.ids().len();
+    let seen_before = sink.distinct_ids().len();
     let ids = producers.await.unwrap();
     assert!(
         seen_before < MESSAGES,
@@ -755,7 +753,7 @@ async fn a_cluster_of_two_relays_survives_the_loss_of_one() {
     let messages = all_sent(&d, "acme", &ids, Duration::from_secs(60)).await;
     let took = killed.elapsed();
     eprintln!("{seen_before} at the sink at the kill; all {MESSAGES} sent {took:?} after it");
-    let seen = sink.ids();
+    let seen = sink.distinct_ids();
     assert!(
         ids.iter().all(|id| seen.contains(id)),
         "the sink saw every id"
@@ -800,7 +798,7 @@ async fn a_relay_started_before_the_daemon_connects_when_it_comes_up() {
     let sink = Sink::start().await;
     let started = Instant::now();
     let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
-    eventually(WAIT, "the relay to fail to reach the daemon", async || {
+    eventually_msg(WAIT, "the relay to fail to reach the daemon", async || {
         (!lines_with(&relay.log(), &["cannot open a session"]).is_empty()).then_some(())
     })
     .await;
@@ -821,7 +819,7 @@ async fn a_relay_started_before_the_daemon_connects_when_it_comes_up() {
     }
     let messages = all_sent(&d, "acme", &ids, WAIT).await;
     assert!(messages.iter().all(|m| m["attempt_count"] == 1));
-    assert_eq!(sink.ids().len(), 10);
+    assert_eq!(sink.distinct_ids().len(), 10);
 }
 
 /// `--check-config` validates without connecting: 0 for a good file, 2 and
@@ -880,7 +878,7 @@ async fn bodies_over_one_chunk_cross_the_relay_whole() {
         json!({"message": "Create", "body": {"big": big}}),
     )
     .await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     let a = &attempts(&m)[0];
     assert!(
         a["via"].as_str().unwrap_or("").starts_with("mid:dc1"),
@@ -912,7 +910,7 @@ async fn a_body_over_the_relays_max_body_ends_in_error_promptly() {
     let big = "b".repeat(3 << 20);
     let started = Instant::now();
     let id = send(&d, "acme", json!({"message": "Create", "body": big})).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     assert!(started.elapsed() < Duration::from_secs(15), "{m}");
     let a = &attempts(&m)[0];
     let error = a["error"].as_str().unwrap_or("");
