@@ -68,7 +68,7 @@ pub struct DaemonBuilder {
 pub struct Daemon {
     /// The temporary directory; [`dir`](Self::dir) is the usual way to it.
     /// Public for suites that still write `d.dir.path()`.
-    pub dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     port: u16,
     token: String,
     config_path: PathBuf,

@@ -126,7 +126,7 @@ async fn apply(d: &Daemon, doc: &str) {
 
 async fn activate(d: &Daemon, connection: &str) {
     let (s, v) = d
-        .post(
+        .post_json(
             &format!("/v1/integrations/acme/connections/{connection}/activate"),
             json!({}),
         )
@@ -136,7 +136,7 @@ async fn activate(d: &Daemon, connection: &str) {
 
 async fn send(d: &Daemon, n: usize) -> String {
     let (s, v) = d
-        .post(
+        .post_json(
             "/v1/integrations/acme/messages",
             json!({"message": "Create", "body": {"n": n}}),
         )
@@ -165,7 +165,7 @@ fn errors(m: &Value) -> Vec<String> {
 #[tokio::test]
 async fn mutual_tls_delivers_with_the_profiles_client_certificate() {
     let d = Daemon::builder().start().await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
     let sink = Sink::builder()
         .tls(&pki)
         .require_client_cert(pki.ca_pem())
@@ -187,7 +187,7 @@ async fn mutual_tls_delivers_with_the_profiles_client_certificate() {
     apply(&d, &doc).await;
 
     let id = send(&d, 1).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(attempts(&m).len(), 1, "{m}");
     let a = &attempts(&m)[0];
     assert_eq!(a["status"], 200, "{m}");
@@ -219,8 +219,8 @@ async fn mutual_tls_delivers_with_the_profiles_client_certificate() {
 /// it was TLS that failed, and no request reaches the sink.
 async fn refused_client_certificates_fail_naming_tls(http1_only: bool) {
     let d = Daemon::builder().start().await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
-    let (rogue_cert, rogue_key) = rogue_client(d.dir.path());
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
+    let (rogue_cert, rogue_key) = rogue_client(d.dir());
     let builder = Sink::builder().tls(&pki).require_client_cert(pki.ca_pem());
     let sink = if http1_only {
         builder.http2(false)
@@ -256,7 +256,7 @@ async fn refused_client_certificates_fail_naming_tls(http1_only: bool) {
         activate(&d, conn).await;
         let rejected_before = sink.rejected_handshakes().len();
         let id = send(&d, n).await;
-        let m = d.wait_state(&id, "error", WAIT).await;
+        let m = d.wait_for_state(&id, "error", WAIT).await;
         assert_eq!(attempts(&m).len(), 5, "retried up to max_attempts: {m}");
         assert_eq!(sink.count(), 0, "{conn}: nothing was delivered");
         // The sink did see the daemon's handshakes, and refused them for
@@ -294,7 +294,7 @@ async fn refused_client_certificates_fail_naming_tls_over_h2() {
 #[tokio::test]
 async fn without_the_ca_the_daemon_refuses_the_sinks_certificate() {
     let d = Daemon::builder().start().await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
     let sink = Sink::builder()
         .tls(&pki)
         .require_client_cert(pki.ca_pem())
@@ -320,7 +320,7 @@ async fn without_the_ca_the_daemon_refuses_the_sinks_certificate() {
     for (conn, n) in [("cert-no-ca", 1), ("no-profile", 2)] {
         activate(&d, conn).await;
         let id = send(&d, n).await;
-        let m = d.wait_state(&id, "error", WAIT).await;
+        let m = d.wait_for_state(&id, "error", WAIT).await;
         assert_eq!(attempts(&m).len(), 5, "{m}");
         for e in errors(&m) {
             assert!(
@@ -337,7 +337,7 @@ async fn without_the_ca_the_daemon_refuses_the_sinks_certificate() {
 #[tokio::test]
 async fn basic_auth_over_tls_right_password_delivers_wrong_one_ends_in_error() {
     let d = Daemon::builder().start().await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
     let sink = Sink::builder()
         .tls(&pki)
         .http2(false)
@@ -364,7 +364,7 @@ async fn basic_auth_over_tls_right_password_delivers_wrong_one_ends_in_error() {
     apply(&d, &doc).await;
 
     let id = send(&d, 1).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(attempts(&m).len(), 1, "{m}");
     assert_eq!(m["attempts"][0]["status"], 200);
     assert_eq!(
@@ -379,7 +379,7 @@ async fn basic_auth_over_tls_right_password_delivers_wrong_one_ends_in_error() {
 
     activate(&d, "wrong").await;
     let id = send(&d, 2).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     assert_eq!(attempts(&m).len(), 1, "401 is final by default: {m}");
     assert_eq!(m["attempts"][0]["status"], 401);
     assert_eq!(m["attempts"][0]["connection"], "wrong");
@@ -434,15 +434,15 @@ async fn oauth_one_token_serves_many_concurrent_messages() {
     let sink = Sink::builder().tls(&pki).bearer_from(&tokens).start().await;
     let d = oauth_setup(&sink, &files.ca, &tokens, &format!("{CLIENT_SECRET:?}"), 16).await;
     // Queue 50 while paused, so that 16 go at once on resume.
-    let (s, v) = d.post("/v1/integrations/acme/pause", json!({})).await;
+    let (s, v) = d.post_json("/v1/integrations/acme/pause", json!({})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let mut ids = Vec::new();
     for n in 0..50 {
         ids.push(send(&d, n).await);
     }
-    let (s, v) = d.post("/v1/integrations/acme/resume", json!({})).await;
+    let (s, v) = d.post_json("/v1/integrations/acme/resume", json!({})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    eventually(WAIT, "50 messages sent", async || {
+    eventually_msg(WAIT, "50 messages sent", async || {
         let (_, v) = d
             .get("/v1/messages?integration=acme&state=sent&limit=100")
             .await;
@@ -493,12 +493,12 @@ async fn oauth_a_revoked_token_gets_one_401_and_a_fresh_token_in_the_same_attemp
     let d = oauth_setup(&sink, &files.ca, &tokens, &format!("{CLIENT_SECRET:?}"), 4).await;
 
     let id = send(&d, 1).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(tokens_of(&tokens).len(), 1);
 
     tokens.revoke_all();
     let id = send(&d, 2).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(attempts(&m).len(), 1, "one attempt: {m}");
     let a = &m["attempts"][0];
     assert_eq!(a["status"], 200, "{a}");
@@ -519,7 +519,7 @@ async fn oauth_a_revoked_token_gets_one_401_and_a_fresh_token_in_the_same_attemp
 
     // The new token is cached in turn.
     let id = send(&d, 3).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(tokens_of(&tokens).len(), 2);
     assert_eq!(statuses(&sink), [200, 401, 200, 200]);
 }
@@ -550,7 +550,7 @@ async fn oauth_a_short_lived_token_is_refreshed_before_it_expires() {
             ids.len()
         );
         let id = send(&d, ids.len()).await;
-        d.wait_state(&id, "sent", WAIT).await;
+        d.wait_for_state(&id, "sent", WAIT).await;
         ids.push(id);
     }
     assert!(
@@ -585,7 +585,7 @@ async fn oauth_a_wrong_client_secret_fails_with_the_token_endpoints_answer() {
     let d = oauth_setup(&sink, &files.ca, &tokens, "\"not-the-secret\"", 4).await;
 
     let id = send(&d, 1).await;
-    let m = d.wait_state(&id, "error", WAIT).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
     assert_eq!(
         attempts(&m).len(),
         5,
@@ -637,7 +637,7 @@ async fn oauth_a_changed_profile_is_used_from_the_next_message() {
     )
     .await;
     let id = send(&d, 1).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(tokens_of(&old_idp).len(), 1);
 
     // The remote system moves, with its identity provider, under the same
@@ -654,7 +654,7 @@ async fn oauth_a_changed_profile_is_used_from_the_next_message() {
         + &oauth_profile("oauth", &new_idp, "\"another-secret\"", Some(&files.ca));
     apply(&d, &doc).await;
     let id = send(&d, 2).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(tokens_of(&new_idp).len(), 1, "{m}");
     let old_token = tokens_of(&old_idp)[0].clone();
     let seen = new_sink.received();
@@ -669,7 +669,7 @@ async fn oauth_a_changed_profile_is_used_from_the_next_message() {
 #[tokio::test]
 async fn mutual_tls_and_oauth_on_one_connection() {
     let d = Daemon::builder().start().await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
     let tokens = OAuthServer::builder()
         .client("outbox", CLIENT_SECRET)
         .tls(&pki)
@@ -701,7 +701,7 @@ async fn mutual_tls_and_oauth_on_one_connection() {
     );
     apply(&d, &doc).await;
     let id = send(&d, 1).await;
-    let m = d.wait_state(&id, "sent", WAIT).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(attempts(&m).len(), 1, "{m}");
     assert_eq!(
         m["attempts"][0]["request_headers"]["authorization"],
@@ -726,7 +726,7 @@ async fn mutual_tls_and_oauth_on_one_connection() {
 async fn the_connection_test_reports_the_days_left_on_the_server_certificate() {
     let d = Daemon::builder().start().await;
     // Half a day over ten, so floor, round and ceiling all land on 10 or 11.
-    let (pki, files) = pki_in(d.dir.path(), 10 * DAY + DAY / 2);
+    let (pki, files) = pki_in(d.dir(), 10 * DAY + DAY / 2);
     let sink = Sink::builder()
         .tls(&pki)
         .require_client_cert(pki.ca_pem())
@@ -751,7 +751,7 @@ async fn the_connection_test_reports_the_days_left_on_the_server_certificate() {
     apply(&d, &doc).await;
 
     let (s, v) = d
-        .post("/v1/integrations/acme/connections/mtls/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/mtls/test", json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["ok"], true, "{v}");
@@ -773,7 +773,7 @@ async fn the_connection_test_reports_the_days_left_on_the_server_certificate() {
     // An inactive connection that does not trust the CA: both requests
     // fail, and the certificate check says why instead of a day count.
     let (s, v) = d
-        .post("/v1/integrations/acme/connections/no-ca/test", json!({}))
+        .post_json("/v1/integrations/acme/connections/no-ca/test", json!({}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["ok"], false, "{v}");
@@ -798,11 +798,11 @@ async fn secrets_stay_out_of_attempts_and_the_log() {
     let d = Daemon::builder()
         .env("E2E_BASIC_PW", basic_pw)
         // Everything, dependencies included, at debug.
-        .config("[log]\nlevel = \"debug\"")
+        .config_toml("[log]\nlevel = \"debug\"")
         .start()
         .await;
-    let (pki, files) = pki_in(d.dir.path(), 365 * DAY);
-    let secret_file = write(d.dir.path(), "oauth-secret", &format!("{CLIENT_SECRET}\n"));
+    let (pki, files) = pki_in(d.dir(), 365 * DAY);
+    let secret_file = write(d.dir(), "oauth-secret", &format!("{CLIENT_SECRET}\n"));
     let tokens = OAuthServer::builder()
         .client("outbox", CLIENT_SECRET)
         .tls(&pki)
@@ -864,23 +864,23 @@ async fn secrets_stay_out_of_attempts_and_the_log() {
 
     let mut ids = Vec::new();
     let id = send(&d, 1).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     ids.push(id);
     activate(&d, "basic-wrong").await;
     let id = send(&d, 2).await;
-    d.wait_state(&id, "error", WAIT).await;
+    d.wait_for_state(&id, "error", WAIT).await;
     ids.push(id);
     activate(&d, "oauth").await;
     let id = send(&d, 3).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     ids.push(id);
     tokens.revoke_all();
     let id = send(&d, 4).await;
-    d.wait_state(&id, "sent", WAIT).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
     ids.push(id);
     activate(&d, "oauth-wrong").await;
     let id = send(&d, 5).await;
-    d.wait_state(&id, "error", WAIT).await;
+    d.wait_for_state(&id, "error", WAIT).await;
     ids.push(id);
     assert_eq!(statuses(&basic_sink), [200, 401]);
     assert_eq!(statuses(&oauth_sink), [200, 401, 200]);
@@ -905,7 +905,7 @@ async fn secrets_stay_out_of_attempts_and_the_log() {
     }
     for conn in ["basic", "oauth"] {
         let (_, v) = d
-            .post(
+            .post_json(
                 &format!("/v1/integrations/acme/connections/{conn}/test"),
                 json!({}),
             )

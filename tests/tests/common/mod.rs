@@ -20,49 +20,11 @@ pub use outbox_tests::{
     Reply, Sink,
 };
 
-/// `eventually(timeout, what, check)`: the name `auth.rs` still uses for
-/// [`eventually_msg`] (the library's `eventually` takes no description).
-/// Remove with `auth.rs`'s move to the library.
-pub use outbox_tests::eventually_msg as eventually;
-
 /// A daemon with the suites' defaults: a 5 s shutdown grace (the daemon's
 /// own 30 s would make every SIGTERM with a delivery in flight slow); a
 /// later `.config_toml("shutdown_grace = ...")` overrides it.
 pub fn suite_daemon() -> DaemonBuilder {
     Daemon::builder().config_toml("shutdown_grace = \"5s\"")
-}
-
-/// The names `auth.rs` still uses for the library's methods
-/// (`config_toml`, `post_json`, `wait_for_state`). Remove with `auth.rs`'s
-/// move to the library; the other suites use the library's names.
-pub trait AuthCompat {
-    /// [`DaemonBuilder::config_toml`].
-    fn config(self, toml: &str) -> Self;
-}
-
-impl AuthCompat for DaemonBuilder {
-    fn config(self, toml: &str) -> Self {
-        self.config_toml(toml)
-    }
-}
-
-/// See [`AuthCompat`]: `post` and `wait_state` on a [`Daemon`].
-#[allow(async_fn_in_trait)]
-pub trait AuthCompatDaemon {
-    /// [`Daemon::post_json`].
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value);
-    /// [`Daemon::wait_for_state`].
-    async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value;
-}
-
-impl AuthCompatDaemon for Daemon {
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.post_json(path, body).await
-    }
-
-    async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
-        self.wait_for_state(id, state, timeout).await
-    }
 }
 
 /// Writes `text` to a file in `dir` and returns its path.
