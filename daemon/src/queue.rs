@@ -22,7 +22,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
-use crate::store::{MessageTrees, Store, StoreError, StoredBody, INLINE_BODY_MAX};
+use crate::store::{
+    record_config, MessageTrees, RecordFormat, Store, StoreError, StoredBody, INLINE_BODY_MAX,
+};
 
 /// A message's state as users see it (SPEC §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -86,7 +88,7 @@ pub struct MessageRecord {
     /// that a delivery writes one value, not an attempt and a record.
     /// Earlier attempts (and every attempt of a message that is not sent)
     /// live in the attempts tree.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub sent_attempt: Option<Attempt>,
     /// The body as the producer sent it. Stored after the JSON record, not
     /// in it; empty when a scan read only the record.
@@ -193,9 +195,18 @@ pub fn now_ms() -> u64 {
 /// A stored message value without its body (scans), and where the body
 /// starts in `v` if it is inline.
 fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, Option<usize>), StoreError> {
-    let (json, body) = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
-    let rec = serde_json::from_slice(json).map_err(|e| corrupt("messages", seq, e))?;
-    let at = match body {
+    let parts = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
+    let rec = match parts.format {
+        RecordFormat::Binary => {
+            bincode::serde::decode_from_slice(parts.record, record_config())
+                .map_err(|e| corrupt("messages", seq, e))?
+                .0
+        }
+        RecordFormat::Json => {
+            serde_json::from_slice(parts.record).map_err(|e| corrupt("messages", seq, e))?
+        }
+    };
+    let at = match parts.body {
         StoredBody::Inline(b) => Some(v.len() - b.len()),
         StoredBody::Apart => None,
     };
@@ -545,12 +556,20 @@ impl Queue {
     }
 
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
-        // A record is plain data; JSON encoding cannot fail.
         // A body stored apart was written once, with the message.
         let body = inline(&rec.body).then_some(&rec.body[..]);
+        let mut encoded = Ok(0);
         let value = crate::store::message_value(body, |out| {
-            let _ = serde_json::to_writer(out, rec);
+            encoded = bincode::serde::encode_into_std_write(rec, out, record_config());
         });
+        // A record is plain data, far below the limit; should encoding ever
+        // fail, nothing is written and the caller reports it.
+        encoded.map_err(|e| {
+            StoreError::Io(std::io::Error::other(format!(
+                "message {} cannot be encoded: {e}",
+                format_id(rec.seq)
+            )))
+        })?;
         self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
         Ok(())
     }
@@ -1475,6 +1494,60 @@ mod tests {
         done(&q, small, Disposition::Sent);
         assert_eq!(q.prune(now_ms() + 1).unwrap(), 3);
         assert!(q.trees.bodies.is_empty());
+    }
+
+    #[tokio::test]
+    async fn json_records_of_schema_3_are_read_and_go_binary_when_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = store(dir.path());
+        let record = |seq: u64| {
+            let r = serde_json::json!({
+                "seq": seq, "integration": "i", "message": "M", "state": "queued",
+                "params": {"p": "1"}, "headers": {}, "ordering_key": null,
+                "idempotency_key": null, "order": seq, "replay_of": null,
+                "replayed_by": null, "attempts": 0, "tries": 0, "created_ms": 5,
+                "updated_ms": 5, "due_ms": 5, "last_error": null
+            });
+            serde_json::to_vec(&r).unwrap()
+        };
+        let value = |layout: u8, json: Vec<u8>, body: &[u8]| {
+            let mut v = vec![layout];
+            v.extend_from_slice(&(json.len() as u32).to_be_bytes());
+            v.extend_from_slice(&json);
+            v.extend_from_slice(body);
+            v
+        };
+        let trees = &st.messages;
+        trees
+            .messages
+            .insert(1u64.to_be_bytes(), value(1, record(1), b"inline"))
+            .unwrap();
+        trees
+            .messages
+            .insert(2u64.to_be_bytes(), value(2, record(2), b""))
+            .unwrap();
+        trees
+            .bodies
+            .insert(2u64.to_be_bytes(), &b"apart"[..])
+            .unwrap();
+        let q = Queue::open(&st).unwrap();
+        let one = q.record(1).unwrap().unwrap();
+        assert_eq!(
+            (&one.body[..], one.params["p"].as_str()),
+            (&b"inline"[..], "1")
+        );
+        assert_eq!(&q.record(2).unwrap().unwrap().body[..], b"apart");
+        assert_eq!(take(&q, 10), vec![1, 2], "both are queued");
+        done(&q, 1, Disposition::Sent);
+        done(&q, 2, Disposition::Sent);
+        for (seq, body) in [(1u64, &b"inline"[..]), (2, b"apart")] {
+            let raw = q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
+            let parts = crate::store::message_parts(&raw).unwrap();
+            assert_eq!(parts.format, RecordFormat::Binary);
+            let rec = q.record(seq).unwrap().unwrap();
+            assert_eq!((rec.state, &rec.body[..]), (MessageState::Sent, body));
+            assert_eq!(rec.sent_attempt.map(|a| a.n), Some(1));
+        }
     }
 
     #[tokio::test]

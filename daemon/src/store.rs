@@ -3,10 +3,11 @@
 //! Trees: `meta` (schema version), `integrations`, `connections` (keyed
 //! `integration \0 connection`), `oauth_profiles`, `protocol_profiles`,
 //! `inbound_users`, and the message trees of [`crate::queue`] (see
-//! [`MessageTrees`]). Catalog records are JSON, so a store can be read with
-//! any sled tool. A message's record and a body up to [`INLINE_BODY_MAX`]
-//! are one value (see [`message_value`]): one write to enqueue, one read to
-//! deliver; larger bodies have a tree of their own.
+//! [`MessageTrees`]). Catalog records and attempts are JSON, so they can be
+//! read with any sled tool; message records, written on every enqueue and
+//! delivery, are bincode. A message's record and a body up to
+//! [`INLINE_BODY_MAX`] are one value (see [`message_value`]): one write to
+//! enqueue, one read to deliver; larger bodies have a tree of their own.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,7 +28,10 @@ use crate::model::Connection;
 /// `finished` retention index of version 1 is gone.
 /// 3: message values carry a layout byte; a body up to
 /// [`INLINE_BODY_MAX`] is stored inside its message's value.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: message records are written in bincode (layouts 3 and 4); JSON
+/// records of version 3 are read as they are and go binary when next
+/// written, so the upgrade rewrites nothing.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Bodies up to this size are stored inside their message's value: one
 /// write to enqueue, one read to deliver. Larger ones live in the `bodies`
@@ -35,9 +39,14 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// does not read them.
 pub const INLINE_BODY_MAX: usize = 4 * 1024;
 
-/// Message value layouts (the first byte).
-const LAYOUT_INLINE: u8 = 1;
-const LAYOUT_APART: u8 = 2;
+/// Message value layouts (the first byte): how the record is encoded and
+/// where the body is. This build writes the binary layouts; the JSON ones
+/// (schema 3) are still read, and a record goes binary when it is next
+/// written.
+const LAYOUT_INLINE_JSON: u8 = 1;
+const LAYOUT_APART_JSON: u8 = 2;
+const LAYOUT_INLINE: u8 = 3;
+const LAYOUT_APART: u8 = 4;
 
 /// Where a stored message's body is.
 #[derive(Debug, PartialEq)]
@@ -47,52 +56,85 @@ pub enum StoredBody<'a> {
     Apart,
 }
 
-/// A message as stored: the layout byte, the length of the JSON record
-/// (u32 BE), the JSON record (written by `json`), then, with an inline
-/// body (`Some`), the body bytes as they came.
-pub fn message_value(body: Option<&[u8]>, json: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+/// How a stored message record is encoded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RecordFormat {
+    /// serde_json, as schema 3 wrote it.
+    Json,
+    /// bincode 2 (serde, [`record_config`]).
+    Binary,
+}
+
+/// The bincode configuration of message records. The limit bounds what a
+/// damaged record can make the decoder allocate.
+pub fn record_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 1 << 24 }>()
+}
+
+/// A stored message value taken apart by [`message_parts`].
+#[derive(Debug, PartialEq)]
+pub struct MessageParts<'a> {
+    pub format: RecordFormat,
+    pub record: &'a [u8],
+    pub body: StoredBody<'a>,
+}
+
+/// A message as stored: the layout byte, the length of the record (u32 BE),
+/// the record (written by `record`, in [`RecordFormat::Binary`]), then,
+/// with an inline body (`Some`), the body bytes as they came.
+pub fn message_value(body: Option<&[u8]>, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let inline = body.unwrap_or_default();
-    let mut v = Vec::with_capacity(5 + 512 + inline.len());
+    let mut v = Vec::with_capacity(5 + 256 + inline.len());
     v.push(if body.is_some() {
         LAYOUT_INLINE
     } else {
         LAYOUT_APART
     });
     v.extend_from_slice(&[0; 4]);
-    json(&mut v);
+    record(&mut v);
     let len = (v.len() - 5) as u32;
     v[1..5].copy_from_slice(&len.to_be_bytes());
     v.extend_from_slice(inline);
     v
 }
 
-/// The JSON record and the body of a value written by [`message_value`].
-pub fn message_parts(v: &[u8]) -> Result<(&[u8], StoredBody<'_>), String> {
-    match v {
-        [layout @ (LAYOUT_INLINE | LAYOUT_APART), a, b, c, d, rest @ ..] => {
-            let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
-            if len > rest.len() {
-                return Err(format!(
-                    "record length {len} is past the end of the value ({} bytes)",
-                    v.len()
-                ));
-            }
-            let (json, tail) = rest.split_at(len);
-            match (*layout, tail) {
-                (LAYOUT_INLINE, body) => Ok((json, StoredBody::Inline(body))),
-                (_, []) => Ok((json, StoredBody::Apart)),
-                (_, tail) => Err(format!(
-                    "{} bytes after a record whose body is stored apart",
-                    tail.len()
-                )),
-            }
-        }
-        [LAYOUT_INLINE | LAYOUT_APART, ..] => {
-            Err(format!("{} bytes, shorter than the header", v.len()))
-        }
-        [b, ..] => Err(format!("unknown message layout {b}")),
-        [] => Err("empty value".into()),
+/// The record and the body of a value written by [`message_value`] (or by
+/// schema 3, in JSON).
+pub fn message_parts(v: &[u8]) -> Result<MessageParts<'_>, String> {
+    let (format, inline) = match v.first() {
+        Some(&LAYOUT_INLINE) => (RecordFormat::Binary, true),
+        Some(&LAYOUT_APART) => (RecordFormat::Binary, false),
+        Some(&LAYOUT_INLINE_JSON) => (RecordFormat::Json, true),
+        Some(&LAYOUT_APART_JSON) => (RecordFormat::Json, false),
+        Some(b) => return Err(format!("unknown message layout {b}")),
+        None => return Err("empty value".into()),
+    };
+    let [_, a, b, c, d, rest @ ..] = v else {
+        return Err(format!("{} bytes, shorter than the header", v.len()));
+    };
+    let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+    if len > rest.len() {
+        return Err(format!(
+            "record length {len} is past the end of the value ({} bytes)",
+            v.len()
+        ));
     }
+    let (record, tail) = rest.split_at(len);
+    let body = match (inline, tail) {
+        (true, body) => StoredBody::Inline(body),
+        (false, []) => StoredBody::Apart,
+        (false, tail) => {
+            return Err(format!(
+                "{} bytes after a record whose body is stored apart",
+                tail.len()
+            ))
+        }
+    };
+    Ok(MessageParts {
+        format,
+        record,
+        body,
+    })
 }
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -153,7 +195,11 @@ fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
     for item in messages.iter() {
         let (k, v) = item?;
         if v.first() == Some(&b'{') {
-            messages.insert(&k, message_value(None, |out| out.extend_from_slice(&v)))?;
+            let mut framed = Vec::with_capacity(5 + v.len());
+            framed.push(LAYOUT_APART_JSON);
+            framed.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&v);
+            messages.insert(&k, framed)?;
         }
     }
     durable(db, dir)
@@ -507,7 +553,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             message_parts(&v).unwrap(),
-            (&br#"{"seq":7}"#[..], StoredBody::Apart)
+            MessageParts {
+                format: RecordFormat::Json,
+                record: &br#"{"seq":7}"#[..],
+                body: StoredBody::Apart
+            }
         );
         let body = db.open_tree("bodies").unwrap().get(b"k7").unwrap().unwrap();
         assert_eq!(body.as_ref(), b"body", "the body stays where it was");
@@ -515,23 +565,37 @@ mod tests {
 
     #[test]
     fn message_values_split_back_and_bad_ones_are_named() {
-        let v = message_value(Some(b"x"), |out| out.extend_from_slice(b"{}"));
+        let parts = |format, record, body| MessageParts {
+            format,
+            record,
+            body,
+        };
+        let v = message_value(Some(b"x"), |out| out.extend_from_slice(b"rec"));
         assert_eq!(
             message_parts(&v).unwrap(),
-            (&b"{}"[..], StoredBody::Inline(b"x"))
+            parts(RecordFormat::Binary, b"rec", StoredBody::Inline(b"x"))
         );
         assert!(message_parts(&v[..3]).unwrap_err().contains("shorter"));
-        let apart = message_value(None, |out| out.extend_from_slice(b"{}"));
+        let apart = message_value(None, |out| out.extend_from_slice(b"rec"));
         assert_eq!(
             message_parts(&apart).unwrap(),
-            (&b"{}"[..], StoredBody::Apart)
+            parts(RecordFormat::Binary, b"rec", StoredBody::Apart)
         );
         let mut bad = apart.clone();
         bad.push(0);
         assert!(message_parts(&bad).unwrap_err().contains("stored apart"));
-        assert!(message_parts(&[1, 0, 0, 0, 9, b'{'])
+        assert!(message_parts(&[3, 0, 0, 0, 9, 1])
             .unwrap_err()
             .contains("past the end"));
+        // Schema 3 values: JSON records, both layouts.
+        assert_eq!(
+            message_parts(&[1, 0, 0, 0, 2, b'{', b'}', b'x']).unwrap(),
+            parts(RecordFormat::Json, b"{}", StoredBody::Inline(b"x"))
+        );
+        assert_eq!(
+            message_parts(&[2, 0, 0, 0, 2, b'{', b'}']).unwrap(),
+            parts(RecordFormat::Json, b"{}", StoredBody::Apart)
+        );
         assert!(message_parts(b"{}").unwrap_err().contains("layout 123"));
         assert!(message_parts(b"").unwrap_err().contains("empty"));
     }
