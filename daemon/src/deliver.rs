@@ -484,6 +484,7 @@ mod tests {
             last_error: None,
             sent_attempt: None,
             body: Bytes::new(),
+            body_ref: None,
         }
     }
 

@@ -96,8 +96,8 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         Ok(Some(rec)) => rec,
         Ok(None) => return app.queue.release(integration, seq),
         Err(e) => {
-            tracing::error!(error = %e, "message cannot be read; left queued");
-            return app.queue.release(integration, seq);
+            tracing::error!(error = %e, "message cannot be read; not sent");
+            return app.queue.unreadable(integration, seq, &e);
         }
     };
     let catalog = app.catalog();

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
+use crate::bodylog::BodyRef;
 use crate::store::{
     record_config, MessageTrees, RecordFormat, Store, StoreError, StoredBody, INLINE_BODY_MAX,
 };
@@ -90,10 +91,13 @@ pub struct MessageRecord {
     /// live in the attempts tree.
     #[serde(default)]
     pub sent_attempt: Option<Attempt>,
-    /// The body as the producer sent it. Stored after the JSON record, not
-    /// in it; empty when a scan read only the record.
+    /// The body as the producer sent it. Stored after the record or in the
+    /// body log, not in the record; empty when a scan read only the record.
     #[serde(skip)]
     pub body: Bytes,
+    /// Where the body is in the body log, for a body stored there.
+    #[serde(skip)]
+    pub body_ref: Option<BodyRef>,
 }
 
 /// One HTTP request made for a message, with what came back.
@@ -193,10 +197,11 @@ pub fn now_ms() -> u64 {
 }
 
 /// A stored message value without its body (scans), and where the body
-/// starts in `v` if it is inline.
+/// starts in `v` if it is inline. A logged body's place goes into
+/// `body_ref`.
 fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, Option<usize>), StoreError> {
     let parts = crate::store::message_parts(v).map_err(|e| corrupt("messages", seq, e))?;
-    let rec = match parts.format {
+    let mut rec: MessageRecord = match parts.format {
         RecordFormat::Binary => {
             bincode::serde::decode_from_slice(parts.record, record_config())
                 .map_err(|e| corrupt("messages", seq, e))?
@@ -209,11 +214,16 @@ fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, Option<usize>), StoreErr
     let at = match parts.body {
         StoredBody::Inline(b) => Some(v.len() - b.len()),
         StoredBody::Apart => None,
+        StoredBody::Logged(r) => {
+            rec.body_ref = Some(r);
+            None
+        }
     };
     Ok((rec, at))
 }
 
-/// Whether `body` is stored inside its message's value.
+/// Whether `body` is stored inside its message's value (else in the body
+/// log).
 fn inline(body: &[u8]) -> bool {
     body.len() <= INLINE_BODY_MAX
 }
@@ -387,6 +397,9 @@ impl Queue {
                 let (k, v) = item?;
                 let seq = key_seq(&k);
                 let rec: MessageRecord = decode(seq, &v)?.0;
+                if let Some(r) = &rec.body_ref {
+                    q.trees.body_log.adopt(r);
+                }
                 let lane = st.lanes.entry(rec.integration.clone()).or_default();
                 match rec.state {
                     MessageState::Queued | MessageState::Sending => {
@@ -428,6 +441,15 @@ impl Queue {
                     }
                 }
             }
+        }
+        // Every body a record points to is counted: segments nothing
+        // points into (their messages pruned) go.
+        let swept = q.trees.body_log.sweep()?;
+        if swept > 0 {
+            tracing::info!(
+                segments = swept,
+                "removed body log segments no message uses"
+            );
         }
         Ok(q)
     }
@@ -497,15 +519,22 @@ impl Queue {
             due_ms: now,
             last_error: None,
             sent_attempt: None,
+            body_ref: None,
             body: new.body,
         };
+        let mut rec = rec;
         if !inline(&rec.body) {
-            self.trees
-                .bodies
-                .insert(seq.to_be_bytes(), rec.body.as_ref())
-                .map_err(StoreError::from)?;
+            rec.body_ref = Some(
+                self.trees
+                    .body_log
+                    .append(&rec.body)
+                    .map_err(StoreError::from)?,
+            );
         }
-        self.put(&rec)?;
+        if let Err(e) = self.put(&rec) {
+            self.release_body(&rec);
+            return Err(e.into());
+        }
         if let Some(key) = idem_key {
             // The record is written before the key is claimed, so whoever
             // finds the key finds a record that the next flush covers.
@@ -519,12 +548,7 @@ impl Queue {
                     .messages
                     .remove(seq.to_be_bytes())
                     .map_err(StoreError::from)?;
-                if !inline(&rec.body) {
-                    self.trees
-                        .bodies
-                        .remove(seq.to_be_bytes())
-                        .map_err(StoreError::from)?;
-                }
+                self.release_body(&rec);
                 let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
                 return self.duplicate(first);
             }
@@ -555,9 +579,21 @@ impl Queue {
         })
     }
 
+    /// Gives a removed message's logged body back to the body log.
+    fn release_body(&self, rec: &MessageRecord) {
+        if let Some(r) = &rec.body_ref {
+            self.trees.body_log.release(r);
+        }
+    }
+
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
-        // A body stored apart was written once, with the message.
-        let body = inline(&rec.body).then_some(&rec.body[..]);
+        // A logged body (or one apart, from an older store) was written
+        // once, with the message; only its place is written again.
+        let body = match (&rec.body_ref, inline(&rec.body)) {
+            (Some(r), _) => StoredBody::Logged(*r),
+            (None, true) => StoredBody::Inline(&rec.body),
+            (None, false) => StoredBody::Apart,
+        };
         let mut encoded = Ok(0);
         let value = crate::store::message_value(body, |out| {
             encoded = bincode::serde::encode_into_std_write(rec, out, record_config());
@@ -580,10 +616,15 @@ impl Queue {
         match self.trees.messages.get(key)? {
             Some(v) => {
                 let (mut rec, at) = decode(seq, &v)?;
-                // The body stays in sled's buffer, shared, not copied.
-                rec.body = match at {
-                    Some(at) => Bytes::from_owner(v).slice(at..),
-                    None => self
+                // An inline body stays in sled's buffer, shared, not copied.
+                rec.body = match (at, &rec.body_ref) {
+                    (Some(at), _) => Bytes::from_owner(v).slice(at..),
+                    (None, Some(r)) => self
+                        .trees
+                        .body_log
+                        .read(r)
+                        .map_err(|e| corrupt("messages", seq, e))?,
+                    (None, None) => self
                         .trees
                         .bodies
                         .get(key)?
@@ -718,6 +759,46 @@ impl Queue {
         Ok(self
             .record(seq)?
             .filter(|r| r.state == MessageState::Queued))
+    }
+
+    /// A taken message whose record or body cannot be read. With a
+    /// readable record it ends in `error`, the reason in an attempt (a
+    /// body lost in a crash before its message was acknowledged, or
+    /// damaged since); otherwise it leaves the schedule until the next
+    /// start, rather than being taken again and again.
+    pub fn unreadable(&self, integration: &str, seq: u64, error: &StoreError) {
+        let rec = self
+            .trees
+            .messages
+            .get(seq.to_be_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| decode(seq, &v).ok())
+            .map(|(rec, _)| rec);
+        if let Some(rec) = rec.filter(|r| r.body_ref.is_some()) {
+            let attempt = Attempt {
+                n: rec.tries.max(rec.attempts) + 1,
+                at_ms: now_ms(),
+                via: "none".into(),
+                error: Some(format!(
+                    "the body cannot be read; nothing was sent: {error}"
+                )),
+                outcome: "error".into(),
+                ..Default::default()
+            };
+            match self.finish(rec, Some(attempt), Disposition::Final(MessageState::Error)) {
+                Ok(()) => return,
+                Err(e) => tracing::error!(error = %e, "message state cannot be written"),
+            }
+        }
+        let mut st = self.lock();
+        if let Some(lane) = st.lanes.get_mut(integration) {
+            lane.in_flight.remove(&seq);
+            lane.last_error = Some((
+                format!("message {} cannot be read: {error}", format_id(seq)),
+                now_ms(),
+            ));
+        }
     }
 
     /// Gives back a taken message that could not be loaded.
@@ -944,15 +1025,24 @@ impl Queue {
             // A replay is a new message: the idempotency key stays with the
             // original, so a producer's retry still finds the first id.
             idempotency_key: None,
+            body_ref: None,
             ..orig.clone()
         };
+        // The copy has a body of its own: each message's body goes with it
+        // when it is pruned.
+        let mut copy = copy;
         if !inline(&copy.body) {
-            self.trees
-                .bodies
-                .insert(copy_seq.to_be_bytes(), copy.body.as_ref())
-                .map_err(StoreError::from)?;
+            copy.body_ref = Some(
+                self.trees
+                    .body_log
+                    .append(&copy.body)
+                    .map_err(StoreError::from)?,
+            );
         }
-        self.put(&copy)?;
+        if let Err(e) = self.put(&copy) {
+            self.release_body(&copy);
+            return Err(e.into());
+        }
         let lane = st.lanes.entry(orig.integration.clone()).or_default();
         if orig.state == MessageState::Error {
             lane.errors = lane.errors.saturating_sub(1);
@@ -1092,6 +1182,7 @@ impl Queue {
         }
         self.trees.messages.remove(key)?;
         drop(st);
+        self.release_body(rec);
         // Also when the body was inline now: a store upgraded from schema
         // 2 keeps its bodies apart whatever their size.
         self.trees.bodies.remove(key)?;
@@ -1461,7 +1552,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn large_bodies_live_apart_and_go_with_their_message() {
+    async fn large_bodies_live_in_the_body_log_and_go_with_their_message() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(&store(dir.path())).unwrap();
         let big = Bytes::from(vec![b'x'; INLINE_BODY_MAX + 1]);
@@ -1475,25 +1566,76 @@ mod tests {
         let seq = parse_id(&id.id).unwrap();
         let small = enqueue(&q, None).await;
         let stored = |seq: u64| q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
-        let apart = |seq: u64| q.trees.bodies.contains_key(seq.to_be_bytes()).unwrap();
-        assert!(stored(seq).len() < 1024, "the record alone");
-        assert!(apart(seq) && !apart(small));
+        let logged = |seq: u64| q.record(seq).unwrap().unwrap().body_ref.is_some();
+        assert!(stored(seq).len() < 128, "the record and the body's place");
+        assert!(logged(seq) && !logged(small));
         assert_eq!(q.record(seq).unwrap().unwrap().body, big);
         assert_eq!(&q.record(small).unwrap().unwrap().body[..], b"body");
         take(&q, 10);
         done(&q, seq, Disposition::Final(MessageState::Error));
         assert!(
-            stored(seq).len() < 2048,
+            stored(seq).len() < 256,
             "a state change does not rewrite it"
         );
         let copy = q.replay(seq).unwrap();
-        assert!(apart(copy.seq));
+        assert!(logged(copy.seq));
+        assert_ne!(copy.body_ref, q.record(seq).unwrap().unwrap().body_ref);
         assert_eq!(q.record(copy.seq).unwrap().unwrap().body, big);
         take(&q, 10);
         done(&q, copy.seq, Disposition::Sent);
         done(&q, small, Disposition::Sent);
+        // A new segment after a restart; pruning empties the old one.
+        drop(q);
+        let q = Queue::open(&store(dir.path())).unwrap();
+        assert_eq!(q.record(copy.seq).unwrap().unwrap().body, big);
+        assert_eq!(q.trees.body_log.segments(), 2);
         assert_eq!(q.prune(now_ms() + 1).unwrap(), 3);
-        assert!(q.trees.bodies.is_empty());
+        assert_eq!(q.trees.body_log.segments(), 1, "only the current one");
+    }
+
+    #[tokio::test]
+    async fn a_body_lost_before_its_message_was_acknowledged_ends_in_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = {
+            let q = Queue::open(&store(dir.path())).unwrap();
+            let big = Bytes::from(vec![b'y'; 1000]);
+            let seq = parse_id(
+                &q.enqueue(NewMessage {
+                    body: big,
+                    ..new(None)
+                })
+                .await
+                .unwrap()
+                .id,
+            )
+            .unwrap();
+            seq
+        };
+        // The record made it to disk, its body did not.
+        for entry in std::fs::read_dir(dir.path().join("bodies")).unwrap() {
+            std::fs::File::options()
+                .write(true)
+                .open(entry.unwrap().path())
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        }
+        let q = Queue::open(&store(dir.path())).unwrap();
+        assert_eq!(take(&q, 10), vec![seq]);
+        let e = q.job(seq).unwrap_err();
+        q.unreadable("i", seq, &e);
+        let rec = q.view(seq).unwrap_err();
+        assert!(rec.to_string().contains("cannot be read"), "{rec}");
+        let raw = q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
+        let (rec, _) = decode(seq, &raw).unwrap();
+        assert_eq!(rec.state, MessageState::Error);
+        let attempts = q.attempts(&rec).unwrap();
+        assert!(attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("body cannot be read"));
+        assert!(take(&q, 10).is_empty(), "not taken again");
     }
 
     #[tokio::test]

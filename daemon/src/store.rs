@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
+use crate::bodylog::{BodyLog, BodyRef};
 use crate::catalog::{Catalog, Entry};
 use crate::model::Connection;
 
@@ -28,16 +29,18 @@ use crate::model::Connection;
 /// `finished` retention index of version 1 is gone.
 /// 3: message values carry a layout byte; a body up to
 /// [`INLINE_BODY_MAX`] is stored inside its message's value.
-/// 4: message records are written in bincode (layouts 3 and 4); JSON
-/// records of version 3 are read as they are and go binary when next
-/// written, so the upgrade rewrites nothing.
+/// 4: message records are written in bincode (layouts 3 and 4); bodies
+/// over [`INLINE_BODY_MAX`] go to the body log ([`crate::bodylog`], layout
+/// 5). Records and bodies of version 3 are read where they are, and a
+/// record goes binary when it is next written, so the upgrade rewrites
+/// nothing.
 pub const SCHEMA_VERSION: u32 = 4;
 
 /// Bodies up to this size are stored inside their message's value: one
-/// write to enqueue, one read to deliver. Larger ones live in the `bodies`
-/// tree, so a state change does not rewrite them and a scan of records
-/// does not read them.
-pub const INLINE_BODY_MAX: usize = 4 * 1024;
+/// write to enqueue, one read to deliver. Larger ones are appended to the
+/// body log, so a state change does not rewrite them, a scan of records
+/// does not read them, and sled's nodes stay small.
+pub const INLINE_BODY_MAX: usize = 256;
 
 /// Message value layouts (the first byte): how the record is encoded and
 /// where the body is. This build writes the binary layouts; the JSON ones
@@ -47,13 +50,18 @@ const LAYOUT_INLINE_JSON: u8 = 1;
 const LAYOUT_APART_JSON: u8 = 2;
 const LAYOUT_INLINE: u8 = 3;
 const LAYOUT_APART: u8 = 4;
+const LAYOUT_LOGGED: u8 = 5;
 
 /// Where a stored message's body is.
 #[derive(Debug, PartialEq)]
 pub enum StoredBody<'a> {
+    /// After the record, in the same value.
     Inline(&'a [u8]),
-    /// In the `bodies` tree under the message's key.
+    /// In the `bodies` tree under the message's key (schema 3 and older;
+    /// this build no longer writes bodies there).
     Apart,
+    /// In the body log.
+    Logged(BodyRef),
 }
 
 /// How a stored message record is encoded.
@@ -80,32 +88,40 @@ pub struct MessageParts<'a> {
 }
 
 /// A message as stored: the layout byte, the length of the record (u32 BE),
-/// the record (written by `record`, in [`RecordFormat::Binary`]), then,
-/// with an inline body (`Some`), the body bytes as they came.
-pub fn message_value(body: Option<&[u8]>, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let inline = body.unwrap_or_default();
-    let mut v = Vec::with_capacity(5 + 256 + inline.len());
-    v.push(if body.is_some() {
-        LAYOUT_INLINE
-    } else {
-        LAYOUT_APART
+/// the record (written by `record`, in [`RecordFormat::Binary`]), then the
+/// inline body bytes as they came, or the [`BodyRef`] of a logged body.
+pub fn message_value(body: StoredBody<'_>, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let inline = match &body {
+        StoredBody::Inline(b) => b.len(),
+        _ => BodyRef::SIZE,
+    };
+    let mut v = Vec::with_capacity(5 + 192 + inline);
+    v.push(match body {
+        StoredBody::Inline(_) => LAYOUT_INLINE,
+        StoredBody::Apart => LAYOUT_APART,
+        StoredBody::Logged(_) => LAYOUT_LOGGED,
     });
     v.extend_from_slice(&[0; 4]);
     record(&mut v);
     let len = (v.len() - 5) as u32;
     v[1..5].copy_from_slice(&len.to_be_bytes());
-    v.extend_from_slice(inline);
+    match body {
+        StoredBody::Inline(b) => v.extend_from_slice(b),
+        StoredBody::Apart => {}
+        StoredBody::Logged(r) => r.encode(&mut v),
+    }
     v
 }
 
 /// The record and the body of a value written by [`message_value`] (or by
 /// schema 3, in JSON).
 pub fn message_parts(v: &[u8]) -> Result<MessageParts<'_>, String> {
-    let (format, inline) = match v.first() {
-        Some(&LAYOUT_INLINE) => (RecordFormat::Binary, true),
-        Some(&LAYOUT_APART) => (RecordFormat::Binary, false),
-        Some(&LAYOUT_INLINE_JSON) => (RecordFormat::Json, true),
-        Some(&LAYOUT_APART_JSON) => (RecordFormat::Json, false),
+    let (format, place) = match v.first() {
+        Some(&LAYOUT_INLINE) => (RecordFormat::Binary, LAYOUT_INLINE),
+        Some(&LAYOUT_APART) => (RecordFormat::Binary, LAYOUT_APART),
+        Some(&LAYOUT_LOGGED) => (RecordFormat::Binary, LAYOUT_LOGGED),
+        Some(&LAYOUT_INLINE_JSON) => (RecordFormat::Json, LAYOUT_INLINE),
+        Some(&LAYOUT_APART_JSON) => (RecordFormat::Json, LAYOUT_APART),
         Some(b) => return Err(format!("unknown message layout {b}")),
         None => return Err("empty value".into()),
     };
@@ -120,10 +136,17 @@ pub fn message_parts(v: &[u8]) -> Result<MessageParts<'_>, String> {
         ));
     }
     let (record, tail) = rest.split_at(len);
-    let body = match (inline, tail) {
-        (true, body) => StoredBody::Inline(body),
-        (false, []) => StoredBody::Apart,
-        (false, tail) => {
+    let body = match (place, tail) {
+        (LAYOUT_INLINE, body) => StoredBody::Inline(body),
+        (LAYOUT_LOGGED, tail) => StoredBody::Logged(BodyRef::decode(tail).ok_or_else(|| {
+            format!(
+                "{} bytes where a {}-byte body reference was expected",
+                tail.len(),
+                BodyRef::SIZE
+            )
+        })?),
+        (_, []) => StoredBody::Apart,
+        (_, tail) => {
             return Err(format!(
                 "{} bytes after a record whose body is stored apart",
                 tail.len()
@@ -179,8 +202,11 @@ pub struct MessageTrees {
     /// `seq` (u64 BE) → message record, with its body inline up to
     /// [`INLINE_BODY_MAX`]; see [`message_value`].
     pub messages: Tree,
-    /// `seq` → body of a message whose body is stored apart.
+    /// `seq` → body of a message whose body is stored apart (schema 3 and
+    /// older; read and pruned, no longer written).
     pub bodies: Tree,
+    /// Bodies over [`INLINE_BODY_MAX`], in `data_dir/bodies/`.
+    pub body_log: std::sync::Arc<BodyLog>,
     /// `seq ++ attempt number` (u64 BE ++ u32 BE) → attempt (JSON).
     pub attempts: Tree,
     /// `integration \0 idempotency key` → `seq`.
@@ -309,6 +335,7 @@ impl Store {
             messages: MessageTrees {
                 messages: db.open_tree("messages")?,
                 bodies: db.open_tree("bodies")?,
+                body_log: std::sync::Arc::new(BodyLog::open(&dir.join("bodies"))?),
                 attempts: db.open_tree("attempts")?,
                 idempotency: db.open_tree("idempotency")?,
             },
@@ -330,6 +357,9 @@ impl Store {
 
     /// Writes everything inserted so far to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
+        // Bodies first: a record on disk must never point at a body that
+        // is not.
+        self.messages.body_log.sync()?;
         self.db.flush()?;
         // sled 0.34 makes its log durable with sync_file_range, which does
         // not reach the drive's cache or the file's metadata; an fsync of
@@ -570,13 +600,29 @@ mod tests {
             record,
             body,
         };
-        let v = message_value(Some(b"x"), |out| out.extend_from_slice(b"rec"));
+        let v = message_value(StoredBody::Inline(b"x"), |out| {
+            out.extend_from_slice(b"rec")
+        });
         assert_eq!(
             message_parts(&v).unwrap(),
             parts(RecordFormat::Binary, b"rec", StoredBody::Inline(b"x"))
         );
         assert!(message_parts(&v[..3]).unwrap_err().contains("shorter"));
-        let apart = message_value(None, |out| out.extend_from_slice(b"rec"));
+        let apart = message_value(StoredBody::Apart, |out| out.extend_from_slice(b"rec"));
+        let r = BodyRef {
+            segment: 2,
+            offset: 9,
+            len: 300,
+            crc: 7,
+        };
+        let logged = message_value(StoredBody::Logged(r), |out| out.extend_from_slice(b"rec"));
+        assert_eq!(
+            message_parts(&logged).unwrap(),
+            parts(RecordFormat::Binary, b"rec", StoredBody::Logged(r))
+        );
+        assert!(message_parts(&logged[..logged.len() - 1])
+            .unwrap_err()
+            .contains("body reference"));
         assert_eq!(
             message_parts(&apart).unwrap(),
             parts(RecordFormat::Binary, b"rec", StoredBody::Apart)
