@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -518,7 +518,8 @@ async fn metrics_and_status_tell_what_is_wrong() {
 
 /// Thousands of messages enqueued concurrently, the daemon killed with
 /// SIGKILL in the middle of delivery, restarted: the sink must see every id
-/// that was acknowledged.
+/// that was acknowledged, with its body. Half the bodies are small enough
+/// to live in their record, half go to the body log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     const MESSAGES: usize = 3200;
@@ -539,7 +540,7 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     d.apply(&doc).await;
     let d = Arc::new(tokio::sync::Mutex::new(d));
 
-    let acked = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let acked = Arc::new(std::sync::Mutex::new(HashMap::new()));
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
         let d = d.clone();
@@ -547,14 +548,15 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
         producers.push(tokio::spawn(async move {
             let d = d.lock().await.api_client();
             for i in 0..MESSAGES / PRODUCERS {
-                let body = json!({"message": "Create", "body": format!("{p}-{i}")});
+                let text = format!("{p}-{i}-{}", "x".repeat(400 * (i % 2)));
+                let body = json!({"message": "Create", "body": text});
                 // A refused or cut-off request was not acknowledged.
                 match d.enqueue("acme", &body).await {
                     Ok((StatusCode::ACCEPTED, v)) => {
                         acked
                             .lock()
                             .unwrap()
-                            .insert(v["id"].as_str().unwrap().to_string());
+                            .insert(v["id"].as_str().unwrap().to_string(), text);
                     }
                     other => eprintln!("enqueue not acknowledged: {other:?}"),
                 }
@@ -564,7 +566,7 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     for p in producers {
         p.await.unwrap();
     }
-    let acked: HashSet<String> = acked.lock().unwrap().clone();
+    let acked: HashMap<String, String> = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), MESSAGES, "every enqueue was acknowledged");
     // Kill once delivery is under way but far from done.
     eventually_msg(WAIT, "delivery to start", async || {
@@ -585,10 +587,15 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
         "every acknowledged id at the sink",
         async || {
             let seen = sink.distinct_ids();
-            acked.is_subset(&seen).then_some(())
+            acked.keys().all(|id| seen.contains(id)).then_some(())
         },
     )
     .await;
+    for r in sink.received() {
+        let id = r.header("idempotency-key").unwrap_or_default().to_string();
+        let want = acked.get(&id).map(String::as_bytes);
+        assert_eq!(want, Some(&r.body[..]), "the body of {id}");
+    }
     let (_, v) = guard.get("/v1/integrations/acme").await;
     eventually_msg(WAIT, "an empty queue", async || {
         let (_, v) = guard.get("/v1/integrations/acme").await;
