@@ -2,8 +2,12 @@
 # Benchmark of outboxd: durable enqueue rate and delivery rate, each as a
 # ratio against a baseline measured in the same run, plus the daemon's peak
 # RSS; then delivery through outbox-relay against direct delivery in the same
-# run, and the relay's RSS idle and under load. See the "Benchmark" section
-# of README.md.
+# run, and the relay's RSS idle and under load; when sshd is installed, the
+# same deliveries through an ssh tunnel (`ssh -L`) too, to compare the relay
+# with. See the "Benchmark" section of README.md.
+#
+# The ssh comparison needs `apt-get install openssh-server openssh-client`
+# (without sshd it is skipped, and --no-ssh skips it).
 #
 #   deploy/bench.sh                          # 100000 messages, 64 producers, 1 KiB, concurrency 64
 #   deploy/bench.sh --messages 20000         # any outbox-bench flag passes through

@@ -33,6 +33,17 @@
 //!   first), each timed from activation until the sink has every key. The
 //!   ratio is relay against direct over all rounds; the relay's VmHWM and
 //!   sampled VmRSS under load, and CPU per message of every process.
+//! - **ssh tunnel** (in the relay phase, when `sshd`, `ssh` and `ssh-keygen`
+//!   are installed, unless `--no-ssh`): what users compare the relay with.
+//!   The bench runs its own `sshd` on a free loopback port (keys, config and
+//!   pid file in its temporary dir, public-key login as the current user)
+//!   and an `ssh -N -L` forwarding a free loopback port to the sink, with
+//!   ssh's default cipher; the integration gets a third connection, `ssh`,
+//!   to the forwarded port. Each round then delivers through `sink`,
+//!   `relay` and `ssh` (the order rotating between rounds), and the phase
+//!   reports the tunnel's rate, relay against ssh, ssh against direct, and
+//!   CPU per message with `ssh` and `sshd` (with the sshd child serving the
+//!   session) counted as one process, `ssh`.
 //!
 //! The baseline server and the sink are separate processes (this binary in
 //! `--baseline-server` and `--sink` mode): `outboxd` is a process of its own,
@@ -108,6 +119,9 @@ relay phase (on when the relay binary exists):
   --relay-cpus LIST   run the relay on these CPUs only (`taskset -c LIST`), e.g. to
                       emulate a relay host of its own: `taskset -c 0 outbox-bench
                       --relay-only --relay-cpus 1`
+  --no-ssh            no ssh tunnel in the relay phase (by default, when sshd, ssh and
+                      ssh-keygen are installed, each round also delivers through
+                      `ssh -L` to a private sshd on loopback, to compare the relay with)
 ";
 
 #[derive(Clone, Debug)]
@@ -132,6 +146,42 @@ struct Opts {
     relay_concurrency: usize,
     /// CPUs the relay is pinned to (`taskset -c`).
     relay_cpus: Option<String>,
+    /// The ssh tunnel of the relay phase: its programs, or why it is skipped.
+    ssh: Result<SshBins, String>,
+}
+
+/// The OpenSSH programs the ssh tunnel runs.
+#[derive(Clone, Debug)]
+struct SshBins {
+    sshd: PathBuf,
+    ssh: PathBuf,
+    keygen: PathBuf,
+}
+
+/// `name` at one of `first` or in a directory of `$PATH`, as an absolute
+/// path (sshd re-executes itself, which needs one).
+fn find_program(name: &str, first: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    first
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path).map(|d| d.join(name)))
+        .find(|p| p.is_file())
+        .and_then(|p| std::path::absolute(p).ok())
+}
+
+impl SshBins {
+    /// The programs, or why the ssh tunnel cannot run.
+    fn find() -> Result<SshBins, String> {
+        let sshd = find_program("sshd", &["/usr/sbin/sshd"]).ok_or(
+            "sshd not found (in /usr/sbin or $PATH): install openssh-server and openssh-client",
+        )?;
+        let ssh =
+            find_program("ssh", &[]).ok_or("ssh not found in $PATH: install openssh-client")?;
+        let keygen = find_program("ssh-keygen", &[])
+            .ok_or("ssh-keygen not found in $PATH: install openssh-client")?;
+        Ok(SshBins { sshd, ssh, keygen })
+    }
 }
 
 fn parse_args() -> Result<Opts> {
@@ -154,7 +204,9 @@ fn parse_args() -> Result<Opts> {
         relay_rounds: 2,
         relay_concurrency: 0,
         relay_cpus: None,
+        ssh: Err(String::new()),
     };
+    let mut no_ssh = false;
     let mut relay = Some(exe.with_file_name("outbox-relay"));
     let mut relay_asked = false;
     let mut outbox = None;
@@ -186,6 +238,7 @@ fn parse_args() -> Result<Opts> {
             "--relay-rounds" => o.relay_rounds = num(&a, value(&a)?)?,
             "--relay-concurrency" => o.relay_concurrency = num(&a, value(&a)?)?,
             "--relay-cpus" => o.relay_cpus = Some(value(&a)?),
+            "--no-ssh" => no_ssh = true,
             "--tmp" => o.tmp = PathBuf::from(value(&a)?),
             "--phase-timeout" => o.phase_timeout = Duration::from_secs(num(&a, value(&a)?)? as u64),
             "--sample-ms" => o.sample_every = Duration::from_millis(num(&a, value(&a)?)? as u64),
@@ -239,6 +292,11 @@ fn parse_args() -> Result<Opts> {
     if o.relay_concurrency == 0 {
         o.relay_concurrency = o.concurrency;
     }
+    o.ssh = if no_ssh {
+        Err("--no-ssh given".into())
+    } else {
+        SshBins::find()
+    };
     Ok(o)
 }
 
@@ -554,6 +612,49 @@ fn proc_cpu(pid: u32) -> f64 {
     stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, s)| s)
 }
 
+/// `roots` and every process descending from them (scanning `/proc` for
+/// parent pids), roots first.
+fn process_tree(roots: &[u32]) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = roots.to_vec();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for &(pid, ppid) in &parent_of {
+            if ppid == parent && !tree.contains(&pid) {
+                tree.push(pid);
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
+/// CPU seconds of the processes running now in the trees of `roots`, by pid.
+fn tree_cpu(roots: &[u32]) -> HashMap<u32, f64> {
+    process_tree(roots)
+        .into_iter()
+        .map(|pid| (pid, proc_cpu(pid)))
+        .collect()
+}
+
 /// CPU seconds and name of threads, by thread id.
 type ThreadCpu = HashMap<u64, (String, f64)>;
 
@@ -651,6 +752,8 @@ impl RssSampler {
 /// CPU counters of the processes taking part in a phase, taken at its start.
 struct CpuSnap {
     procs: Vec<(&'static str, u32, f64)>,
+    /// Process trees counted as one process, by pid within the tree.
+    trees: Vec<(&'static str, Vec<u32>, HashMap<u32, f64>)>,
     /// Processes whose threads are reported one by one.
     threads: Vec<(&'static str, u32, ThreadCpu)>,
     machine: (f64, f64),
@@ -669,9 +772,19 @@ impl CpuSnap {
                 .iter()
                 .map(|&(n, pid)| (n, pid, thread_cpu(pid)))
                 .collect(),
+            trees: Vec::new(),
             machine: machine_cpu(),
             at: Instant::now(),
         }
+    }
+
+    /// Also counts the processes `roots` and their descendants, together,
+    /// as the process `name` (e.g. a server that forks per connection).
+    fn with_tree(mut self, name: &'static str, roots: &[u32]) -> CpuSnap {
+        self.trees.push((name, roots.to_vec(), tree_cpu(roots)));
+        self.machine = machine_cpu();
+        self.at = Instant::now();
+        self
     }
 }
 
@@ -689,9 +802,22 @@ impl CpuAcc {
     /// Adds what happened since `snap` was taken.
     fn add(&mut self, snap: CpuSnap) {
         self.wall += snap.at.elapsed().as_secs_f64();
-        for (name, pid, before) in &snap.procs {
-            let used = proc_cpu(*pid) - before;
-            match self.procs.iter_mut().find(|(n, _)| n == name) {
+        let mut used: Vec<(&'static str, f64)> = snap
+            .procs
+            .iter()
+            .map(|(name, pid, before)| (*name, proc_cpu(*pid) - before))
+            .collect();
+        // A process of a tree born during the phase counts from zero.
+        for (name, roots, before) in &snap.trees {
+            let now = tree_cpu(roots);
+            let sum = now
+                .iter()
+                .map(|(pid, secs)| secs - before.get(pid).copied().unwrap_or(0.0))
+                .sum();
+            used.push((*name, sum));
+        }
+        for (name, used) in used {
+            match self.procs.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, s)) => *s += used,
                 None => self.procs.push((name, used)),
             }
@@ -995,6 +1121,8 @@ struct Tunnel {
 const MID_SERVER: &str = "dc1";
 /// The connection of the bench integration that goes through the relay.
 const RELAY_CONNECTION: &str = "relay";
+/// The connection of the bench integration that goes through the ssh tunnel.
+const SSH_CONNECTION: &str = "ssh";
 
 impl Daemon {
     async fn start(o: &Opts, c: &HttpClient) -> Result<Daemon> {
@@ -1168,8 +1296,9 @@ impl Drop for Daemon {
 }
 
 /// The bench integration: its direct connection to the sink and, for the
-/// relay phase, a second one to the same sink through the relay.
-fn integration_file(o: &Opts, sink: SocketAddr) -> String {
+/// relay phase, a second one to the same sink through the relay, and a
+/// third through the ssh tunnel's forwarded port `ssh_port` when it runs.
+fn integration_file(o: &Opts, sink: SocketAddr, ssh_port: Option<u16>) -> String {
     let mut file = format!(
         r#"[[integration]]
 name = "{INTEGRATION}"
@@ -1198,6 +1327,17 @@ max_attempts = 3
   environment = "test"
   endpoint_url = "http://{sink}"
   mid_server = "{MID_SERVER}"
+  active = false
+"#
+        ));
+    }
+    if let Some(port) = ssh_port {
+        file.push_str(&format!(
+            r#"
+  [[integration.connection]]
+  name = "{SSH_CONNECTION}"
+  environment = "test"
+  endpoint_url = "http://127.0.0.1:{port}"
   active = false
 "#
         ));
@@ -1348,12 +1488,21 @@ async fn bench(o: Opts) -> Result<bool> {
 
     eprintln!("phase: start outboxd");
     let daemon = Daemon::start(&o, &c).await?;
+    // The ssh tunnel's local port, held until `ssh -L` takes it over.
+    let ssh_port = match (&o.relay, &o.ssh) {
+        (Some(_), Ok(_)) => Some(std::net::TcpListener::bind("127.0.0.1:0")?),
+        _ => None,
+    };
+    let ssh_fwd = match &ssh_port {
+        Some(l) => Some(l.local_addr()?.port()),
+        None => None,
+    };
     daemon
         .api(
             &c,
             Method::POST,
             "/v1/apply",
-            Some(integration_file(&o, sink.addr)),
+            Some(integration_file(&o, sink.addr, ssh_fwd)),
         )
         .await
         .context("applying the bench integration")?;
@@ -1382,7 +1531,7 @@ async fn bench(o: Opts) -> Result<bool> {
         complete &= ok;
     }
     if let Some(relay) = &o.relay {
-        let (phase, ok) = relay_phase(&o, &c, &sink, &daemon, &body, relay).await?;
+        let (phase, ok) = relay_phase(&o, &c, &sink, &daemon, &body, relay, ssh_port).await?;
         result["relay"] = phase;
         complete &= ok;
     }
@@ -1699,14 +1848,36 @@ fn print_relay(r: &Value) {
         .into_iter()
         .flatten()
         .map(|d| {
+            let ssh = match d["relay_vs_ssh"].as_f64() {
+                Some(v) => format!("; relay/ssh {v}, ssh/direct {}", d["ssh_vs_direct"]),
+                None => String::new(),
+            };
             format!(
-                "{} ({} first)",
+                "{} ({} first{ssh})",
                 d["ratio"],
                 d["first"].as_str().unwrap_or("?")
             )
         })
         .collect();
     eprintln!("  ratio per round: {}", rounds.join(", "));
+    let t = &r["ssh_tunnel"];
+    match t["skipped"].as_str() {
+        Some(why) => eprintln!("ssh tunnel: comparison skipped: {why}"),
+        None => {
+            eprintln!(
+                "ssh tunnel (ssh -L, {} {}, cipher {}): {} msg/s; relay/ssh {:.3} \
+                 (CPU ratio {:.3}), ssh/direct {:.3} (CPU ratio {:.3})",
+                t["client_version"].as_str().unwrap_or("?"),
+                t["kex"].as_str().unwrap_or("?"),
+                t["cipher"].as_str().unwrap_or("?"),
+                num(&r["ssh_per_s"]),
+                r["relay_vs_ssh"].as_f64().unwrap_or(0.0),
+                r["relay_vs_ssh_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+                r["ssh_vs_direct"].as_f64().unwrap_or(0.0),
+                r["ssh_vs_direct_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     eprintln!(
         "relay memory: idle {} (anon {}, file {}, {} threads; {} at connect) {} 10 MiB; \
          under load VmHWM {} (VmRSS max {}); 2 s after the load {}",
@@ -1723,7 +1894,20 @@ fn print_relay(r: &Value) {
     eprintln!("CPU over the relay phase's deliveries:");
     print_cpu("direct", &r["cpu"]["direct"]);
     print_cpu("through the relay", &r["cpu"]["relay"]);
+    if r["cpu"]["ssh"].is_object() {
+        print_cpu("through ssh -L", &r["cpu"]["ssh"]);
+    }
     print_cpu("plain client", &r["cpu"]["plain"][0]);
+    let all = &r["cpu_us_per_msg_all"];
+    eprintln!(
+        "  every process, µs/msg: direct {:.1}, relay {:.1}{}",
+        all["direct"].as_f64().unwrap_or(0.0),
+        all["relay"].as_f64().unwrap_or(0.0),
+        match all["ssh"].as_f64() {
+            Some(v) => format!(", ssh {v:.1}"),
+            None => String::new(),
+        }
+    );
     eprintln!(
         "  outboxd threads (cores), direct: {}",
         thread_list(&r["cpu"]["direct"]["daemon_threads"])
@@ -1921,6 +2105,344 @@ impl Drop for RelayProc {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The ssh tunnel: the same deliveries through `ssh -L`, the general-purpose
+// tunnel users compare the relay with.
+
+/// Sends SIGKILL to process `pid`.
+#[allow(unsafe_code)]
+fn sigkill(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) takes two integers and touches no memory of this
+        // process; the worst outcome is an error code, ignored here.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A child process killed, with every process it forked, when dropped
+/// (sshd forks a process per connection, which outlives a killed parent).
+struct TreeChild(Child);
+
+impl TreeChild {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for TreeChild {
+    fn drop(&mut self) {
+        // Not reaped yet, so the pid is still the child's and its
+        // descendants still name it as their parent.
+        if let Ok(None) = self.0.try_wait() {
+            for pid in process_tree(&[self.pid()]).into_iter().skip(1) {
+                sigkill(pid);
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory the bench created outside its temporary dir, removed when
+/// dropped (if still empty).
+struct CreatedDir(PathBuf);
+
+impl Drop for CreatedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The login name of the user the bench runs as.
+fn current_user() -> Result<String> {
+    if let Ok(out) = Command::new("id").arg("-un").stdin(Stdio::null()).output() {
+        let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !name.is_empty() {
+            return Ok(name);
+        }
+    }
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .context("the current user's name: `id -un` failed and $USER is not set")
+}
+
+/// A private sshd on a free loopback port and an `ssh -N -L` through it to
+/// the sink. Dropped in field order: ssh, then sshd with the process that
+/// serves the session, then sshd's privilege separation dir if the bench
+/// made it.
+struct SshTunnel {
+    ssh: TreeChild,
+    sshd: TreeChild,
+    _privsep: Option<CreatedDir>,
+    /// The local end of the forwarding, which the `ssh` connection targets.
+    fwd: SocketAddr,
+    ssh_log: PathBuf,
+    sshd_log: PathBuf,
+    connect_secs: f64,
+}
+
+impl SshTunnel {
+    /// Writes keys and an sshd config into `dir`, starts sshd, then `ssh -L`
+    /// from the port `fwd` holds to the sink, and waits until that port
+    /// accepts connections.
+    async fn start(
+        bins: &SshBins,
+        dir: &std::path::Path,
+        sink: SocketAddr,
+        fwd: std::net::TcpListener,
+    ) -> Result<SshTunnel> {
+        let started = Instant::now();
+        let dir = dir.join("ssh");
+        std::fs::create_dir_all(&dir)?;
+        let (host_key, client_key) = (dir.join("host_ed25519"), dir.join("client_ed25519"));
+        for key in [&host_key, &client_key] {
+            let out = Command::new(&bins.keygen)
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "outbox-bench", "-f"])
+                .arg(key)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running {}", bins.keygen.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "ssh-keygen failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        let public = std::fs::read_to_string(dir.join("client_ed25519.pub"))?;
+        // The key may forward to the sink and do nothing else.
+        let authorized = dir.join("authorized_keys");
+        std::fs::write(
+            &authorized,
+            format!("restrict,port-forwarding,permitopen=\"{sink}\" {public}"),
+        )?;
+        let user = current_user()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = dir.join("sshd_config");
+        let quoted = |p: &std::path::Path| format!("\"{}\"", p.display());
+        std::fs::write(
+            &config,
+            format!(
+                "# The bench's own sshd: loopback only, public key only, files in {dir}.\n\
+                 ListenAddress 127.0.0.1\n\
+                 Port {port}\n\
+                 HostKey {host_key}\n\
+                 AuthorizedKeysFile {authorized}\n\
+                 PidFile {pid}\n\
+                 AllowUsers {user}\n\
+                 PermitRootLogin prohibit-password\n\
+                 AuthenticationMethods publickey\n\
+                 PubkeyAuthentication yes\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 UsePAM no\n\
+                 StrictModes no\n\
+                 AllowTcpForwarding yes\n\
+                 AllowAgentForwarding no\n\
+                 X11Forwarding no\n\
+                 PermitTTY no\n\
+                 PrintMotd no\n\
+                 UseDNS no\n",
+                dir = dir.display(),
+                host_key = quoted(&host_key),
+                authorized = quoted(&authorized),
+                pid = quoted(&dir.join("sshd.pid")),
+            ),
+        )?;
+        // Started as root, sshd needs its privilege separation directory
+        // (/run/sshd on Debian, made by its service unit); it names the
+        // directory when missing, and the bench makes it for the run.
+        let check = || {
+            Command::new(&bins.sshd)
+                .arg("-t")
+                .arg("-f")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running {} -t", bins.sshd.display()))
+        };
+        let said = |out: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        let mut out = check()?;
+        let mut privsep = None;
+        if !out.status.success() {
+            let text = said(&out);
+            let missing = text.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("Missing privilege separation directory:")
+                    .map(|d| PathBuf::from(d.trim()))
+            });
+            if let Some(d) = missing {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&d)
+                    .with_context(|| format!("creating sshd's directory {}", d.display()))?;
+                privsep = Some(CreatedDir(d));
+                out = check()?;
+            }
+        }
+        if !out.status.success() {
+            bail!(
+                "sshd -t -f {} failed ({}): {}",
+                config.display(),
+                out.status,
+                said(&out).trim()
+            );
+        }
+        let sshd_log = dir.join("sshd.log");
+        let log = std::fs::File::create(&sshd_log)?;
+        let sshd = Command::new(&bins.sshd)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bins.sshd.display()))?;
+        let mut sshd = TreeChild(sshd);
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = sshd.0.try_wait()? {
+                bail!("sshd exited at start ({status}):\n{}", log_tail(&sshd_log));
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if Instant::now() > until {
+                bail!("sshd not listening after 30s:\n{}", log_tail(&sshd_log));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let fwd_addr = fwd.local_addr()?;
+        drop(fwd);
+        let ssh_log = dir.join("ssh.log");
+        let log = std::fs::File::create(&ssh_log)?;
+        // -v: the log names the negotiated algorithms. -F /dev/null: no
+        // user or system ssh_config, ssh's own defaults (cipher included).
+        let ssh = Command::new(&bins.ssh)
+            .arg("-v")
+            .args(["-F", "/dev/null", "-N", "-L"])
+            .arg(format!("{fwd_addr}:{}:{}", sink.ip(), sink.port()))
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-i")
+            .arg(&client_key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bins.ssh.display()))?;
+        let mut t = SshTunnel {
+            ssh: TreeChild(ssh),
+            sshd,
+            _privsep: privsep,
+            fwd: fwd_addr,
+            ssh_log,
+            sshd_log,
+            connect_secs: 0.0,
+        };
+        loop {
+            if let Some(status) = t.ssh.0.try_wait()? {
+                bail!(
+                    "ssh exited at start ({status}):\n{}\nsshd:\n{}",
+                    log_tail(&t.ssh_log),
+                    log_tail(&t.sshd_log)
+                );
+            }
+            if let Some(status) = t.sshd.0.try_wait()? {
+                bail!("sshd exited ({status}):\n{}", log_tail(&t.sshd_log));
+            }
+            if tokio::net::TcpStream::connect(fwd_addr).await.is_ok() {
+                break;
+            }
+            if Instant::now() > until {
+                bail!(
+                    "ssh not forwarding {fwd_addr} after 30s:\n{}\nsshd:\n{}",
+                    log_tail(&t.ssh_log),
+                    log_tail(&t.sshd_log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.connect_secs = started.elapsed().as_secs_f64();
+        Ok(t)
+    }
+
+    /// The processes whose CPU counts as the tunnel's: sshd (with what it
+    /// forks) and ssh.
+    fn pids(&self) -> [u32; 2] {
+        [self.sshd.pid(), self.ssh.pid()]
+    }
+
+    /// What ssh negotiated, from its `-v` log, and the processes' count.
+    fn info(&self) -> Value {
+        let log = std::fs::read_to_string(&self.ssh_log).unwrap_or_default();
+        let after = |prefix: &str| {
+            log.lines()
+                .find_map(|l| l.split_once(prefix).map(|(_, v)| v.trim().to_string()))
+        };
+        // "debug1: kex: client->server cipher: C MAC: M compression: Z"
+        let c2s = after("kex: client->server cipher:").unwrap_or_default();
+        let mut words = c2s.split_whitespace();
+        let cipher = words.next().map(str::to_string);
+        let mac = words.nth(1).map(str::to_string);
+        let forwarded = log
+            .lines()
+            .filter(|l| l.contains("Connection to port") && l.contains("requested"))
+            .count();
+        json!({
+            "forward": format!("{} -> sink", self.fwd),
+            "client_version": log
+                .lines()
+                .find(|l| l.starts_with("OpenSSH"))
+                .map(|l| l.split(',').next().unwrap_or(l).to_string()),
+            "server_version": after("remote software version"),
+            "kex": after("kex: algorithm:"),
+            "cipher": cipher,
+            "mac": mac,
+            "connect_secs": round(self.connect_secs, 3),
+            "forwarded_connections": forwarded,
+            "processes": process_tree(&self.pids()).len(),
+        })
+    }
+}
+
+/// The last lines of a log file.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
 /// One timed delivery of the daemon through one of its connections.
 struct Delivery {
     secs: f64,
@@ -1934,7 +2456,8 @@ struct Delivery {
 
 /// Enqueues `n` messages with the integration off, activates `connection`,
 /// and times until the sink has every key; then waits until the daemon
-/// records them all sent. CPU goes to `cpu`.
+/// records them all sent. CPU goes to `cpu` (the ssh tunnel's too, when it
+/// runs, whichever connection delivers).
 #[allow(clippy::too_many_arguments)]
 async fn timed_delivery(
     o: &Opts,
@@ -1942,6 +2465,7 @@ async fn timed_delivery(
     daemon: &Daemon,
     sink: &Proc,
     relay: &RelayProc,
+    ssh: Option<&SshTunnel>,
     body: &Bytes,
     connection: &str,
     n: usize,
@@ -1990,6 +2514,10 @@ async fn timed_delivery(
         ],
         &[("outboxd", pid), ("relay", rpid)],
     );
+    let snap = match ssh {
+        Some(t) => snap.with_tree("ssh", &t.pids()),
+        None => snap,
+    };
     let t0 = Instant::now();
     daemon.activate(c, connection).await?;
     let delivered = sink_wait(c, sink.addr, n, deadline).await;
@@ -2009,9 +2537,10 @@ async fn timed_delivery(
     })
 }
 
-/// The relay phase: starts the relay, measures its idle memory, then runs
-/// `--relay-rounds` rounds of a plain-client delivery (for context) and one
-/// delivery through each connection, direct and relay by turns first.
+/// The relay phase: starts the relay, measures its idle memory, starts the
+/// ssh tunnel when `ssh_port` is given, then runs `--relay-rounds` rounds
+/// of a plain-client delivery (for context) and one delivery through each
+/// connection (direct, relay, ssh), the order rotating between rounds.
 async fn relay_phase(
     o: &Opts,
     c: &HttpClient,
@@ -2019,6 +2548,7 @@ async fn relay_phase(
     daemon: &Daemon,
     body: &Bytes,
     exe: &std::path::Path,
+    ssh_port: Option<std::net::TcpListener>,
 ) -> Result<(Value, bool)> {
     let n = o.relay_messages;
     eprintln!(
@@ -2033,8 +2563,29 @@ async fn relay_phase(
     let idle = relay.memory();
     let idle_rss = idle["rss"].as_u64().unwrap_or(0);
 
-    let (mut direct_cpu, mut relay_cpu) = (CpuAcc::default(), CpuAcc::default());
-    let (mut direct_secs, mut relay_secs) = (0.0, 0.0);
+    // The ssh tunnel, or why there is none.
+    let (ssh, ssh_skipped) = match (&o.ssh, ssh_port) {
+        (Err(why), _) => (None, Some(why.clone())),
+        (Ok(_), None) => (None, Some("no port for the tunnel".to_string())),
+        (Ok(bins), Some(port)) => {
+            eprintln!("phase: relay: start sshd and ssh -L to the sink");
+            match SshTunnel::start(bins, daemon.dir.path(), sink.addr, port).await {
+                Ok(t) => (Some(t), None),
+                Err(e) => (None, Some(format!("the ssh tunnel did not start: {e:#}"))),
+            }
+        }
+    };
+    if let Some(why) = &ssh_skipped {
+        eprintln!("  ssh comparison skipped: {why}");
+    }
+    let mut conns = vec![CONNECTION, RELAY_CONNECTION];
+    if ssh.is_some() {
+        conns.push(SSH_CONNECTION);
+    }
+    let at = |conn: &str| conns.iter().position(|c| *c == conn);
+
+    let mut cpu: Vec<CpuAcc> = conns.iter().map(|_| CpuAcc::default()).collect();
+    let mut secs = vec![0.0f64; conns.len()];
     let mut rounds = Vec::new();
     let mut plain = Vec::new();
     let (mut peak_hwm, mut peak_sampled) = (0u64, 0u64);
@@ -2044,21 +2595,25 @@ async fn relay_phase(
             plain_delivery(o, c, sink, body, "plain client delivery", n).await?;
         complete &= p.errors == 0 && p_stats["distinct"] == n;
         plain.push((p, p_cpu));
-        let order = if r % 2 == 0 {
-            [CONNECTION, RELAY_CONNECTION]
-        } else {
-            [RELAY_CONNECTION, CONNECTION]
-        };
-        let mut round_json = json!({ "first": order[0] });
-        let mut rates = [0.0f64; 2];
-        for conn in order {
-            let through_relay = conn == RELAY_CONNECTION;
-            let acc = if through_relay {
-                &mut relay_cpu
-            } else {
-                &mut direct_cpu
-            };
-            let d = timed_delivery(o, c, daemon, sink, &relay, body, conn, n, acc).await?;
+        let mut order = conns.clone();
+        order.rotate_left(r % conns.len());
+        let mut round_json = json!({ "first": order[0], "order": order });
+        let mut rates = vec![0.0f64; conns.len()];
+        for &conn in &order {
+            let k = at(conn).expect("a connection of the list");
+            let d = timed_delivery(
+                o,
+                c,
+                daemon,
+                sink,
+                &relay,
+                ssh.as_ref(),
+                body,
+                conn,
+                n,
+                &mut cpu[k],
+            )
+            .await?;
             let rate = n as f64 / d.secs.max(1e-9);
             let duplicates = d.stats["total"]
                 .as_u64()
@@ -2067,14 +2622,11 @@ async fn relay_phase(
             complete &= d.drained_secs.is_some()
                 && d.stats["distinct"] == n
                 && d.daemon_errors.as_u64().unwrap_or(0) == 0;
-            if through_relay {
-                relay_secs += d.secs;
-                rates[1] = rate;
+            secs[k] += d.secs;
+            rates[k] = rate;
+            if conn == RELAY_CONNECTION {
                 peak_hwm = peak_hwm.max(d.relay_rss.0);
                 peak_sampled = peak_sampled.max(d.relay_rss.1);
-            } else {
-                direct_secs += d.secs;
-                rates[0] = rate;
             }
             eprintln!(
                 "  {conn}: {rate:.0} msg/s, every key at the sink after {:.3} s",
@@ -2093,25 +2645,33 @@ async fn relay_phase(
                 "relay_rss_mean_sampled_kib": d.relay_rss.2,
             });
         }
-        round_json["ratio"] = json!(round(rates[1] / rates[0].max(1e-9), 3));
+        let (direct, through_relay) = (rates[0], rates[1]);
+        round_json["ratio"] = json!(round(through_relay / direct.max(1e-9), 3));
+        if let Some(k) = at(SSH_CONNECTION) {
+            round_json["relay_vs_ssh"] = json!(round(through_relay / rates[k].max(1e-9), 3));
+            round_json["ssh_vs_direct"] = json!(round(rates[k] / direct.max(1e-9), 3));
+        }
         rounds.push(round_json);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = relay.memory();
+    let ssh_info = ssh.as_ref().map(|t| t.info());
+    drop(ssh);
     drop(relay);
 
-    let total = (n * o.relay_rounds) as f64;
-    let direct_rate = total / f64::max(direct_secs, 1e-9);
-    let relay_rate = total / f64::max(relay_secs, 1e-9);
+    let total = n * o.relay_rounds;
+    let rate: Vec<f64> = secs.iter().map(|s| total as f64 / s.max(1e-9)).collect();
+    let (direct_rate, relay_rate) = (rate[0], rate[1]);
     let ratio = relay_rate / direct_rate.max(1e-9);
     let plain_rates: Vec<f64> = plain.iter().map(|(p, _)| round(p.rate(), 0)).collect();
     let plain_mean = plain.iter().map(|(p, _)| p.rate()).sum::<f64>() / plain.len().max(1) as f64;
-    let direct_cpu = direct_cpu.report(n * o.relay_rounds);
-    let relay_cpu = relay_cpu.report(n * o.relay_rounds);
-    let everyone = ["bench", "outboxd", "sink", "relay"];
-    let cpu_ratio =
-        cpu_per_msg(&direct_cpu, &everyone) / cpu_per_msg(&relay_cpu, &everyone).max(1e-9);
-    let result = json!({
+    let cpu: Vec<Value> = cpu.iter().map(|a| a.report(total)).collect();
+    // Every process taking part, the ssh tunnel's included when it runs
+    // (idle, it adds next to nothing to the other deliveries).
+    let everyone = ["bench", "outboxd", "sink", "relay", "ssh"];
+    let us: Vec<f64> = cpu.iter().map(|c| cpu_per_msg(c, &everyone)).collect();
+    let cpu_ratio = us[0] / us[1].max(1e-9);
+    let mut result = json!({
         "messages": n,
         "rounds": o.relay_rounds,
         "relay_concurrency": o.relay_concurrency,
@@ -2126,6 +2686,10 @@ async fn relay_phase(
         "plain_per_s": plain_rates,
         "direct_vs_plain": round(direct_rate / plain_mean.max(1e-9), 3),
         "relay_vs_plain": round(relay_rate / plain_mean.max(1e-9), 3),
+        "ssh_per_s": null,
+        "relay_vs_ssh": null,
+        "ssh_vs_direct": null,
+        "ssh_tunnel": { "skipped": ssh_skipped },
         "round_details": rounds,
         "relay_rss_kib": {
             "connect_secs": round(connect_secs, 3),
@@ -2137,11 +2701,29 @@ async fn relay_phase(
             "load_max_sampled": peak_sampled,
             "after_load": after,
         },
+        "cpu_us_per_msg_all": {
+            "direct": round(us[0], 1),
+            "relay": round(us[1], 1),
+        },
         "cpu": {
-            "direct": direct_cpu,
-            "relay": relay_cpu,
+            "direct": cpu[0],
+            "relay": cpu[1],
             "plain": plain.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
         },
     });
+    if let (Some(k), Some(info)) = (at(SSH_CONNECTION), ssh_info) {
+        let ssh_rate = rate[k];
+        result["ssh_per_s"] = json!(round(ssh_rate, 0));
+        result["relay_vs_ssh"] = json!(round(relay_rate / ssh_rate.max(1e-9), 3));
+        result["ssh_vs_direct"] = json!(round(ssh_rate / direct_rate.max(1e-9), 3));
+        // As `cpu_cost_ratio`: the ratios the rates would have if CPU were
+        // the only limit.
+        result["relay_vs_ssh_cpu_cost_ratio"] = json!(round(us[k] / us[1].max(1e-9), 3));
+        result["ssh_vs_direct_cpu_cost_ratio"] = json!(round(us[0] / us[k].max(1e-9), 3));
+        result["ssh_tunnel"] = info;
+        result["ssh_tunnel"]["skipped"] = Value::Null;
+        result["cpu_us_per_msg_all"]["ssh"] = json!(round(us[k], 1));
+        result["cpu"]["ssh"] = cpu[k].clone();
+    }
     Ok((result, complete))
 }
