@@ -1598,7 +1598,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seq = {
             let q = Queue::open(&store(dir.path())).unwrap();
-            let big = Bytes::from(vec![b'y'; 1000]);
+            let big = Bytes::from(vec![b'y'; INLINE_BODY_MAX + 1000]);
             let seq = parse_id(
                 &q.enqueue(NewMessage {
                     body: big,

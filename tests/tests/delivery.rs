@@ -548,7 +548,7 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
         producers.push(tokio::spawn(async move {
             let d = d.lock().await.api_client();
             for i in 0..MESSAGES / PRODUCERS {
-                let text = format!("{p}-{i}-{}", "x".repeat(400 * (i % 2)));
+                let text = format!("{p}-{i}-{}", "x".repeat(5000 * (i % 2)));
                 let body = json!({"message": "Create", "body": text});
                 // A refused or cut-off request was not acknowledged.
                 match d.enqueue("acme", &body).await {
