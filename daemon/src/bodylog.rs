@@ -82,6 +82,14 @@ struct Inner {
 pub struct BodyLog {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Held across a whole [`BodyLog::sync`], so a sync that starts while
+    /// another runs returns only once the marks the other took are on disk.
+    syncing: Mutex<()>,
+}
+
+/// An I/O error that names the file or directory it is about.
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("body log {}: {e}", path.display()))
 }
 
 fn segment_path(dir: &Path, n: u32) -> PathBuf {
@@ -89,22 +97,33 @@ fn segment_path(dir: &Path, n: u32) -> PathBuf {
 }
 
 fn open_segment(dir: &Path, n: u32) -> std::io::Result<File> {
+    let path = segment_path(dir, n);
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(segment_path(dir, n))
+        .open(&path)
+        .map_err(|e| at(&path, e))
+}
+
+/// Opens a new segment and makes its directory entry durable.
+fn new_segment(dir: &Path, n: u32) -> std::io::Result<File> {
+    let file = open_segment(dir, n)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| at(dir, e))?;
+    Ok(file)
 }
 
 impl BodyLog {
     /// Opens the segments in `dir` (created if missing) and starts a new
     /// one for appends, so nothing is ever written after a torn tail.
     pub fn open(dir: &Path) -> std::io::Result<BodyLog> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
         let mut segments = BTreeMap::new();
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
+        for entry in std::fs::read_dir(dir).map_err(|e| at(dir, e))? {
+            let name = entry.map_err(|e| at(dir, e))?.file_name();
             let Some(n) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".log"))
@@ -115,8 +134,16 @@ impl BodyLog {
             let file = Arc::new(open_segment(dir, n)?);
             segments.insert(n, Segment { file, live: 0 });
         }
-        let current = segments.keys().next_back().map_or(0, |n| n + 1);
-        let file = Arc::new(open_segment(dir, current)?);
+        let current = match segments.keys().next_back() {
+            None => 0,
+            Some(n) => n.checked_add(1).ok_or_else(|| {
+                at(
+                    &segment_path(dir, *n),
+                    std::io::Error::other("no segment number is left after this one"),
+                )
+            })?,
+        };
+        let file = Arc::new(new_segment(dir, current)?);
         segments.insert(current, Segment { file, live: 0 });
         Ok(BodyLog {
             dir: dir.to_path_buf(),
@@ -126,6 +153,7 @@ impl BodyLog {
                 end: 0,
                 dirty: BTreeMap::new(),
             }),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -142,11 +170,24 @@ impl BodyLog {
         let (file, r) = {
             let mut inner = self.lock();
             if inner.end > 0 && inner.end + u64::from(len) > SEGMENT_MAX {
-                let next = inner.current + 1;
-                let file = Arc::new(open_segment(&self.dir, next)?);
+                let old = inner.current;
+                let next = old.checked_add(1).ok_or_else(|| {
+                    at(
+                        &segment_path(&self.dir, old),
+                        std::io::Error::other("no segment number is left after this one"),
+                    )
+                })?;
+                let file = Arc::new(new_segment(&self.dir, next)?);
                 inner.segments.insert(next, Segment { file, live: 0 });
                 inner.current = next;
                 inner.end = 0;
+                // Every body it held may be gone already: then nothing
+                // else would ever remove it.
+                if inner.segments.get(&old).is_some_and(|s| s.live == 0) {
+                    inner.segments.remove(&old);
+                    inner.dirty.remove(&old);
+                    self.remove_file(old);
+                }
             }
             let (segment, offset) = (inner.current, inner.end);
             inner.end += u64::from(len);
@@ -185,6 +226,15 @@ impl BodyLog {
             .get(&r.segment)
             .map(|s| s.file.clone())
             .ok_or_else(|| format!("body segment {} is missing", r.segment))?;
+        // A damaged reference must not make us allocate what the file
+        // does not hold.
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if r.offset.saturating_add(u64::from(r.len)) > size {
+            return Err(format!(
+                "body of {} bytes at {} is past the end of segment {} ({size} bytes)",
+                r.len, r.offset, r.segment
+            ));
+        }
         let mut buf = vec![0; r.len as usize];
         file.read_exact_at(&mut buf, r.offset).map_err(|e| {
             format!(
@@ -222,9 +272,17 @@ impl BodyLog {
         for n in &dead {
             inner.segments.remove(n);
             inner.dirty.remove(n);
-            std::fs::remove_file(segment_path(&self.dir, *n))?;
+            self.remove_file(*n);
         }
         Ok(dead.len())
+    }
+
+    /// Deletes a segment file nothing uses; a failure is only logged (the
+    /// next start sweeps it).
+    fn remove_file(&self, n: u32) {
+        if let Err(e) = std::fs::remove_file(segment_path(&self.dir, n)) {
+            tracing::warn!(segment = n, error = %e, "body segment cannot be removed");
+        }
     }
 
     /// The message holding `r` is gone; a closed segment with no body left
@@ -240,17 +298,24 @@ impl BodyLog {
             inner.segments.remove(&r.segment);
             inner.dirty.remove(&r.segment);
             drop(inner);
-            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, r.segment)) {
-                tracing::warn!(segment = r.segment, error = %e, "body segment cannot be removed");
-            }
+            self.remove_file(r.segment);
         }
     }
 
-    /// `fdatasync`s every segment written since the last sync.
+    /// `fdatasync`s every segment written since the last sync. Syncs take
+    /// turns: one that finds the marks taken by another waits for it. On a
+    /// failure, the marks not yet synced (and the failed one) are put back.
     pub fn sync(&self) -> std::io::Result<()> {
+        let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let dirty = std::mem::take(&mut self.lock().dirty);
-        for file in dirty.values() {
-            file.sync_data()?;
+        let mut left = dirty.into_iter();
+        while let Some((n, file)) = left.next() {
+            if let Err(e) = file.sync_data() {
+                let mut inner = self.lock();
+                inner.dirty.insert(n, file);
+                inner.dirty.extend(left);
+                return Err(at(&segment_path(&self.dir, n), e));
+            }
         }
         Ok(())
     }
@@ -288,7 +353,7 @@ mod tests {
             offset: 1 << 20,
             ..b
         };
-        assert!(log.read(&past).unwrap_err().contains("cannot be read"));
+        assert!(log.read(&past).unwrap_err().contains("past the end"));
     }
 
     #[test]
@@ -332,5 +397,10 @@ mod tests {
         );
         log.release(&a);
         assert!(!segment_path(dir.path(), a.segment).exists());
+        // A segment emptied while it was current goes when it is closed.
+        let c = log.append(&big).unwrap();
+        assert_eq!(c.segment, b.segment + 1);
+        assert!(!segment_path(dir.path(), b.segment).exists());
+        assert_eq!(log.segments(), 1);
     }
 }

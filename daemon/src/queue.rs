@@ -168,6 +168,10 @@ pub enum QueueError {
         state: &'static str,
         what: &'static str,
     },
+    #[error(
+        "message {id} cannot be replayed: its body cannot be read ({reason}); ignore it instead"
+    )]
+    Unreadable { id: String, reason: String },
     #[error("the store could not write the message to disk: {0}; nothing was acknowledged, retry")]
     Flush(String),
     #[error("the daemon is shutting down and takes no new messages; retry once it is back")]
@@ -612,6 +616,13 @@ impl Queue {
 
     /// The stored record of `seq`, with its body.
     pub fn record(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        self.load(seq, true)
+    }
+
+    /// The stored record of `seq`; a body in the body log is read only with
+    /// `logged_body`. Without it the record keeps its `body_ref`, so a
+    /// `put` of it leaves the body where it is.
+    fn load(&self, seq: u64, logged_body: bool) -> Result<Option<MessageRecord>, StoreError> {
         let key = seq.to_be_bytes();
         match self.trees.messages.get(key)? {
             Some(v) => {
@@ -619,11 +630,12 @@ impl Queue {
                 // An inline body stays in sled's buffer, shared, not copied.
                 rec.body = match (at, &rec.body_ref) {
                     (Some(at), _) => Bytes::from_owner(v).slice(at..),
-                    (None, Some(r)) => self
+                    (None, Some(r)) if logged_body => self
                         .trees
                         .body_log
                         .read(r)
                         .map_err(|e| corrupt("messages", seq, e))?,
+                    (None, Some(_)) => Bytes::new(),
                     (None, None) => self
                         .trees
                         .bodies
@@ -639,9 +651,14 @@ impl Queue {
 
     /// The record as users see it: `sending` while in flight.
     pub fn view(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
-        let Some(mut rec) = self.record(seq)? else {
+        let Some(mut rec) = self.load(seq, false)? else {
             return Ok(None);
         };
+        if let Some(r) = &rec.body_ref {
+            // A body that cannot be read does not hide its record, nor the
+            // attempt that says why.
+            rec.body = self.trees.body_log.read(r).unwrap_or_default();
+        }
         let st = self.lock();
         if st
             .lanes
@@ -776,6 +793,13 @@ impl Queue {
             .and_then(|v| decode(seq, &v).ok())
             .map(|(rec, _)| rec);
         if let Some(rec) = rec.filter(|r| r.body_ref.is_some()) {
+            if rec
+                .body_ref
+                .is_some_and(|r| self.trees.body_log.read(&r).is_ok())
+            {
+                // It reads now: the failure passed. Try again later.
+                return self.release(integration, seq);
+            }
             let attempt = Attempt {
                 n: rec.tries.max(rec.attempts) + 1,
                 at_ms: now_ms(),
@@ -941,7 +965,7 @@ impl Queue {
     pub fn ignore(&self, seq: u64) -> Result<MessageRecord, QueueError> {
         let mut st = self.lock();
         let mut rec = self
-            .record(seq)?
+            .load(seq, false)?
             .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
         let lane = st.lanes.entry(rec.integration.clone()).or_default();
         if lane.in_flight.contains(&seq) {
@@ -993,14 +1017,54 @@ impl Queue {
         seq: u64,
         still: impl Fn(&MessageRecord) -> bool,
     ) -> Result<Option<MessageRecord>, QueueError> {
+        let unknown = || QueueError::UnknownMessage(format_id(seq));
+        // A message's body never changes: it is read, and the copy's
+        // written, before the lock, so that no disk I/O on bodies holds up
+        // the schedule.
+        let first = self.load(seq, false)?.ok_or_else(unknown)?;
+        let body = match &first.body_ref {
+            Some(r) => self
+                .trees
+                .body_log
+                .read(r)
+                .map_err(|reason| QueueError::Unreadable {
+                    id: format_id(seq),
+                    reason,
+                })?,
+            None => first.body.clone(),
+        };
+        let body_ref = match inline(&body) {
+            true => None,
+            false => Some(
+                self.trees
+                    .body_log
+                    .append(&body)
+                    .map_err(StoreError::from)?,
+            ),
+        };
+        let give_back = |r: &Option<BodyRef>| {
+            if let Some(r) = r {
+                self.trees.body_log.release(r);
+            }
+        };
         let mut st = self.lock();
-        let mut orig = self
-            .record(seq)?
-            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
+        let mut orig = match self.load(seq, false) {
+            Ok(Some(orig)) => orig,
+            Ok(None) => {
+                give_back(&body_ref);
+                return Err(unknown());
+            }
+            Err(e) => {
+                give_back(&body_ref);
+                return Err(e.into());
+            }
+        };
         if !still(&orig) {
+            give_back(&body_ref);
             return Ok(None);
         }
         if orig.state == MessageState::Queued {
+            give_back(&body_ref);
             return Err(QueueError::WrongState {
                 id: format_id(seq),
                 state: "queued",
@@ -1025,20 +1089,12 @@ impl Queue {
             // A replay is a new message: the idempotency key stays with the
             // original, so a producer's retry still finds the first id.
             idempotency_key: None,
-            body_ref: None,
+            // The copy has a body of its own: each message's body goes
+            // with it when it is pruned.
+            body,
+            body_ref,
             ..orig.clone()
         };
-        // The copy has a body of its own: each message's body goes with it
-        // when it is pruned.
-        let mut copy = copy;
-        if !inline(&copy.body) {
-            copy.body_ref = Some(
-                self.trees
-                    .body_log
-                    .append(&copy.body)
-                    .map_err(StoreError::from)?,
-            );
-        }
         if let Err(e) = self.put(&copy) {
             self.release_body(&copy);
             return Err(e.into());
@@ -1085,6 +1141,9 @@ impl Queue {
             match self.replay_where(rec.seq, |r| r.state == MessageState::Error) {
                 Ok(Some(copy)) => copies.push(copy),
                 Ok(None) | Err(QueueError::UnknownMessage(_)) => {}
+                Err(e @ QueueError::Unreadable { .. }) => {
+                    tracing::warn!(error = %e, "not repaired");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1624,11 +1683,8 @@ mod tests {
         assert_eq!(take(&q, 10), vec![seq]);
         let e = q.job(seq).unwrap_err();
         q.unreadable("i", seq, &e);
-        let rec = q.view(seq).unwrap_err();
-        assert!(rec.to_string().contains("cannot be read"), "{rec}");
-        let raw = q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
-        let (rec, _) = decode(seq, &raw).unwrap();
-        assert_eq!(rec.state, MessageState::Error);
+        let rec = q.view(seq).unwrap().unwrap();
+        assert_eq!((rec.state, rec.body.len()), (MessageState::Error, 0));
         let attempts = q.attempts(&rec).unwrap();
         assert!(attempts[0]
             .error
@@ -1636,6 +1692,11 @@ mod tests {
             .unwrap()
             .contains("body cannot be read"));
         assert!(take(&q, 10).is_empty(), "not taken again");
+        // It cannot be replayed, repair goes past it, and it can be ignored.
+        let e = q.replay(seq).unwrap_err();
+        assert!(e.to_string().contains("ignore it instead"), "{e}");
+        assert!(q.repair("i").unwrap().is_empty());
+        assert_eq!(q.ignore(seq).unwrap().state, MessageState::Ignored);
     }
 
     #[tokio::test]

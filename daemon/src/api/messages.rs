@@ -301,7 +301,7 @@ fn queue_error(e: QueueError) -> ApiError {
     let status = match &e {
         QueueError::UnknownMessage(_) => StatusCode::NOT_FOUND,
         QueueError::BadId(_) => StatusCode::BAD_REQUEST,
-        QueueError::WrongState { .. } => StatusCode::CONFLICT,
+        QueueError::WrongState { .. } | QueueError::Unreadable { .. } => StatusCode::CONFLICT,
         QueueError::Flush(_) | QueueError::ShuttingDown | QueueError::Store(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
