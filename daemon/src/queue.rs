@@ -56,6 +56,10 @@ impl MessageState {
 
 /// One message as stored, record and body in one value
 /// ([`crate::store::message_value`]).
+///
+/// The record is bincode: its field order (and that of [`Attempt`] and
+/// [`MessageState`]) is the on-disk format. A change to it needs a new
+/// layout byte in [`crate::store`] that still reads the old one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageRecord {
     pub seq: u64,
