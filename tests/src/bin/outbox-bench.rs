@@ -1200,9 +1200,7 @@ impl Daemon {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.log)
     }
 
     async fn api(
@@ -1267,22 +1265,14 @@ impl Tunnel {
     /// Writes the PKI with `outbox pki init` and picks a free UDP port.
     fn init(o: &Opts, dir: &std::path::Path) -> Result<Tunnel> {
         let pki = dir.join("pki");
-        let out = Command::new(&o.outbox)
-            .args(["pki", "init"])
-            .arg(&pki)
-            .args(["--host", "127.0.0.1", "--host", "localhost"])
-            .args(["--mid-server", MID_SERVER])
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {} pki init", o.outbox.display()))?;
-        if !out.status.success() {
-            bail!(
-                "outbox pki init failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        run_checked(
+            Command::new(&o.outbox)
+                .args(["pki", "init"])
+                .arg(&pki)
+                .args(["--host", "127.0.0.1", "--host", "localhost"])
+                .args(["--mid-server", MID_SERVER]),
+            "outbox pki init",
+        )?;
         let listen = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
         Ok(Tunnel { listen, pki })
     }
@@ -2079,9 +2069,7 @@ impl RelayProc {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.log)
     }
 
     /// VmRSS and what it is made of, thread count, in KiB.
@@ -2198,19 +2186,12 @@ impl SshTunnel {
         std::fs::create_dir_all(&dir)?;
         let (host_key, client_key) = (dir.join("host_ed25519"), dir.join("client_ed25519"));
         for key in [&host_key, &client_key] {
-            let out = Command::new(&bins.keygen)
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", "outbox-bench", "-f"])
-                .arg(key)
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("running {}", bins.keygen.display()))?;
-            if !out.status.success() {
-                bail!(
-                    "ssh-keygen failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            run_checked(
+                Command::new(&bins.keygen)
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", "outbox-bench", "-f"])
+                    .arg(key),
+                "ssh-keygen",
+            )?;
         }
         let public = std::fs::read_to_string(dir.join("client_ed25519.pub"))?;
         // The key may forward to the sink and do nothing else.
@@ -2314,21 +2295,8 @@ impl SshTunnel {
             .with_context(|| format!("starting {}", bins.sshd.display()))?;
         let mut sshd = TreeChild(sshd);
         let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = sshd.0.try_wait()? {
-                bail!("sshd exited at start ({status}):\n{}", log_tail(&sshd_log));
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if Instant::now() > until {
-                bail!("sshd not listening after 30s:\n{}", log_tail(&sshd_log));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_accepting(listen, until, &mut [("sshd", &mut sshd, &sshd_log)]).await?;
         let fwd_addr = fwd.local_addr()?;
         drop(fwd);
         let ssh_log = dir.join("ssh.log");
@@ -2370,29 +2338,15 @@ impl SshTunnel {
             sshd_log,
             connect_secs: 0.0,
         };
-        loop {
-            if let Some(status) = t.ssh.0.try_wait()? {
-                bail!(
-                    "ssh exited at start ({status}):\n{}\nsshd:\n{}",
-                    log_tail(&t.ssh_log),
-                    log_tail(&t.sshd_log)
-                );
-            }
-            if let Some(status) = t.sshd.0.try_wait()? {
-                bail!("sshd exited ({status}):\n{}", log_tail(&t.sshd_log));
-            }
-            if tokio::net::TcpStream::connect(fwd_addr).await.is_ok() {
-                break;
-            }
-            if Instant::now() > until {
-                bail!(
-                    "ssh not forwarding {fwd_addr} after 30s:\n{}\nsshd:\n{}",
-                    log_tail(&t.ssh_log),
-                    log_tail(&t.sshd_log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_accepting(
+            fwd_addr,
+            until,
+            &mut [
+                ("ssh", &mut t.ssh, &t.ssh_log),
+                ("sshd", &mut t.sshd, &t.sshd_log),
+            ],
+        )
+        .await?;
         t.connect_secs = started.elapsed().as_secs_f64();
         Ok(t)
     }
@@ -2434,6 +2388,59 @@ impl SshTunnel {
             "processes": process_tree(&self.pids()).len(),
         })
     }
+}
+
+/// Waits until `addr` accepts TCP connections while every one of `procs`
+/// (name, process, log) keeps running; fails with their logs' tails if one
+/// exits or `until` passes.
+async fn wait_accepting(
+    addr: SocketAddr,
+    until: Instant,
+    procs: &mut [(&str, &mut TreeChild, &std::path::Path)],
+) -> Result<()> {
+    let logs = |procs: &[(&str, &mut TreeChild, &std::path::Path)]| {
+        procs
+            .iter()
+            .map(|(name, _, log)| format!("{name}:\n{}", log_tail(log)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    loop {
+        for i in 0..procs.len() {
+            if let Some(status) = procs[i].1 .0.try_wait()? {
+                bail!(
+                    "{} exited at start ({status}):\n{}",
+                    procs[i].0,
+                    logs(procs)
+                );
+            }
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("{addr} not accepting after 30s:\n{}", logs(procs));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `cmd` to completion (stdin closed) and fails, with what it printed,
+/// unless it succeeds.
+fn run_checked(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
 }
 
 /// The last lines of a log file.
