@@ -67,6 +67,9 @@ struct Segment {
     file: Arc<File>,
     /// Messages whose body is in this segment.
     live: u64,
+    /// Bytes it holds (reserved, for the current one), so a damaged
+    /// reference is caught without asking the file system.
+    size: u64,
 }
 
 struct Inner {
@@ -94,6 +97,16 @@ fn at(path: &Path, e: std::io::Error) -> std::io::Error {
 
 fn segment_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("{n:010}.log"))
+}
+
+/// The number after segment `n`.
+fn next_number(dir: &Path, n: u32) -> std::io::Result<u32> {
+    n.checked_add(1).ok_or_else(|| {
+        at(
+            &segment_path(dir, n),
+            std::io::Error::other("no segment number is left after this one"),
+        )
+    })
 }
 
 fn open_segment(dir: &Path, n: u32) -> std::io::Result<File> {
@@ -131,20 +144,31 @@ impl BodyLog {
             else {
                 continue;
             };
-            let file = Arc::new(open_segment(dir, n)?);
-            segments.insert(n, Segment { file, live: 0 });
+            let file = open_segment(dir, n)?;
+            let size = file.metadata().map_err(|e| at(dir, e))?.len();
+            let file = Arc::new(file);
+            segments.insert(
+                n,
+                Segment {
+                    file,
+                    live: 0,
+                    size,
+                },
+            );
         }
         let current = match segments.keys().next_back() {
             None => 0,
-            Some(n) => n.checked_add(1).ok_or_else(|| {
-                at(
-                    &segment_path(dir, *n),
-                    std::io::Error::other("no segment number is left after this one"),
-                )
-            })?,
+            Some(&n) => next_number(dir, n)?,
         };
         let file = Arc::new(new_segment(dir, current)?);
-        segments.insert(current, Segment { file, live: 0 });
+        segments.insert(
+            current,
+            Segment {
+                file,
+                live: 0,
+                size: 0,
+            },
+        );
         Ok(BodyLog {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -167,26 +191,27 @@ impl BodyLog {
     pub fn append(&self, body: &[u8]) -> std::io::Result<BodyRef> {
         let len = u32::try_from(body.len())
             .map_err(|_| std::io::Error::other("a body over 4 GiB cannot be stored"))?;
+        let crc = crc32fast::hash(body);
         let (file, r) = {
             let mut inner = self.lock();
             if inner.end > 0 && inner.end + u64::from(len) > SEGMENT_MAX {
                 let old = inner.current;
-                let next = old.checked_add(1).ok_or_else(|| {
-                    at(
-                        &segment_path(&self.dir, old),
-                        std::io::Error::other("no segment number is left after this one"),
-                    )
-                })?;
+                let next = next_number(&self.dir, old)?;
                 let file = Arc::new(new_segment(&self.dir, next)?);
-                inner.segments.insert(next, Segment { file, live: 0 });
+                inner.segments.insert(
+                    next,
+                    Segment {
+                        file,
+                        live: 0,
+                        size: 0,
+                    },
+                );
                 inner.current = next;
                 inner.end = 0;
                 // Every body it held may be gone already: then nothing
                 // else would ever remove it.
                 if inner.segments.get(&old).is_some_and(|s| s.live == 0) {
-                    inner.segments.remove(&old);
-                    inner.dirty.remove(&old);
-                    self.remove_file(old);
+                    self.retire(&mut inner, old);
                 }
             }
             let (segment, offset) = (inner.current, inner.end);
@@ -196,17 +221,14 @@ impl BodyLog {
                 .get_mut(&segment)
                 .expect("the current segment is open");
             seg.live += 1;
+            seg.size = offset + u64::from(len);
             let r = BodyRef {
                 segment,
                 offset,
                 len,
-                crc: 0,
+                crc,
             };
             (seg.file.clone(), r)
-        };
-        let r = BodyRef {
-            crc: crc32fast::hash(body),
-            ..r
         };
         if let Err(e) = file.write_all_at(body, r.offset) {
             self.release(&r);
@@ -220,15 +242,14 @@ impl BodyLog {
 
     /// Reads a body back, checking its length and CRC.
     pub fn read(&self, r: &BodyRef) -> Result<Bytes, String> {
-        let file = self
+        let (file, size) = self
             .lock()
             .segments
             .get(&r.segment)
-            .map(|s| s.file.clone())
+            .map(|s| (s.file.clone(), s.size))
             .ok_or_else(|| format!("body segment {} is missing", r.segment))?;
-        // A damaged reference must not make us allocate what the file
+        // A damaged reference must not make us allocate what the segment
         // does not hold.
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         if r.offset.saturating_add(u64::from(r.len)) > size {
             return Err(format!(
                 "body of {} bytes at {} is past the end of segment {} ({size} bytes)",
@@ -260,7 +281,7 @@ impl BodyLog {
 
     /// Removes the segments no record points into (after the start-up
     /// scan has adopted every body).
-    pub fn sweep(&self) -> std::io::Result<usize> {
+    pub fn sweep(&self) -> usize {
         let mut inner = self.lock();
         let current = inner.current;
         let dead: Vec<u32> = inner
@@ -269,17 +290,17 @@ impl BodyLog {
             .filter(|(n, s)| s.live == 0 && **n != current)
             .map(|(n, _)| *n)
             .collect();
-        for n in &dead {
-            inner.segments.remove(n);
-            inner.dirty.remove(n);
-            self.remove_file(*n);
+        for &n in &dead {
+            self.retire(&mut inner, n);
         }
-        Ok(dead.len())
+        dead.len()
     }
 
-    /// Deletes a segment file nothing uses; a failure is only logged (the
-    /// next start sweeps it).
-    fn remove_file(&self, n: u32) {
+    /// Forgets segment `n`, which nothing uses, and deletes its file; a
+    /// failure to delete is only logged (the next start sweeps it).
+    fn retire(&self, inner: &mut Inner, n: u32) {
+        inner.segments.remove(&n);
+        inner.dirty.remove(&n);
         if let Err(e) = std::fs::remove_file(segment_path(&self.dir, n)) {
             tracing::warn!(segment = n, error = %e, "body segment cannot be removed");
         }
@@ -295,10 +316,7 @@ impl BodyLog {
         };
         s.live = s.live.saturating_sub(1);
         if s.live == 0 && r.segment != current {
-            inner.segments.remove(&r.segment);
-            inner.dirty.remove(&r.segment);
-            drop(inner);
-            self.remove_file(r.segment);
+            self.retire(&mut inner, r.segment);
         }
     }
 
@@ -320,7 +338,8 @@ impl BodyLog {
         Ok(())
     }
 
-    /// Segment files on disk (for tests and status).
+    /// Segment files on disk.
+    #[cfg(test)]
     pub fn segments(&self) -> usize {
         self.lock().segments.len()
     }
@@ -373,7 +392,7 @@ mod tests {
         let log = BodyLog::open(dir.path()).unwrap();
         assert_eq!(log.segments(), 3);
         log.adopt(&kept);
-        assert_eq!(log.sweep().unwrap(), 1, "nothing points into the second");
+        assert_eq!(log.sweep(), 1, "nothing points into the second");
         assert_eq!(&log.read(&kept).unwrap()[..], b"kept");
         assert!(log.read(&dropped).unwrap_err().contains("missing"));
         log.release(&kept);

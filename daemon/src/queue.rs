@@ -452,7 +452,7 @@ impl Queue {
         }
         // Every body a record points to is counted: segments nothing
         // points into (their messages pruned) go.
-        let swept = q.trees.body_log.sweep()?;
+        let swept = q.trees.body_log.sweep();
         if swept > 0 {
             tracing::info!(
                 segments = swept,
@@ -508,6 +508,7 @@ impl Queue {
         }
         let seq = self.commit.store.generate_id()?;
         let now = now_ms();
+        let body_ref = self.log_body(&new.body)?;
         let rec = MessageRecord {
             seq,
             integration: new.integration,
@@ -527,20 +528,11 @@ impl Queue {
             due_ms: now,
             last_error: None,
             sent_attempt: None,
-            body_ref: None,
+            body_ref,
             body: new.body,
         };
-        let mut rec = rec;
-        if !inline(&rec.body) {
-            rec.body_ref = Some(
-                self.trees
-                    .body_log
-                    .append(&rec.body)
-                    .map_err(StoreError::from)?,
-            );
-        }
         if let Err(e) = self.put(&rec) {
-            self.release_body(&rec);
+            self.release_body(body_ref);
             return Err(e.into());
         }
         if let Some(key) = idem_key {
@@ -556,7 +548,7 @@ impl Queue {
                     .messages
                     .remove(seq.to_be_bytes())
                     .map_err(StoreError::from)?;
-                self.release_body(&rec);
+                self.release_body(body_ref);
                 let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
                 return self.duplicate(first);
             }
@@ -587,9 +579,17 @@ impl Queue {
         })
     }
 
+    /// Appends `body` to the body log if it is too large to be inline.
+    fn log_body(&self, body: &[u8]) -> Result<Option<BodyRef>, StoreError> {
+        if inline(body) {
+            return Ok(None);
+        }
+        Ok(Some(self.trees.body_log.append(body)?))
+    }
+
     /// Gives a removed message's logged body back to the body log.
-    fn release_body(&self, rec: &MessageRecord) {
-        if let Some(r) = &rec.body_ref {
+    fn release_body(&self, body_ref: Option<BodyRef>) {
+        if let Some(r) = &body_ref {
             self.trees.body_log.release(r);
         }
     }
@@ -788,19 +788,12 @@ impl Queue {
     /// damaged since); otherwise it leaves the schedule until the next
     /// start, rather than being taken again and again.
     pub fn unreadable(&self, integration: &str, seq: u64, error: &StoreError) {
-        let rec = self
-            .trees
-            .messages
-            .get(seq.to_be_bytes())
-            .ok()
-            .flatten()
-            .and_then(|v| decode(seq, &v).ok())
-            .map(|(rec, _)| rec);
-        if let Some(rec) = rec.filter(|r| r.body_ref.is_some()) {
-            if rec
-                .body_ref
-                .is_some_and(|r| self.trees.body_log.read(&r).is_ok())
-            {
+        let logged = self.load(seq, false).ok().flatten().and_then(|rec| {
+            let r = rec.body_ref?;
+            Some((rec, r))
+        });
+        if let Some((rec, r)) = logged {
+            if self.trees.body_log.read(&r).is_ok() {
                 // It reads now: the failure passed. Try again later.
                 return self.release(integration, seq);
             }
@@ -1021,11 +1014,12 @@ impl Queue {
         seq: u64,
         still: impl Fn(&MessageRecord) -> bool,
     ) -> Result<Option<MessageRecord>, QueueError> {
-        let unknown = || QueueError::UnknownMessage(format_id(seq));
         // A message's body never changes: it is read, and the copy's
         // written, before the lock, so that no disk I/O on bodies holds up
         // the schedule.
-        let first = self.load(seq, false)?.ok_or_else(unknown)?;
+        let first = self
+            .load(seq, false)?
+            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
         let body = match &first.body_ref {
             Some(r) => self
                 .trees
@@ -1037,38 +1031,58 @@ impl Queue {
                 })?,
             None => first.body.clone(),
         };
-        let body_ref = match inline(&body) {
-            true => None,
-            false => Some(
-                self.trees
-                    .body_log
-                    .append(&body)
-                    .map_err(StoreError::from)?,
-            ),
-        };
-        let give_back = |r: &Option<BodyRef>| {
-            if let Some(r) = r {
-                self.trees.body_log.release(r);
-            }
-        };
+        let body_ref = self.log_body(&body)?;
         let mut st = self.lock();
-        let mut orig = match self.load(seq, false) {
-            Ok(Some(orig)) => orig,
-            Ok(None) => {
-                give_back(&body_ref);
-                return Err(unknown());
-            }
-            Err(e) => {
-                give_back(&body_ref);
-                return Err(e.into());
+        let (mut orig, copy) = match self.write_copy(seq, still, body, body_ref) {
+            Ok(Some(written)) => written,
+            // No copy refers to the body written for it.
+            other => {
+                self.release_body(body_ref);
+                return other.map(|_| None);
             }
         };
+        let (copy_seq, now) = (copy.seq, copy.created_ms);
+        let lane = st.lanes.entry(orig.integration.clone()).or_default();
+        if orig.state == MessageState::Error {
+            lane.errors = lane.errors.saturating_sub(1);
+            if let Some(k) = &orig.ordering_key {
+                // Remove the blocking original without releasing the next:
+                // the copy takes its place.
+                if let Some(line) = lane.lines.get_mut(k) {
+                    line.remove(&(orig.order, seq));
+                }
+            }
+            orig.state = MessageState::Ignored;
+        }
+        lane.add_queued(copy_seq, copy.order, now, copy.ordering_key.as_deref());
+        orig.replayed_by = Some(copy_seq);
+        orig.updated_ms = now;
+        self.put(&orig)?;
+        st.finished(seq, now);
+        drop(st);
+        self.commit_sync()?;
+        self.wake.notify_one();
+        Ok(Some(copy))
+    }
+
+    /// Under the queue lock: writes the replay copy of `seq`, with `body`
+    /// (logged at `body_ref` if large), if the original still exists,
+    /// passes `still` and is not queued. Returns the original as read and
+    /// the copy.
+    fn write_copy(
+        &self,
+        seq: u64,
+        still: impl Fn(&MessageRecord) -> bool,
+        body: Bytes,
+        body_ref: Option<BodyRef>,
+    ) -> Result<Option<(MessageRecord, MessageRecord)>, QueueError> {
+        let orig = self
+            .load(seq, false)?
+            .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
         if !still(&orig) {
-            give_back(&body_ref);
             return Ok(None);
         }
         if orig.state == MessageState::Queued {
-            give_back(&body_ref);
             return Err(QueueError::WrongState {
                 id: format_id(seq),
                 state: "queued",
@@ -1099,31 +1113,8 @@ impl Queue {
             body_ref,
             ..orig.clone()
         };
-        if let Err(e) = self.put(&copy) {
-            self.release_body(&copy);
-            return Err(e.into());
-        }
-        let lane = st.lanes.entry(orig.integration.clone()).or_default();
-        if orig.state == MessageState::Error {
-            lane.errors = lane.errors.saturating_sub(1);
-            if let Some(k) = &orig.ordering_key {
-                // Remove the blocking original without releasing the next:
-                // the copy takes its place.
-                if let Some(line) = lane.lines.get_mut(k) {
-                    line.remove(&(orig.order, seq));
-                }
-            }
-            orig.state = MessageState::Ignored;
-        }
-        lane.add_queued(copy_seq, copy.order, now, copy.ordering_key.as_deref());
-        orig.replayed_by = Some(copy_seq);
-        orig.updated_ms = now;
-        self.put(&orig)?;
-        st.finished(seq, now);
-        drop(st);
-        self.commit_sync()?;
-        self.wake.notify_one();
-        Ok(Some(copy))
+        self.put(&copy)?;
+        Ok(Some((orig, copy)))
     }
 
     /// Repair (SPEC §4): replays every `error` message of the integration,
@@ -1245,7 +1236,7 @@ impl Queue {
         }
         self.trees.messages.remove(key)?;
         drop(st);
-        self.release_body(rec);
+        self.release_body(rec.body_ref);
         // Also when the body was inline now: a store upgraded from schema
         // 2 keeps its bodies apart whatever their size.
         self.trees.bodies.remove(key)?;

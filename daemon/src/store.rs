@@ -95,25 +95,29 @@ pub struct MessageParts<'a> {
 /// the record (written by `record`, in [`RecordFormat::Binary`]), then the
 /// inline body bytes as they came, or the [`BodyRef`] of a logged body.
 pub fn message_value(body: StoredBody<'_>, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let inline = match &body {
-        StoredBody::Inline(b) => b.len(),
-        _ => BodyRef::SIZE,
+    let (layout, tail) = match &body {
+        StoredBody::Inline(b) => (LAYOUT_INLINE, b.len()),
+        StoredBody::Apart => (LAYOUT_APART, 0),
+        StoredBody::Logged(_) => (LAYOUT_LOGGED, BodyRef::SIZE),
     };
-    let mut v = Vec::with_capacity(5 + 192 + inline);
-    v.push(match body {
-        StoredBody::Inline(_) => LAYOUT_INLINE,
-        StoredBody::Apart => LAYOUT_APART,
-        StoredBody::Logged(_) => LAYOUT_LOGGED,
-    });
-    v.extend_from_slice(&[0; 4]);
-    record(&mut v);
-    let len = (v.len() - 5) as u32;
-    v[1..5].copy_from_slice(&len.to_be_bytes());
+    let mut v = framed(layout, 192 + tail, record);
     match body {
         StoredBody::Inline(b) => v.extend_from_slice(b),
         StoredBody::Apart => {}
         StoredBody::Logged(r) => r.encode(&mut v),
     }
+    v
+}
+
+/// The layout byte, the record's length (u32 BE) and the record written by
+/// `record`, with room for `more` bytes after it.
+fn framed(layout: u8, more: usize, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + more);
+    v.push(layout);
+    v.extend_from_slice(&[0; 4]);
+    record(&mut v);
+    let len = (v.len() - 5) as u32;
+    v[1..5].copy_from_slice(&len.to_be_bytes());
     v
 }
 
@@ -225,11 +229,8 @@ fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
     for item in messages.iter() {
         let (k, v) = item?;
         if v.first() == Some(&b'{') {
-            let mut framed = Vec::with_capacity(5 + v.len());
-            framed.push(LAYOUT_APART_JSON);
-            framed.extend_from_slice(&(v.len() as u32).to_be_bytes());
-            framed.extend_from_slice(&v);
-            messages.insert(&k, framed)?;
+            let value = framed(LAYOUT_APART_JSON, v.len(), |out| out.extend_from_slice(&v));
+            messages.insert(&k, value)?;
         }
     }
     durable(db, dir)
