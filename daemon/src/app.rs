@@ -43,6 +43,8 @@ pub struct App {
     changes: tokio::sync::Mutex<()>,
     /// Woken after every catalog change (dispatch re-reads what is active).
     pub catalog_changed: tokio::sync::Notify,
+    /// Metric handles by label set.
+    pub metrics: crate::telemetry::Handles,
 }
 
 impl App {
@@ -65,6 +67,7 @@ impl App {
             catalog: RwLock::new(Arc::new(catalog)),
             changes: tokio::sync::Mutex::new(()),
             catalog_changed: tokio::sync::Notify::new(),
+            metrics: Default::default(),
         }
     }
 

@@ -390,21 +390,23 @@ pub fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
     masked_headers(headers)
 }
 
-/// An attempt record for an exchange.
-pub fn attempt_record(n: u32, connection: &Connection, via: &str, x: &Exchange) -> Attempt {
+/// The attempt record of an exchange, taking what it can from it instead of
+/// copying: this runs once per delivery. What decides the outcome (the
+/// status, `Retry-After`, the relay's error) is read before.
+pub fn attempt_record(n: u32, connection: &Connection, via: &str, x: Exchange) -> Attempt {
     let mut a = Attempt {
         n,
         at_ms: crate::queue::now_ms(),
         connection: Some(connection.name.clone()),
         environment: Some(connection.environment.to_string()),
         via: via.to_string(),
-        method: Some(x.method.clone()),
-        url: Some(x.url.clone()),
-        request_headers: x.request_headers.clone(),
+        method: Some(x.method),
+        url: Some(x.url),
+        request_headers: x.request_headers,
         duration_ms: x.duration.as_millis() as u64,
         ..Default::default()
     };
-    match &x.result {
+    match x.result {
         Ok(r) => {
             a.status = Some(r.status);
             a.response_headers = header_map(&r.headers);
@@ -414,10 +416,10 @@ pub fn attempt_record(n: u32, connection: &Connection, via: &str, x: &Exchange) 
         }
         Err(e) => a.error = Some(e.to_string()),
     }
-    if let Some(n) = &x.note {
+    if let Some(n) = x.note {
         a.error = Some(match a.error.take() {
             Some(e) => format!("{e} ({n})"),
-            None => n.clone(),
+            None => n,
         });
     }
     a

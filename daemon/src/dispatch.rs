@@ -46,7 +46,11 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
         for (integration, seq) in jobs {
             let app = app.clone();
             let span = tracing::info_span!("deliver", %integration, id = %format_id(seq));
-            workers.spawn(async move { attempt(&app, &integration, seq).await }.instrument(span));
+            // Boxed: the attempt's future holds a whole exchange, and tokio
+            // copies a task's future into place when it spawns it and again
+            // when it finishes; a box makes both copies a pointer.
+            let job = Box::pin(async move { attempt(&app, &integration, seq).await });
+            workers.spawn(job.instrument(span));
         }
         let sleep = match next {
             Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
@@ -190,15 +194,16 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
     let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout, &via).await;
     let mut rng = rand::thread_rng();
     let (mut record, outcome) = match exchange {
-        Ok(x) => {
+        Ok(mut x) => {
             let status = x.result.as_ref().ok().map(|r| r.status);
             let ra = x
                 .result
                 .as_ref()
                 .ok()
                 .and_then(|r| deliver::retry_after(&r.headers));
-            let record = deliver::attempt_record(n, connection, &base.via, &x);
-            match &x.relay_error {
+            let relay_error = x.relay_error.take();
+            let record = deliver::attempt_record(n, connection, &base.via, x);
+            match &relay_error {
                 // The relay dropped mid-request, or is stopping: go again at
                 // once through another member of the cluster, without using
                 // an attempt.
@@ -265,21 +270,22 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         ),
         Outcome::Final(s) => format!("{s:?}").to_lowercase(),
     };
-    let labels = [
-        ("integration", integration.to_string()),
-        ("connection", connection.name.clone()),
-    ];
-    metrics::histogram!(crate::telemetry::ATTEMPT_SECONDS, &labels)
-        .record(record.duration_ms as f64 / 1000.0);
-    let counter = match &outcome {
-        Outcome::Sent | Outcome::Final(FinalState::Sent) => crate::telemetry::SENT,
-        Outcome::Retry(_) => crate::telemetry::RETRIED,
-        Outcome::Final(_) => crate::telemetry::FAILED,
-    };
-    metrics::counter!(counter, &labels).increment(1);
+    let m = app.metrics.attempts(integration, &connection.name);
+    m.seconds.record(record.duration_ms as f64 / 1000.0);
+    match &outcome {
+        Outcome::Sent | Outcome::Final(FinalState::Sent) => m.sent.increment(1),
+        Outcome::Retry(_) => m.retried.increment(1),
+        Outcome::Final(_) => m.failed.increment(1),
+    }
     let status = record.status.map(i64::from).unwrap_or(-1);
     match &outcome {
-        Outcome::Sent => tracing::info!(
+        // A delivery is a debug line: each one is in its message's attempt
+        // record and in `outbox_messages_sent_total`, and at the rates the
+        // daemon delivers, a line per message costs a sixth of its delivery
+        // rate and is more than journald's default rate limit (10,000
+        // lines in 30 s per service) lets through. What did not go stays at
+        // info.
+        Outcome::Sent => tracing::debug!(
             connection = %connection.name,
             environment = %connection.environment,
             status,

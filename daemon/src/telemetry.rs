@@ -6,8 +6,10 @@
 //! set from the source of truth just before each scrape, so they cannot
 //! drift.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::App;
@@ -58,6 +60,61 @@ fn describe() {
     metrics::describe_gauge!(QUEUE_DEPTH, "Messages by integration and state");
     metrics::describe_gauge!(STORE_BYTES, metrics::Unit::Bytes, "Store size on disk");
     metrics::describe_gauge!(RELAY_SESSIONS, "Relays connected by MID server");
+}
+
+/// The attempt metrics of one connection of one integration.
+pub struct AttemptMetrics {
+    pub seconds: Histogram,
+    pub sent: Counter,
+    pub retried: Counter,
+    pub failed: Counter,
+}
+
+/// Metric handles looked up once per label set and kept: the facade's
+/// macros build, hash and look up a labelled key on every call, which on
+/// the delivery path cost as much as building the request. The handles stay
+/// valid for the life of the recorder, which is the process's; a label set
+/// is one integration and connection, so the map stays as small as the
+/// catalog has ever been.
+#[derive(Default)]
+pub struct Handles {
+    attempts: Mutex<HashMap<String, HashMap<String, Arc<AttemptMetrics>>>>,
+    enqueued: Mutex<HashMap<String, Counter>>,
+}
+
+impl Handles {
+    /// The attempt metrics of `connection` in `integration`.
+    pub fn attempts(&self, integration: &str, connection: &str) -> Arc<AttemptMetrics> {
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = map.get(integration).and_then(|c| c.get(connection)) {
+            return m.clone();
+        }
+        let labels = [
+            ("integration", integration.to_string()),
+            ("connection", connection.to_string()),
+        ];
+        let m = Arc::new(AttemptMetrics {
+            seconds: metrics::histogram!(ATTEMPT_SECONDS, &labels),
+            sent: metrics::counter!(SENT, &labels),
+            retried: metrics::counter!(RETRIED, &labels),
+            failed: metrics::counter!(FAILED, &labels),
+        });
+        map.entry(integration.to_string())
+            .or_default()
+            .insert(connection.to_string(), m.clone());
+        m
+    }
+
+    /// The enqueue counter of `integration`.
+    pub fn enqueued(&self, integration: &str) -> Counter {
+        let mut map = self.enqueued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(integration) {
+            return c.clone();
+        }
+        let c = metrics::counter!(ENQUEUED, "integration" => integration.to_string());
+        map.insert(integration.to_string(), c.clone());
+        c
+    }
 }
 
 /// The Prometheus text of every metric, with state gauges refreshed.

@@ -288,28 +288,38 @@ async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
     let out = d.cli(&["status"]).await;
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(screen.contains("HTTP 503"), "{screen}");
-    // One log line per delivery outcome, with the fields an operator greps.
+    // One log line per attempt that did not deliver, at info, with the
+    // fields an operator greps; deliveries are debug lines (the test
+    // daemons log at debug).
     let log = d.log();
     let line = log
         .lines()
-        .find(|l| l.contains("delivered"))
-        .expect("a delivery line");
+        .find(|l| l.contains("not delivered"))
+        .expect("a line for the failed attempt");
     for field in [
         "integration=acme",
         "connection=c",
-        "status=200",
+        "status=503",
         "duration_ms=",
         "id=",
     ] {
         assert!(line.contains(field), "{field} missing in {line}");
     }
+    let deliveries: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("delivered") && !l.contains("not delivered"))
+        .collect();
+    assert!(
+        !deliveries.is_empty() && deliveries.iter().all(|l| l.contains("DEBUG")),
+        "deliveries are debug lines:\n{log}"
+    );
 }
 
 #[tokio::test]
 async fn json_logs_when_configured() {
     let sink = Sink::start().await;
     let d = suite_daemon()
-        .config_toml("[log]\nlevel = \"info\"\nformat = \"json\"")
+        .config_toml("[log]\nlevel = \"info,outbox_daemon::dispatch=debug\"\nformat = \"json\"")
         .start()
         .await;
     d.apply(&integration(

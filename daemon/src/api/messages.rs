@@ -184,7 +184,7 @@ async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
     let integration = new.integration.clone();
     let enqueued = app.queue.enqueue(new).await.map_err(queue_error)?;
     if !enqueued.duplicate {
-        metrics::counter!(crate::telemetry::ENQUEUED, "integration" => integration).increment(1);
+        app.metrics.enqueued(&integration).increment(1);
     }
     Ok(json_response(StatusCode::ACCEPTED, &enqueued))
 }
