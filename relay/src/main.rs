@@ -9,6 +9,12 @@ use futures::StreamExt;
 use outbox_relay::Config;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+/// mimalloc: every request allocates and frees its frames, hyper buffers
+/// and QUIC packets on two threads, and glibc's allocator was an eighth of
+/// the relay's CPU in the benchmark (`deploy/bench.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Outbox MID server: dials out to outboxd over QUIC and performs its
 /// requests inside this network.
 #[derive(Parser)]
@@ -20,6 +26,21 @@ struct Args {
     /// Validate the configuration and exit: 0 valid, 2 invalid.
     #[arg(long)]
     check_config: bool,
+}
+
+/// mimalloc asks for transparent huge pages for its arenas, so a thread's
+/// first allocation makes 2 MiB resident: 10 MiB of an idle relay. The
+/// process opts out before anything allocates, from a constructor (`main`
+/// is too late: the runtime has allocated by then), and the relay keeps
+/// mimalloc's speed at glibc's idle size.
+#[used]
+#[allow(unsafe_code)] // `link_section` places a constructor; it is a plain safe function.
+#[link_section = ".init_array"]
+static NO_HUGE_PAGES: extern "C" fn() = no_huge_pages;
+
+extern "C" fn no_huge_pages() {
+    // Without the flag the relay still works, only larger at idle.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
 fn main() -> ExitCode {
