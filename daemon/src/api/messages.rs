@@ -122,7 +122,7 @@ async fn enqueue_raw(app: &Arc<App>, call: &Call, integration: &str, message: &s
         .catalog()
         .integrations
         .get(integration)
-        .and_then(|e| e.spec.message_type(message).cloned())
+        .and_then(|e| e.spec.message_type(message))
         .is_some_and(|m| {
             m.headers
                 .keys()
