@@ -1422,21 +1422,11 @@ async fn flusher(store: Store, state: Arc<Mutex<Round>>) {
 mod tests {
     use super::*;
 
-    /// Opens the store in `dir`. sled's own threads of a store a test has
-    /// just dropped can hold sled's file lock for a moment, so a reopen
-    /// waits for them (a restarted daemon is a new process, whose old
-    /// threads are gone).
+    /// Opens the store in `dir`, waiting for sled's lock if the test has
+    /// just dropped a store there.
     fn store(dir: &std::path::Path) -> Store {
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match Store::open(dir, 1 << 20) {
-                Ok(s) => return s,
-                Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < until => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => panic!("store in {}: {e}", dir.display()),
-            }
-        }
+        crate::store::when_unlocked(|| Store::open(dir, 1 << 20))
+            .unwrap_or_else(|e| panic!("store in {}: {e}", dir.display()))
     }
 
     fn new(key: Option<&str>) -> NewMessage {

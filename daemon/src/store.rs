@@ -517,6 +517,25 @@ fn read_tree<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// For tests that reopen a store they have just dropped: retries `open`
+/// while it fails on a lock. sled locks its file, and its threads of the
+/// database just dropped can hold that lock for a moment; a restarted
+/// daemon is a new process, whose old threads are gone.
+#[cfg(test)]
+pub(crate) fn when_unlocked<T, E: std::fmt::Display>(
+    open: impl Fn() -> Result<T, E>,
+) -> Result<T, E> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open() {
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,14 +554,16 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
                 .unwrap();
             db.flush().unwrap();
         }
-        let e = Store::open(dir.path(), 1 << 20).err().unwrap();
+        let e = when_unlocked(|| Store::open(dir.path(), 1 << 20))
+            .err()
+            .unwrap();
         assert!(
             matches!(e, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1),
             "{e}"
@@ -553,7 +574,7 @@ mod tests {
     fn a_version_1_store_is_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(SCHEMA_KEY, &1u32.to_be_bytes())
@@ -570,8 +591,8 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        drop(Store::open(dir.path(), 1 << 20).unwrap());
-        let db = sled::open(dir.path().join("db")).unwrap();
+        drop(when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap());
+        let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
         let v = db
             .open_tree("meta")
             .unwrap()
