@@ -518,9 +518,11 @@ fn read_tree<T: serde::de::DeserializeOwned>(
 }
 
 /// For tests that reopen a store they have just dropped: retries `open`
-/// while it fails on a lock. sled locks its file, and its threads of the
-/// database just dropped can hold that lock for a moment; a restarted
-/// daemon is a new process, whose old threads are gone.
+/// while it fails on sled's lock. sled locks its file, and its threads of
+/// the database just dropped can hold that lock for a moment; a restarted
+/// daemon is a new process, whose old threads are gone. The data dir's own
+/// lock (`StoreError::Locked`) is not waited for: a `Store` still alive is
+/// a leak the test should see.
 #[cfg(test)]
 pub(crate) fn when_unlocked<T, E: std::fmt::Display>(
     open: impl Fn() -> Result<T, E>,
@@ -528,7 +530,10 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Display>(
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match open() {
-            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < until => {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < until =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
             r => return r,

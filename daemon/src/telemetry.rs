@@ -73,9 +73,13 @@ pub struct AttemptMetrics {
 /// Metric handles looked up once per label set and kept: the facade's
 /// macros build, hash and look up a labelled key on every call, which on
 /// the delivery path cost as much as building the request. The handles stay
-/// valid for the life of the recorder, which is the process's; a label set
-/// is one integration and connection, so the map stays as small as the
-/// catalog has ever been.
+/// valid for the life of the recorder, which is the process's (the
+/// exporter's `idle_timeout` is not used: with it, a kept handle would
+/// count into a series the exporter had dropped). A label set is one
+/// integration and connection, so the map stays as small as the catalog
+/// has ever been. Looking up the attempt metrics registers all three
+/// counters, so a connection's `sent`, `retried` and `failed` series exist
+/// from its first attempt, at 0 until they count.
 #[derive(Default)]
 pub struct Handles {
     attempts: Mutex<HashMap<String, HashMap<String, Arc<AttemptMetrics>>>>,

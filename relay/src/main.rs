@@ -34,8 +34,12 @@ struct Args {
 /// is too late: the runtime has allocated by then), and the relay keeps
 /// mimalloc's speed at glibc's idle size.
 #[used]
-#[allow(unsafe_code)] // `link_section` places a constructor; it is a plain safe function.
-#[link_section = ".init_array"]
+#[allow(unsafe_code)]
+// `link_section` places a constructor; it is a plain safe function.
+// Priority 100 sorts after std's own (99, which only records argv) and
+// before mimalloc's (101 when its C is built by clang; unprioritized
+// constructors run after all of these).
+#[link_section = ".init_array.00100"]
 static NO_HUGE_PAGES: extern "C" fn() = no_huge_pages;
 
 extern "C" fn no_huge_pages() {

@@ -16,6 +16,24 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc asks for transparent huge pages for its arenas, which made
+/// 43 MiB of an idle daemon's 52 MiB resident. The process opts out before
+/// anything allocates, from a constructor (`main` is too late: the runtime
+/// has allocated by then).
+#[used]
+#[allow(unsafe_code)]
+// `link_section` places a constructor; it is a plain safe function.
+// Priority 100 sorts after std's own (99, which only records argv) and
+// before mimalloc's (101 when its C is built by clang; unprioritized
+// constructors run after all of these).
+#[link_section = ".init_array.00100"]
+static NO_HUGE_PAGES: extern "C" fn() = no_huge_pages;
+
+extern "C" fn no_huge_pages() {
+    // Without the flag the daemon still works, only larger.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
 /// The Outbox daemon: keeps messages durably and delivers each one through
 /// its integration's active connection.
 #[derive(Parser)]
