@@ -67,16 +67,26 @@ struct Segment {
     file: Arc<File>,
     /// Messages whose body is in this segment.
     live: u64,
-    /// Bytes it holds (reserved, for the current one), so a damaged
-    /// reference is caught without asking the file system.
+    /// Bytes it holds (reserved, for the current one): where the next body
+    /// goes, and what catches a damaged reference without asking the file
+    /// system.
     size: u64,
+}
+
+impl Segment {
+    fn new(file: File, size: u64) -> Segment {
+        Segment {
+            file: Arc::new(file),
+            live: 0,
+            size,
+        }
+    }
 }
 
 struct Inner {
     segments: BTreeMap<u32, Segment>,
-    /// The segment bodies are appended to, and its end.
+    /// The segment bodies are appended to.
     current: u32,
-    end: u64,
     /// Segments written since the last sync.
     dirty: BTreeMap<u32, Arc<File>>,
 }
@@ -146,35 +156,18 @@ impl BodyLog {
             };
             let file = open_segment(dir, n)?;
             let size = file.metadata().map_err(|e| at(dir, e))?.len();
-            let file = Arc::new(file);
-            segments.insert(
-                n,
-                Segment {
-                    file,
-                    live: 0,
-                    size,
-                },
-            );
+            segments.insert(n, Segment::new(file, size));
         }
         let current = match segments.keys().next_back() {
             None => 0,
             Some(&n) => next_number(dir, n)?,
         };
-        let file = Arc::new(new_segment(dir, current)?);
-        segments.insert(
-            current,
-            Segment {
-                file,
-                live: 0,
-                size: 0,
-            },
-        );
+        segments.insert(current, Segment::new(new_segment(dir, current)?, 0));
         Ok(BodyLog {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 segments,
                 current,
-                end: 0,
                 dirty: BTreeMap::new(),
             }),
             syncing: Mutex::new(()),
@@ -194,34 +187,27 @@ impl BodyLog {
         let crc = crc32fast::hash(body);
         let (file, r) = {
             let mut inner = self.lock();
-            if inner.end > 0 && inner.end + u64::from(len) > SEGMENT_MAX {
-                let old = inner.current;
-                let next = next_number(&self.dir, old)?;
-                let file = Arc::new(new_segment(&self.dir, next)?);
-                inner.segments.insert(
-                    next,
-                    Segment {
-                        file,
-                        live: 0,
-                        size: 0,
-                    },
-                );
+            let current = inner.current;
+            let end = inner.segments.get(&current).map_or(0, |s| s.size);
+            if end > 0 && end + u64::from(len) > SEGMENT_MAX {
+                let next = next_number(&self.dir, current)?;
+                let file = new_segment(&self.dir, next)?;
+                inner.segments.insert(next, Segment::new(file, 0));
                 inner.current = next;
-                inner.end = 0;
                 // Every body it held may be gone already: then nothing
                 // else would ever remove it.
-                if inner.segments.get(&old).is_some_and(|s| s.live == 0) {
-                    self.retire(&mut inner, old);
+                if inner.segments.get(&current).is_some_and(|s| s.live == 0) {
+                    self.retire(&mut inner, current);
                 }
             }
-            let (segment, offset) = (inner.current, inner.end);
-            inner.end += u64::from(len);
+            let segment = inner.current;
             let seg = inner
                 .segments
                 .get_mut(&segment)
                 .expect("the current segment is open");
+            let offset = seg.size;
             seg.live += 1;
-            seg.size = offset + u64::from(len);
+            seg.size += u64::from(len);
             let r = BodyRef {
                 segment,
                 offset,
