@@ -989,15 +989,23 @@ impl Queue {
         if let Some(k) = rec.ordering_key.clone() {
             lane.leave_line(&k, rec.order, seq);
         }
-        let now = now_ms();
         rec.state = MessageState::Ignored;
-        rec.updated_ms = now;
-        self.put(&rec)?;
-        st.finished(seq, now);
+        rec.updated_ms = now_ms();
+        self.settle(st, &rec)?;
+        Ok(rec)
+    }
+
+    /// Writes `rec`, which an operator has just ended (ignored, or
+    /// replaced by its replay), with the schedule still locked, so that
+    /// it is found by the pruner; then lets go of the schedule and makes
+    /// the change durable before waking dispatch.
+    fn settle(&self, mut st: MutexGuard<'_, State>, rec: &MessageRecord) -> Result<(), QueueError> {
+        self.put(rec)?;
+        st.finished(rec.seq, rec.updated_ms);
         drop(st);
         self.commit_sync()?;
         self.wake.notify_one();
-        Ok(rec)
+        Ok(())
     }
 
     /// Replay (SPEC §4): enqueues a copy in the message's place in its
@@ -1057,11 +1065,7 @@ impl Queue {
         lane.add_queued(copy_seq, copy.order, now, copy.ordering_key.as_deref());
         orig.replayed_by = Some(copy_seq);
         orig.updated_ms = now;
-        self.put(&orig)?;
-        st.finished(seq, now);
-        drop(st);
-        self.commit_sync()?;
-        self.wake.notify_one();
+        self.settle(st, &orig)?;
         Ok(Some(copy))
     }
 

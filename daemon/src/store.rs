@@ -559,7 +559,7 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
+            let db = sled::open(dir.path().join("db")).unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
@@ -579,7 +579,7 @@ mod tests {
     fn a_version_1_store_is_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
+            let db = sled::open(dir.path().join("db")).unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(SCHEMA_KEY, &1u32.to_be_bytes())
