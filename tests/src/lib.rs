@@ -21,8 +21,8 @@
 //! process is killed when its handle is dropped. This is test support: a
 //! broken precondition panics with a message saying what went wrong.
 //!
-//! The binary `outbox-bench` (the load generator) lives in `src/bin` and
-//! does not use this library.
+//! The binary `outbox-bench` (the load generator) lives in `src/bin`; of
+//! this library it uses only [`process`] (signals and log tails).
 
 pub mod bins;
 pub mod client;

@@ -73,6 +73,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use outbox_tests::process::{log_tail, signal};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -598,38 +599,43 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// utime + stime of a `/proc/.../stat` line, in seconds, and its `comm`.
-fn stat_cpu(path: &str) -> Option<(String, f64)> {
+/// What the bench reads from a `/proc/.../stat` file.
+struct Stat {
+    comm: String,
+    ppid: u32,
+    /// User and system CPU, in seconds.
+    cpu: f64,
+}
+
+fn read_stat(path: &str) -> Option<Stat> {
     let text = std::fs::read_to_string(path).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parens.
     let open = text.find('(')?;
     let close = text.rfind(')')?;
-    let comm = text[open + 1..close].to_string();
     let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some((comm, ticks as f64 / TICKS_PER_SEC))
+    Some(Stat {
+        comm: text[open + 1..close].to_string(),
+        ppid: f.get(1)?.parse().ok()?,
+        cpu: ticks as f64 / TICKS_PER_SEC,
+    })
 }
 
 fn proc_cpu(pid: u32) -> f64 {
-    stat_cpu(&format!("/proc/{pid}/stat")).map_or(0.0, |(_, s)| s)
+    read_stat(&format!("/proc/{pid}/stat")).map_or(0.0, |s| s.cpu)
 }
 
 /// `roots` and every process descending from them (scanning `/proc` for
-/// parent pids), roots first.
-fn process_tree(roots: &[u32]) -> Vec<u32> {
-    let mut parent_of = Vec::new();
+/// parent pids), roots first, each with its CPU seconds from the same read.
+fn process_tree(roots: &[u32]) -> Vec<(u32, f64)> {
+    let mut stats = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // "pid (comm) state ppid ...": comm may hold spaces and parens.
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
-            if let Some(ppid) = ppid {
-                parent_of.push((pid, ppid));
+            if let Some(stat) = read_stat(&format!("/proc/{pid}/stat")) {
+                stats.insert(pid, stat);
             }
         }
     }
@@ -637,22 +643,21 @@ fn process_tree(roots: &[u32]) -> Vec<u32> {
     let mut i = 0;
     while i < tree.len() {
         let parent = tree[i];
-        for &(pid, ppid) in &parent_of {
-            if ppid == parent && !tree.contains(&pid) {
+        for (&pid, stat) in &stats {
+            if stat.ppid == parent && !tree.contains(&pid) {
                 tree.push(pid);
             }
         }
         i += 1;
     }
-    tree
+    tree.into_iter()
+        .map(|pid| (pid, stats.get(&pid).map_or(0.0, |s| s.cpu)))
+        .collect()
 }
 
 /// CPU seconds of the processes running now in the trees of `roots`, by pid.
 fn tree_cpu(roots: &[u32]) -> HashMap<u32, f64> {
-    process_tree(roots)
-        .into_iter()
-        .map(|pid| (pid, proc_cpu(pid)))
-        .collect()
+    process_tree(roots).into_iter().collect()
 }
 
 /// CPU seconds and name of threads, by thread id.
@@ -666,8 +671,8 @@ fn thread_cpu(pid: u32) -> ThreadCpu {
             let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
                 continue;
             };
-            if let Some(v) = stat_cpu(&format!("/proc/{pid}/task/{tid}/stat")) {
-                out.insert(tid, v);
+            if let Some(st) = read_stat(&format!("/proc/{pid}/task/{tid}/stat")) {
+                out.insert(tid, (st.comm, st.cpu));
             }
         }
     }
@@ -1300,36 +1305,29 @@ max_attempts = 3
   method = "POST"
   path = "/ingest/${{message.id}}"
   headers = {{ "Content-Type" = "{CONTENT_TYPE}" }}
-
-  [[integration.connection]]
-  name = "{CONNECTION}"
-  environment = "test"
-  endpoint_url = "http://{sink}"
-  active = false
 "#,
         conc = o.concurrency
     );
+    let connection = |name: &str, endpoint: String, mid_server: Option<&str>| {
+        let mid = mid_server.map_or(String::new(), |m| format!("  mid_server = \"{m}\"\n"));
+        format!(
+            "\n  [[integration.connection]]\n  name = \"{name}\"\n  environment = \"test\"\n  \
+             endpoint_url = \"{endpoint}\"\n{mid}  active = false\n"
+        )
+    };
+    file.push_str(&connection(CONNECTION, format!("http://{sink}"), None));
     if o.relay.is_some() {
-        file.push_str(&format!(
-            r#"
-  [[integration.connection]]
-  name = "{RELAY_CONNECTION}"
-  environment = "test"
-  endpoint_url = "http://{sink}"
-  mid_server = "{MID_SERVER}"
-  active = false
-"#
+        file.push_str(&connection(
+            RELAY_CONNECTION,
+            format!("http://{sink}"),
+            Some(MID_SERVER),
         ));
     }
     if let Some(port) = ssh_port {
-        file.push_str(&format!(
-            r#"
-  [[integration.connection]]
-  name = "{SSH_CONNECTION}"
-  environment = "test"
-  endpoint_url = "http://127.0.0.1:{port}"
-  active = false
-"#
+        file.push_str(&connection(
+            SSH_CONNECTION,
+            format!("http://127.0.0.1:{port}"),
+            None,
         ));
     }
     file
@@ -2097,18 +2095,6 @@ impl Drop for RelayProc {
 // The ssh tunnel: the same deliveries through `ssh -L`, the general-purpose
 // tunnel users compare the relay with.
 
-/// Sends SIGKILL to process `pid`.
-#[allow(unsafe_code)]
-fn sigkill(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) takes two integers and touches no memory of this
-        // process; the worst outcome is an error code, ignored here.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-}
-
 /// A child process killed, with every process it forked, when dropped
 /// (sshd forks a process per connection, which outlives a killed parent).
 struct TreeChild(Child);
@@ -2124,8 +2110,8 @@ impl Drop for TreeChild {
         // Not reaped yet, so the pid is still the child's and its
         // descendants still name it as their parent.
         if let Ok(None) = self.0.try_wait() {
-            for pid in process_tree(&[self.pid()]).into_iter().skip(1) {
-                sigkill(pid);
+            for (pid, _) in process_tree(&[self.pid()]).into_iter().skip(1) {
+                let _ = signal(pid, libc::SIGKILL);
             }
         }
         let _ = self.0.kill();
@@ -2294,9 +2280,8 @@ impl SshTunnel {
             .spawn()
             .with_context(|| format!("starting {}", bins.sshd.display()))?;
         let mut sshd = TreeChild(sshd);
-        let until = Instant::now() + Duration::from_secs(30);
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_accepting(listen, until, &mut [("sshd", &mut sshd, &sshd_log)]).await?;
+        wait_accepting(listen, START_LIMIT, &mut [("sshd", &mut sshd, &sshd_log)]).await?;
         let fwd_addr = fwd.local_addr()?;
         drop(fwd);
         let ssh_log = dir.join("ssh.log");
@@ -2340,7 +2325,7 @@ impl SshTunnel {
         };
         wait_accepting(
             fwd_addr,
-            until,
+            START_LIMIT,
             &mut [
                 ("ssh", &mut t.ssh, &t.ssh_log),
                 ("sshd", &mut t.sshd, &t.sshd_log),
@@ -2390,14 +2375,19 @@ impl SshTunnel {
     }
 }
 
+/// How long a helper process (sshd, the ssh tunnel) may take to accept
+/// connections.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
 /// Waits until `addr` accepts TCP connections while every one of `procs`
 /// (name, process, log) keeps running; fails with their logs' tails if one
-/// exits or `until` passes.
+/// exits or `limit` passes.
 async fn wait_accepting(
     addr: SocketAddr,
-    until: Instant,
+    limit: Duration,
     procs: &mut [(&str, &mut TreeChild, &std::path::Path)],
 ) -> Result<()> {
+    let until = Instant::now() + limit;
     let logs = |procs: &[(&str, &mut TreeChild, &std::path::Path)]| {
         procs
             .iter()
@@ -2419,7 +2409,7 @@ async fn wait_accepting(
             return Ok(());
         }
         if Instant::now() > until {
-            bail!("{addr} not accepting after 30s:\n{}", logs(procs));
+            bail!("{addr} not accepting after {limit:?}:\n{}", logs(procs));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -2441,13 +2431,6 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
         );
     }
     Ok(out)
-}
-
-/// The last lines of a log file.
-fn log_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// One timed delivery of the daemon through one of its connections.
