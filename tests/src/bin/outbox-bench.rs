@@ -2225,47 +2225,29 @@ impl SshTunnel {
         // (/run/sshd on Debian, made by its service unit); it names the
         // directory when missing, and the bench makes it for the run.
         let check = || {
-            Command::new(&bins.sshd)
-                .arg("-t")
-                .arg("-f")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("running {} -t", bins.sshd.display()))
-        };
-        let said = |out: &std::process::Output| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            run_checked(
+                Command::new(&bins.sshd).arg("-t").arg("-f").arg(&config),
+                "sshd -t",
             )
         };
-        let mut out = check()?;
         let mut privsep = None;
-        if !out.status.success() {
-            let text = said(&out);
+        if let Err(e) = check() {
+            let text = e.to_string();
             let missing = text.lines().find_map(|l| {
-                l.trim()
-                    .strip_prefix("Missing privilege separation directory:")
-                    .map(|d| PathBuf::from(d.trim()))
+                let at = l.find("Missing privilege separation directory:")?;
+                let d = &l[at + "Missing privilege separation directory:".len()..];
+                Some(PathBuf::from(d.trim()))
             });
-            if let Some(d) = missing {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .mode(0o755)
-                    .create(&d)
-                    .with_context(|| format!("creating sshd's directory {}", d.display()))?;
-                privsep = Some(CreatedDir(d));
-                out = check()?;
-            }
-        }
-        if !out.status.success() {
-            bail!(
-                "sshd -t -f {} failed ({}): {}",
-                config.display(),
-                out.status,
-                said(&out).trim()
-            );
+            let Some(d) = missing else {
+                return Err(e);
+            };
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&d)
+                .with_context(|| format!("creating sshd's directory {}", d.display()))?;
+            privsep = Some(CreatedDir(d));
+            check()?;
         }
         let sshd_log = dir.join("sshd.log");
         let log = std::fs::File::create(&sshd_log)?;
