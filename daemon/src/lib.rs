@@ -15,6 +15,7 @@ pub mod deliver;
 pub mod dispatch;
 pub mod docs;
 pub mod model;
+pub mod msglog;
 pub mod oauth;
 pub mod queue;
 pub mod secret;

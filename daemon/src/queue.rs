@@ -401,9 +401,8 @@ impl Queue {
             // Error messages that head an ordering line must block it, so
             // collect lines first and settle them after the scan.
             let mut blocked: Vec<(String, String, u64, u64)> = Vec::new();
-            for item in q.trees.messages.iter() {
-                let (k, v) = item?;
-                let seq = key_seq(&k);
+            for item in q.trees.messages.iter(0, false) {
+                let (seq, v) = item?;
                 let rec: MessageRecord = decode(seq, &v)?.0;
                 if let Some(r) = &rec.body_ref {
                     q.trees.body_log.adopt(r);
@@ -495,12 +494,7 @@ impl Queue {
         if let Some(key) = &idem_key {
             if let Some(existing) = self.trees.idempotency.get(key).map_err(StoreError::from)? {
                 let first = key_seq(&existing);
-                if self
-                    .trees
-                    .messages
-                    .contains_key(first.to_be_bytes())
-                    .map_err(StoreError::from)?
-                {
+                if self.trees.messages.contains(first) {
                     return self.duplicate(first);
                 }
                 stale = Some(existing);
@@ -544,10 +538,7 @@ impl Queue {
                 .compare_and_swap(&key, stale.as_deref(), Some(&seq.to_be_bytes()[..]))
                 .map_err(StoreError::from)?;
             if let Err(lost) = claimed {
-                self.trees
-                    .messages
-                    .remove(seq.to_be_bytes())
-                    .map_err(StoreError::from)?;
+                self.trees.messages.remove(seq).map_err(StoreError::from)?;
                 self.release_body(body_ref);
                 let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
                 return self.duplicate(first);
@@ -614,7 +605,7 @@ impl Queue {
                 format_id(rec.seq)
             )))
         })?;
-        self.trees.messages.insert(rec.seq.to_be_bytes(), value)?;
+        self.trees.messages.insert(rec.seq, &value)?;
         Ok(())
     }
 
@@ -628,12 +619,12 @@ impl Queue {
     /// `put` of it leaves the body where it is.
     fn load(&self, seq: u64, logged_body: bool) -> Result<Option<MessageRecord>, StoreError> {
         let key = seq.to_be_bytes();
-        match self.trees.messages.get(key)? {
+        match self.trees.messages.get(seq)? {
             Some(v) => {
                 let (mut rec, at) = decode(seq, &v)?;
-                // An inline body stays in sled's buffer, shared, not copied.
+                // An inline body stays in the buffer it was read into.
                 rec.body = match (at, &rec.body_ref) {
-                    (Some(at), _) => Bytes::from_owner(v).slice(at..),
+                    (Some(at), _) => v.slice(at..),
                     (None, Some(r)) if logged_body => self
                         .trees
                         .body_log
@@ -695,9 +686,8 @@ impl Queue {
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.trees.messages.iter().rev() {
-            let (k, v) = item?;
-            let seq = key_seq(&k);
+        for item in self.trees.messages.iter(u64::MAX, true) {
+            let (seq, v) = item?;
             let mut rec: MessageRecord = decode(seq, &v)?.0;
             if integration.is_some_and(|i| i != rec.integration) {
                 continue;
@@ -1125,9 +1115,9 @@ impl Queue {
     /// oldest first. Returns the copies.
     pub fn repair(&self, integration: &str) -> Result<Vec<MessageRecord>, QueueError> {
         let mut errors: Vec<MessageRecord> = Vec::new();
-        for item in self.trees.messages.iter() {
-            let (k, v) = item.map_err(StoreError::from)?;
-            let rec: MessageRecord = decode(key_seq(&k), &v)?.0;
+        for item in self.trees.messages.iter(0, false) {
+            let (seq, v) = item.map_err(StoreError::from)?;
+            let rec: MessageRecord = decode(seq, &v)?.0;
             if rec.integration == integration && rec.state == MessageState::Error {
                 errors.push(rec);
             }
@@ -1164,6 +1154,8 @@ impl Queue {
     /// future (the clock was ahead when it was made): it is passed like
     /// the others. The cursor lives in memory; after a restart the first
     /// run walks from the start again.
+    ///
+    /// Then the message log is compacted ([`crate::msglog::MessageLog::compact`]).
     pub fn prune(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
         let now = now_ms();
         let mut pruned = 0;
@@ -1173,7 +1165,7 @@ impl Queue {
             std::mem::replace(&mut st.late, keep).into_iter().collect()
         };
         for (_, seq) in late {
-            let Some(v) = self.trees.messages.get(seq.to_be_bytes())? else {
+            let Some(v) = self.trees.messages.get(seq)? else {
                 continue;
             };
             let rec = decode(seq, &v)?.0;
@@ -1183,9 +1175,8 @@ impl Queue {
             }
         }
         let start = self.lock().prune_cursor;
-        for item in self.trees.messages.range(start.to_be_bytes()..) {
-            let (k, v) = item?;
-            let seq = key_seq(&k);
+        for item in self.trees.messages.iter(start, false) {
+            let (seq, v) = item?;
             let rec = decode(seq, &v)?.0;
             if (cutoff_ms..=now).contains(&rec.created_ms) {
                 break;
@@ -1195,6 +1186,18 @@ impl Queue {
                 Pruned::Kept => {}
                 Pruned::Changed => break,
             }
+        }
+        // Records that outlive their neighbours (a paused integration's)
+        // move out of the oldest segments, so those can go.
+        loop {
+            let moved = self.trees.messages.compact()?;
+            if moved == 0 {
+                break;
+            }
+            tracing::info!(
+                records = moved,
+                "moved records out of the oldest message log segment"
+            );
         }
         Ok(pruned)
     }
@@ -1214,7 +1217,7 @@ impl Queue {
         let seq = rec.seq;
         let key = seq.to_be_bytes();
         let mut st = self.lock();
-        if self.trees.messages.get(key)?.as_deref() != Some(v) {
+        if self.trees.messages.get(seq)?.as_deref() != Some(v) {
             return Ok(Pruned::Changed);
         }
         if advance {
@@ -1238,7 +1241,7 @@ impl Queue {
                 None::<&[u8]>,
             )?;
         }
-        self.trees.messages.remove(key)?;
+        self.trees.messages.remove(seq)?;
         drop(st);
         self.release_body(rec.body_ref);
         // Also when the body was inline now: a store upgraded from schema
@@ -1626,7 +1629,7 @@ mod tests {
             .unwrap();
         let seq = parse_id(&id.id).unwrap();
         let small = enqueue(&q, None).await;
-        let stored = |seq: u64| q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
+        let stored = |seq: u64| q.trees.messages.get(seq).unwrap().unwrap();
         let logged = |seq: u64| q.record(seq).unwrap().unwrap().body_ref.is_some();
         assert!(stored(seq).len() < 128, "the record and the body's place");
         assert!(logged(seq) && !logged(small));
@@ -1725,12 +1728,9 @@ mod tests {
         let trees = &st.messages;
         trees
             .messages
-            .insert(1u64.to_be_bytes(), value(1, record(1), b"inline"))
+            .insert(1, &value(1, record(1), b"inline"))
             .unwrap();
-        trees
-            .messages
-            .insert(2u64.to_be_bytes(), value(2, record(2), b""))
-            .unwrap();
+        trees.messages.insert(2, &value(2, record(2), b"")).unwrap();
         trees
             .bodies
             .insert(2u64.to_be_bytes(), &b"apart"[..])
@@ -1746,7 +1746,7 @@ mod tests {
         done(&q, 1, Disposition::Sent);
         done(&q, 2, Disposition::Sent);
         for (seq, body) in [(1u64, &b"inline"[..]), (2, b"apart")] {
-            let raw = q.trees.messages.get(seq.to_be_bytes()).unwrap().unwrap();
+            let raw = q.trees.messages.get(seq).unwrap().unwrap();
             let parts = crate::store::message_parts(&raw).unwrap();
             assert_eq!(parts.format, RecordFormat::Binary);
             let rec = q.record(seq).unwrap().unwrap();
@@ -1772,7 +1772,7 @@ mod tests {
         // A key left behind with no message (a crash part way through an
         // older prune) does not swallow the next message either.
         let seq = parse_id(&again.id).unwrap();
-        q.trees.messages.remove(seq.to_be_bytes()).unwrap();
+        q.trees.messages.remove(seq).unwrap();
         let third = q.enqueue(keyed()).await.unwrap();
         assert!(!third.duplicate && third.id != again.id, "{third:?}");
         assert_eq!(q.enqueue(keyed()).await.unwrap().id, third.id);

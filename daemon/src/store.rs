@@ -4,10 +4,11 @@
 //! `integration \0 connection`), `oauth_profiles`, `protocol_profiles`,
 //! `inbound_users`, and the message trees of [`crate::queue`] (see
 //! [`MessageTrees`]). Catalog records and attempts are JSON, so they can be
-//! read with any sled tool; message records, written on every enqueue and
-//! delivery, are bincode. A message's record and a body up to
-//! [`INLINE_BODY_MAX`] are one value (see [`message_value`]): one write to
-//! enqueue, one read to deliver; larger bodies have a tree of their own.
+//! read with any sled tool. Message records, written on every enqueue and
+//! delivery, are bincode, and live outside sled, in the message log
+//! ([`crate::msglog`]). A message's record and a body up to
+//! [`INLINE_BODY_MAX`] are one value (see [`message_value`]): one append to
+//! enqueue, one read to deliver; larger bodies go to the body log.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,6 +21,7 @@ use sled::{Db, Transactional, Tree};
 use crate::bodylog::{BodyLog, BodyRef};
 use crate::catalog::{Catalog, Entry};
 use crate::model::Connection;
+use crate::msglog::MessageLog;
 
 /// The layout version this build writes. A store with a larger number was
 /// written by a newer Outbox and is refused rather than misread; a smaller
@@ -34,7 +36,9 @@ use crate::model::Connection;
 /// 5). Records and bodies of version 3 are read where they are, and a
 /// record goes binary when it is next written, so the upgrade rewrites
 /// nothing.
-pub const SCHEMA_VERSION: u32 = 4;
+/// 5: message records move from sled's `messages` tree to the message log
+/// ([`crate::msglog`]), as they are; the tree is emptied.
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Bodies up to this size are stored inside their message's value: one
 /// write to enqueue, one read to deliver. Larger ones are appended to the
@@ -207,9 +211,9 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// The trees that hold messages; [`crate::queue`] gives them meaning.
 #[derive(Clone)]
 pub struct MessageTrees {
-    /// `seq` (u64 BE) → message record, with its body inline up to
-    /// [`INLINE_BODY_MAX`]; see [`message_value`].
-    pub messages: Tree,
+    /// `seq` → message record, with its body inline up to
+    /// [`INLINE_BODY_MAX`]; see [`message_value`]. In `data_dir/messages/`.
+    pub messages: std::sync::Arc<MessageLog>,
     /// `seq` → body of a message whose body is stored apart (schema 3 and
     /// older; read and pruned, no longer written).
     pub bodies: Tree,
@@ -233,6 +237,28 @@ fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
             messages.insert(&k, value)?;
         }
     }
+    durable(db, dir)
+}
+
+/// Version 4 to 5: every record of the `messages` tree is appended to the
+/// message log as it is, the log synced, and only then the tree emptied.
+/// A crash part way leaves the tree whole and the schema at 4, and the next
+/// start copies again: the copies of a record are identical.
+fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError> {
+    let messages = db.open_tree("messages")?;
+    for item in messages.iter() {
+        let (k, v) = item?;
+        let seq = <[u8; 8]>::try_from(k.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                tree: "messages",
+                key: format!("{k:?}"),
+                reason: format!("a key of {} bytes where 8 were expected", k.len()),
+            })?;
+        log.insert(seq, &v)?;
+    }
+    log.sync()?;
+    messages.clear()?;
     durable(db, dir)
 }
 
@@ -296,6 +322,11 @@ impl Store {
                 dir: dir.to_path_buf(),
                 reason: e.to_string(),
             })?;
+        let message_log =
+            MessageLog::open(&dir.join("messages")).map_err(|e| StoreError::Open {
+                dir: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let meta = db.open_tree("meta")?;
         match meta.get(SCHEMA_KEY)? {
             Some(v) => {
@@ -321,6 +352,9 @@ impl Store {
                 if found < 3 {
                     frame_records(&db, dir)?;
                 }
+                if found < 5 {
+                    move_records(&db, &message_log, dir)?;
+                }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                     durable(&db, dir)?;
@@ -338,7 +372,7 @@ impl Store {
             protocol_profiles: db.open_tree("protocol_profiles")?,
             inbound_users: db.open_tree("inbound_users")?,
             messages: MessageTrees {
-                messages: db.open_tree("messages")?,
+                messages: message_log,
                 bodies: db.open_tree("bodies")?,
                 body_log: std::sync::Arc::new(BodyLog::open(&dir.join("bodies"))?),
                 attempts: db.open_tree("attempts")?,
@@ -365,6 +399,9 @@ impl Store {
         // Bodies first: a record on disk must never point at a body that
         // is not.
         self.messages.body_log.sync()?;
+        // Records before sled: an idempotency key may be on disk without
+        // its record (the key is then free again), never the other way.
+        self.messages.messages.sync()?;
         self.db.flush()?;
         // sled 0.34 makes its log durable with sync_file_range, which does
         // not reach the drive's cache or the file's metadata; an fsync of
@@ -376,7 +413,7 @@ impl Store {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.messages.messages.size_on_disk()
     }
 
     /// Reads the whole catalog.
@@ -588,30 +625,30 @@ mod tests {
             let json = br#"{"seq":7}"#;
             db.open_tree("messages")
                 .unwrap()
-                .insert(b"k7", json)
+                .insert(7u64.to_be_bytes(), json)
                 .unwrap();
             db.open_tree("bodies")
                 .unwrap()
-                .insert(b"k7", b"body")
+                .insert(7u64.to_be_bytes(), b"body")
                 .unwrap();
             db.flush().unwrap();
         }
-        drop(when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap());
+        let store = when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap();
+        let v = store.messages.messages.get(7).unwrap().unwrap();
+        drop(store);
         let db = when_unlocked(|| sled::open(dir.path().join("db"))).unwrap();
-        let v = db
+        let schema = db
             .open_tree("meta")
             .unwrap()
             .get(SCHEMA_KEY)
             .unwrap()
             .unwrap();
-        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+        assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
-        let v = db
-            .open_tree("messages")
-            .unwrap()
-            .get(b"k7")
-            .unwrap()
-            .unwrap();
+        assert!(
+            db.open_tree("messages").unwrap().is_empty(),
+            "the record moved to the message log"
+        );
         assert_eq!(
             message_parts(&v).unwrap(),
             MessageParts {
@@ -620,7 +657,12 @@ mod tests {
                 body: StoredBody::Apart
             }
         );
-        let body = db.open_tree("bodies").unwrap().get(b"k7").unwrap().unwrap();
+        let body = db
+            .open_tree("bodies")
+            .unwrap()
+            .get(7u64.to_be_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(body.as_ref(), b"body", "the body stays where it was");
     }
 

@@ -1,0 +1,808 @@
+//! The message log: every version of every message record, appended to
+//! segment files in `data_dir/messages/`, with an index in memory.
+//!
+//! A record is written on enqueue and again at each change of state, and
+//! each write is an append: the entry goes into a buffer under a short
+//! lock, and the buffer reaches the file in one `pwrite` when it is large
+//! or when the log is synced. Compared with sled's B-tree this is a copy
+//! instead of a tree insert and page rewrites, which is most of what an
+//! enqueue and a delivery cost besides HTTP.
+//!
+//! **Entry:** CRC-32 (u32 BE, over the rest of the entry), seq (u64 BE),
+//! length (u32 BE), then the value; a length of [`TOMBSTONE`] with no value
+//! removes the seq. The index maps each seq to its latest entry; opening
+//! the log reads every segment in order to rebuild it, the later entry of a
+//! seq winning.
+//!
+//! **Durability:** [`MessageLog::sync`] writes the buffer and `fdatasync`s
+//! what was written since the last sync; the store's flush calls it, so a
+//! record is on disk before its enqueue is acknowledged. A thread syncs
+//! what the deliveries wrote at least every [`SYNC_EVERY`], as sled does for
+//! its own writes. A segment is synced before the next one is started, so
+//! only the last segment can end in a torn entry (a crash mid-write, of
+//! something never acknowledged); opening the log cuts it off there. A bad
+//! entry anywhere else is damage, and the log refuses to open, naming the
+//! segment and the offset.
+//!
+//! **Space:** segments are retired oldest first, once synced and once
+//! nothing in them is the latest version of a record. Retiring strictly in
+//! order means a tombstone never outlives a segment holding an older
+//! version of its seq, so nothing removed comes back. The oldest segment is
+//! compacted ([`MessageLog::compact`]) when less than a quarter of it is
+//! still live: its live entries are appended again, synced, and it goes.
+//! Messages are pruned in creation order, so segments empty from the
+//! oldest on; compaction moves the few that stay behind (a paused
+//! integration's messages).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// A segment is closed once it holds this much.
+pub const SEGMENT_MAX: u64 = 32 * 1024 * 1024;
+
+/// The largest value the log takes; records are far smaller (bodies over
+/// 4 KiB go to the body log).
+pub const VALUE_MAX: u32 = 16 * 1024 * 1024;
+
+/// The length that marks a removal.
+const TOMBSTONE: u32 = u32::MAX;
+
+/// CRC, seq, length.
+const HEADER: usize = 16;
+
+/// The buffer is written out once it holds this much.
+const WRITE_AT: usize = 1024 * 1024;
+
+/// The longest a delivery's record waits in memory before it is synced.
+pub const SYNC_EVERY: Duration = Duration::from_millis(500);
+
+/// Where the latest entry of a seq is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    segment: u32,
+    /// Of the entry's header.
+    offset: u64,
+    /// Of the value.
+    len: u32,
+}
+
+impl Loc {
+    fn entry_len(&self) -> u64 {
+        HEADER as u64 + u64::from(self.len)
+    }
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Bytes it holds, counting the buffer (for the current one).
+    size: u64,
+    /// Bytes of the entries that are the latest of their seq.
+    live: u64,
+}
+
+struct Inner {
+    index: BTreeMap<u64, Loc>,
+    segments: BTreeMap<u32, Segment>,
+    current: u32,
+    /// Bytes of the current segment from `written` on, not yet in the file.
+    buf: Vec<u8>,
+    written: u64,
+    /// Written to its file since the last sync.
+    dirty: bool,
+}
+
+/// The open message log. Shared behind an `Arc`.
+pub struct MessageLog {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    /// Held across a whole sync, so one that starts while another runs
+    /// returns only once what it wrote is on disk.
+    syncing: Mutex<()>,
+}
+
+/// An I/O error that names the file or directory it is about.
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("message log {}: {e}", path.display()))
+}
+
+fn damaged(path: &Path, offset: u64, what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "message log {} is damaged at offset {offset}: {what}",
+            path.display()
+        ),
+    )
+}
+
+fn segment_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("{n:010}.log"))
+}
+
+fn open_segment(dir: &Path, n: u32) -> std::io::Result<File> {
+    let path = segment_path(dir, n);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| at(&path, e))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| at(dir, e))
+}
+
+fn entry_crc(seq: u64, len: u32, value: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_be_bytes());
+    h.update(&len.to_be_bytes());
+    h.update(value);
+    h.finalize()
+}
+
+fn push_entry(buf: &mut Vec<u8>, crc: u32, seq: u64, len: u32, value: &[u8]) {
+    buf.extend_from_slice(&crc.to_be_bytes());
+    buf.extend_from_slice(&seq.to_be_bytes());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(value);
+}
+
+/// How reading a segment ended.
+enum Scanned {
+    /// At its end.
+    Whole,
+    /// At a bad or cut-off entry at `offset`, for `reason`.
+    Bad { offset: u64, reason: String },
+}
+
+/// Reads segment `n`'s entries in order into the index.
+fn scan(
+    path: &Path,
+    n: u32,
+    file: &File,
+    index: &mut BTreeMap<u64, Loc>,
+    segments: &mut BTreeMap<u32, Segment>,
+) -> std::io::Result<(u64, Scanned)> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut offset = 0u64;
+    let mut value = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER];
+        match read_full(&mut reader, &mut header).map_err(|e| at(path, e))? {
+            0 => return Ok((offset, Scanned::Whole)),
+            HEADER => {}
+            got => {
+                let reason = format!("an entry cut off after {got} of its {HEADER}-byte header");
+                return Ok((offset, Scanned::Bad { offset, reason }));
+            }
+        }
+        let crc = u32::from_be_bytes(header[0..4].try_into().expect("4 bytes"));
+        let seq = u64::from_be_bytes(header[4..12].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(header[12..16].try_into().expect("4 bytes"));
+        let value_len = if len == TOMBSTONE { 0 } else { len };
+        if value_len > VALUE_MAX {
+            let reason = format!("an entry of {len} bytes, over the {VALUE_MAX}-byte limit");
+            return Ok((offset, Scanned::Bad { offset, reason }));
+        }
+        value.resize(value_len as usize, 0);
+        let got = read_full(&mut reader, &mut value).map_err(|e| at(path, e))?;
+        if got < value.len() {
+            let reason = format!("an entry cut off after {got} of its {value_len} bytes");
+            return Ok((offset, Scanned::Bad { offset, reason }));
+        }
+        if entry_crc(seq, len, &value) != crc {
+            let reason = "an entry that does not match its checksum".to_string();
+            return Ok((offset, Scanned::Bad { offset, reason }));
+        }
+        let old = if len == TOMBSTONE {
+            index.remove(&seq)
+        } else {
+            let loc = Loc {
+                segment: n,
+                offset,
+                len,
+            };
+            if let Some(s) = segments.get_mut(&n) {
+                s.live += loc.entry_len();
+            }
+            index.insert(seq, loc)
+        };
+        if let Some(old) = old {
+            if let Some(s) = segments.get_mut(&old.segment) {
+                s.live -= old.entry_len();
+            }
+        }
+        offset += HEADER as u64 + u64::from(value_len);
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns how much it read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+impl MessageLog {
+    /// Opens the segments in `dir` (created if missing), rebuilds the
+    /// index, cuts a torn entry off the end of the last segment, and starts
+    /// the thread that syncs what deliveries write.
+    pub fn open(dir: &Path) -> std::io::Result<Arc<MessageLog>> {
+        std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| at(dir, e))? {
+            let name = entry.map_err(|e| at(dir, e))?.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                numbers.push(n);
+            }
+        }
+        numbers.sort_unstable();
+        let mut index = BTreeMap::new();
+        let mut segments = BTreeMap::new();
+        let last = numbers.last().copied();
+        for &n in &numbers {
+            let path = segment_path(dir, n);
+            let file = open_segment(dir, n)?;
+            segments.insert(
+                n,
+                Segment {
+                    file: Arc::new(file),
+                    size: 0,
+                    live: 0,
+                },
+            );
+            let file = segments[&n].file.clone();
+            let (end, how) = scan(&path, n, &file, &mut index, &mut segments)?;
+            if let Scanned::Bad { offset, reason } = how {
+                if Some(n) != last {
+                    return Err(damaged(&path, offset, reason));
+                }
+                // The tail of the last segment was being written when the
+                // daemon stopped: nothing in it was acknowledged.
+                let size = file.metadata().map_err(|e| at(&path, e))?.len();
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset,
+                    dropped = size - offset,
+                    reason = %reason,
+                    "cut a torn entry off the end of the message log"
+                );
+                file.set_len(offset).map_err(|e| at(&path, e))?;
+                file.sync_data().map_err(|e| at(&path, e))?;
+            }
+            segments.get_mut(&n).expect("inserted above").size = end;
+        }
+        let current = match last {
+            Some(n) => n,
+            None => {
+                let file = open_segment(dir, 1)?;
+                sync_dir(dir)?;
+                segments.insert(
+                    1,
+                    Segment {
+                        file: Arc::new(file),
+                        size: 0,
+                        live: 0,
+                    },
+                );
+                1
+            }
+        };
+        let written = segments[&current].size;
+        let log = Arc::new(MessageLog {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                index,
+                segments,
+                current,
+                buf: Vec::with_capacity(WRITE_AT + (64 << 10)),
+                written,
+                dirty: false,
+            }),
+            syncing: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&log);
+        std::thread::Builder::new()
+            .name("outbox-msglog".into())
+            .spawn(move || syncer(weak))
+            .map_err(|e| at(dir, e))?;
+        Ok(log)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every section under this lock leaves the maps whole or returns an
+        // error before changing them.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The latest value of `seq`.
+    pub fn get(&self, seq: u64) -> std::io::Result<Option<Bytes>> {
+        let (loc, file) = {
+            let inner = self.lock();
+            let Some(&loc) = inner.index.get(&seq) else {
+                return Ok(None);
+            };
+            if loc.segment == inner.current && loc.offset >= inner.written {
+                let start = (loc.offset - inner.written) as usize + HEADER;
+                let value = &inner.buf[start..start + loc.len as usize];
+                return Ok(Some(Bytes::copy_from_slice(value)));
+            }
+            let file = inner.segments[&loc.segment].file.clone();
+            (loc, file)
+        };
+        // Read outside the lock. A segment retired meanwhile is still open
+        // here, and the checksum tells a read of anything else.
+        let mut entry = vec![0; loc.entry_len() as usize];
+        let path = || segment_path(&self.dir, loc.segment);
+        file.read_exact_at(&mut entry, loc.offset)
+            .map_err(|e| at(&path(), e))?;
+        let crc = u32::from_be_bytes(entry[0..4].try_into().expect("4 bytes"));
+        let found = u64::from_be_bytes(entry[4..12].try_into().expect("8 bytes"));
+        if found != seq || entry_crc(seq, loc.len, &entry[HEADER..]) != crc {
+            return Err(damaged(
+                &path(),
+                loc.offset,
+                format!("the entry of message {seq:016x} does not match its checksum"),
+            ));
+        }
+        Ok(Some(Bytes::from(entry).slice(HEADER..)))
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.lock().index.contains_key(&seq)
+    }
+
+    /// Writes `value` as the latest of `seq`. It is durable after the next
+    /// [`MessageLog::sync`] that starts after this returns.
+    pub fn insert(&self, seq: u64, value: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(value.len())
+            .ok()
+            .filter(|&l| l <= VALUE_MAX)
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "a message record of {} bytes is over the {VALUE_MAX}-byte limit",
+                    value.len()
+                ))
+            })?;
+        let crc = entry_crc(seq, len, value);
+        let mut inner = self.lock();
+        self.append(&mut inner, crc, seq, len, value)
+    }
+
+    /// Removes `seq`; true if it was there.
+    pub fn remove(&self, seq: u64) -> std::io::Result<bool> {
+        let crc = entry_crc(seq, TOMBSTONE, &[]);
+        let mut inner = self.lock();
+        if !inner.index.contains_key(&seq) {
+            return Ok(false);
+        }
+        self.append(&mut inner, crc, seq, TOMBSTONE, &[])?;
+        Ok(true)
+    }
+
+    fn append(
+        &self,
+        inner: &mut Inner,
+        crc: u32,
+        seq: u64,
+        len: u32,
+        value: &[u8],
+    ) -> std::io::Result<()> {
+        let entry_len = (HEADER + value.len()) as u64;
+        let size = inner.segments[&inner.current].size;
+        if size > 0 && size + entry_len > SEGMENT_MAX {
+            self.roll(inner)?;
+        }
+        let current = inner.current;
+        let seg = inner.segments.get_mut(&current).expect("current is open");
+        let offset = seg.size;
+        seg.size += entry_len;
+        push_entry(&mut inner.buf, crc, seq, len, value);
+        let old = if len == TOMBSTONE {
+            inner.index.remove(&seq)
+        } else {
+            seg.live += entry_len;
+            inner.index.insert(
+                seq,
+                Loc {
+                    segment: current,
+                    offset,
+                    len,
+                },
+            )
+        };
+        if let Some(old) = old {
+            if let Some(s) = inner.segments.get_mut(&old.segment) {
+                s.live = s.live.saturating_sub(old.entry_len());
+            }
+        }
+        if inner.buf.len() >= WRITE_AT {
+            self.write_out(inner)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer to the current segment. On a failure the buffer
+    /// stays, to be written again at the same place.
+    fn write_out(&self, inner: &mut Inner) -> std::io::Result<()> {
+        if inner.buf.is_empty() {
+            return Ok(());
+        }
+        let file = inner.segments[&inner.current].file.clone();
+        file.write_all_at(&inner.buf, inner.written)
+            .map_err(|e| at(&segment_path(&self.dir, inner.current), e))?;
+        inner.written += inner.buf.len() as u64;
+        inner.buf.clear();
+        inner.dirty = true;
+        Ok(())
+    }
+
+    /// Closes the current segment, synced, and starts the next one.
+    fn roll(&self, inner: &mut Inner) -> std::io::Result<()> {
+        self.write_out(inner)?;
+        let old = inner.current;
+        inner.segments[&old]
+            .file
+            .sync_data()
+            .map_err(|e| at(&segment_path(&self.dir, old), e))?;
+        let next = old.checked_add(1).ok_or_else(|| {
+            at(
+                &segment_path(&self.dir, old),
+                std::io::Error::other("no segment number is left after this one"),
+            )
+        })?;
+        let file = open_segment(&self.dir, next)?;
+        sync_dir(&self.dir)?;
+        inner.segments.insert(
+            next,
+            Segment {
+                file: Arc::new(file),
+                size: 0,
+                live: 0,
+            },
+        );
+        inner.current = next;
+        inner.written = 0;
+        inner.dirty = false;
+        Ok(())
+    }
+
+    /// Writes the buffer and `fdatasync`s the current segment, then
+    /// retires the oldest segments that held nothing live when the buffer
+    /// was written: what superseded their entries is on disk now (closed
+    /// segments are synced when they are closed). One that empties later
+    /// waits for the next sync, whose write covers what emptied it.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, n, dead) = {
+            let mut inner = self.lock();
+            self.write_out(&mut inner)?;
+            let file = std::mem::take(&mut inner.dirty)
+                .then(|| inner.segments[&inner.current].file.clone());
+            (file, inner.current, dead_segments(&inner))
+        };
+        if let Some(file) = file {
+            if let Err(e) = file.sync_data() {
+                let mut inner = self.lock();
+                if inner.current == n {
+                    inner.dirty = true;
+                }
+                return Err(at(&segment_path(&self.dir, n), e));
+            }
+        }
+        self.retire(&dead)
+    }
+
+    /// Whether anything waits to be synced.
+    fn pending(&self) -> bool {
+        let inner = self.lock();
+        inner.dirty || !inner.buf.is_empty()
+    }
+
+    /// Deletes segments `dead` (from [`dead_segments`]). A closed segment
+    /// never gains a live entry, so they are still dead.
+    fn retire(&self, dead: &[u32]) -> std::io::Result<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut inner = self.lock();
+            for n in dead {
+                inner.segments.remove(n);
+                let path = segment_path(&self.dir, *n);
+                std::fs::remove_file(&path).map_err(|e| at(&path, e))?;
+            }
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Moves the live entries out of the oldest closed segment when less
+    /// than a quarter of it is live, then retires it. Returns how many
+    /// entries moved.
+    pub fn compact(&self) -> std::io::Result<usize> {
+        let (n, seqs) = {
+            let inner = self.lock();
+            let Some((&n, s)) = inner.segments.iter().next() else {
+                return Ok(0);
+            };
+            if n == inner.current || s.live == 0 || s.live * 4 > s.size {
+                return Ok(0);
+            }
+            let seqs: Vec<u64> = inner
+                .index
+                .iter()
+                .filter(|(_, l)| l.segment == n)
+                .map(|(&seq, _)| seq)
+                .collect();
+            (n, seqs)
+        };
+        let mut moved = 0;
+        for seq in seqs {
+            let Some(value) = self.get(seq)? else {
+                continue;
+            };
+            let crc = entry_crc(seq, value.len() as u32, &value);
+            let mut inner = self.lock();
+            // Only if it is still the latest: a write meanwhile already
+            // moved it on.
+            if inner.index.get(&seq).is_some_and(|l| l.segment == n) {
+                self.append(&mut inner, crc, seq, value.len() as u32, &value)?;
+                moved += 1;
+            }
+        }
+        self.sync()?;
+        Ok(moved)
+    }
+
+    /// The seqs in `range`, ascending, at most `limit` of them.
+    fn seqs(&self, range: impl RangeBounds<u64>, limit: usize, rev: bool) -> Vec<u64> {
+        let inner = self.lock();
+        let r = inner.index.range(range).map(|(&s, _)| s);
+        if rev {
+            r.rev().take(limit).collect()
+        } else {
+            r.take(limit).collect()
+        }
+    }
+
+    /// The records from `from` on, in seq order (or from `from` down, with
+    /// `rev`). Read a chunk at a time: a record written meanwhile may or
+    /// may not be seen, as with a sled iterator.
+    pub fn iter(self: &Arc<Self>, from: u64, rev: bool) -> Iter {
+        Iter {
+            log: self.clone(),
+            next: Some(from),
+            rev,
+            chunk: Vec::new().into_iter(),
+        }
+    }
+
+    /// Bytes the segments take.
+    pub fn size_on_disk(&self) -> u64 {
+        self.lock().segments.values().map(|s| s.size).sum()
+    }
+
+    /// Segment files on disk.
+    #[cfg(test)]
+    pub fn segments(&self) -> usize {
+        self.lock().segments.len()
+    }
+}
+
+impl Drop for MessageLog {
+    fn drop(&mut self) {
+        // What deliveries wrote since the last sync; a failure here is what
+        // a crash would have lost (and says so).
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "message log not synced when closed");
+        }
+    }
+}
+
+/// The oldest closed segments, up to the first that holds anything live:
+/// retiring strictly in order keeps every tombstone until the older
+/// versions it removes are gone.
+fn dead_segments(inner: &Inner) -> Vec<u32> {
+    inner
+        .segments
+        .iter()
+        .take_while(|(&n, s)| n != inner.current && s.live == 0)
+        .map(|(&n, _)| n)
+        .collect()
+}
+
+/// Syncs the log every [`SYNC_EVERY`] while anything waits, until the log
+/// is dropped.
+fn syncer(log: Weak<MessageLog>) {
+    loop {
+        std::thread::sleep(SYNC_EVERY);
+        let Some(log) = log.upgrade() else { return };
+        if log.pending() {
+            if let Err(e) = log.sync() {
+                tracing::error!(error = %e, "message log sync failed");
+            }
+        }
+    }
+}
+
+/// Records of the log in seq order; see [`MessageLog::iter`].
+pub struct Iter {
+    log: Arc<MessageLog>,
+    /// Where the next chunk starts; `None` once past the end.
+    next: Option<u64>,
+    rev: bool,
+    chunk: std::vec::IntoIter<u64>,
+}
+
+const CHUNK: usize = 256;
+
+impl Iterator for Iter {
+    type Item = std::io::Result<(u64, Bytes)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(seq) = self.chunk.next() {
+                match self.log.get(seq) {
+                    Ok(Some(v)) => return Some(Ok((seq, v))),
+                    // Removed since the chunk was taken.
+                    Ok(None) => continue,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let from = self.next?;
+            let seqs = if self.rev {
+                self.log.seqs(..=from, CHUNK, true)
+            } else {
+                self.log.seqs(from.., CHUNK, false)
+            };
+            self.next = match (seqs.last(), self.rev) {
+                (None, _) => None,
+                (Some(&l), false) => l.checked_add(1),
+                (Some(&l), true) => l.checked_sub(1),
+            };
+            if seqs.is_empty() {
+                return None;
+            }
+            self.chunk = seqs.into_iter();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(log: &Arc<MessageLog>) -> Vec<(u64, Vec<u8>)> {
+        log.iter(0, false)
+            .map(|r| r.map(|(s, v)| (s, v.to_vec())))
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_latest_version_wins_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = MessageLog::open(dir.path()).unwrap();
+            log.insert(1, b"one").unwrap();
+            log.insert(2, b"two").unwrap();
+            log.insert(1, b"one again").unwrap();
+            log.insert(3, b"three").unwrap();
+            assert!(log.remove(3).unwrap());
+            assert!(!log.remove(3).unwrap());
+            assert_eq!(&log.get(1).unwrap().unwrap()[..], b"one again");
+            log.sync().unwrap();
+            // Read back from the file, not the buffer.
+            assert_eq!(&log.get(2).unwrap().unwrap()[..], b"two");
+            log.insert(4, b"four, never synced").unwrap();
+        }
+        let log = MessageLog::open(dir.path()).unwrap();
+        assert_eq!(
+            all(&log),
+            vec![
+                (1, b"one again".to_vec()),
+                (2, b"two".to_vec()),
+                (4, b"four, never synced".to_vec()),
+            ],
+            "a log closed cleanly keeps what it buffered"
+        );
+        let rev: Vec<u64> = log.iter(u64::MAX, true).map(|r| r.unwrap().0).collect();
+        assert_eq!(rev, vec![4, 2, 1]);
+        assert!(log.contains(2) && !log.contains(3));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_damage_elsewhere_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = MessageLog::open(dir.path()).unwrap();
+            log.insert(1, b"kept").unwrap();
+            log.insert(2, b"torn").unwrap();
+        }
+        let path = segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        {
+            let log = MessageLog::open(dir.path()).unwrap();
+            assert_eq!(all(&log), vec![(1, b"kept".to_vec())]);
+            log.insert(5, b"after the cut").unwrap();
+        }
+        let log = MessageLog::open(dir.path()).unwrap();
+        assert_eq!(
+            all(&log),
+            vec![(1, b"kept".to_vec()), (5, b"after the cut".to_vec())]
+        );
+        drop(log);
+
+        // A flipped byte in a closed segment is damage, not a torn tail.
+        std::fs::write(segment_path(dir.path(), 2), b"").unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER + 1] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let e = MessageLog::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("0000000001.log") && e.contains("offset 0"),
+            "{e}"
+        );
+        assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn old_segments_go_in_order_once_nothing_live_is_in_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MessageLog::open(dir.path()).unwrap();
+        let value = vec![7u8; 1 << 20];
+        // Three segments: seqs 0..31 fill the first, and so on.
+        for seq in 0..70u64 {
+            log.insert(seq, &value).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3);
+        // Emptying the second does not retire it while the first stays.
+        for seq in 31..62 {
+            log.remove(seq).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3);
+        for seq in 0..30 {
+            log.remove(seq).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3, "seq 30 is still live in the first");
+        assert_eq!(log.compact().unwrap(), 1);
+        assert_eq!(log.segments(), 1, "the first two are gone");
+        drop(log);
+        let log = MessageLog::open(dir.path()).unwrap();
+        let seqs: Vec<u64> = all(&log).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, (30..31).chain(62..70).collect::<Vec<_>>());
+        assert_eq!(&log.get(30).unwrap().unwrap()[..], &value[..]);
+    }
+}
