@@ -537,6 +537,7 @@ impl Queue {
                 .idempotency
                 .compare_and_swap(&key, stale.as_deref(), Some(&seq.to_be_bytes()[..]))
                 .map_err(StoreError::from)?;
+            self.trees.wrote_sled();
             if let Err(lost) = claimed {
                 self.trees.messages.remove(seq).map_err(StoreError::from)?;
                 self.release_body(body_ref);
@@ -944,6 +945,7 @@ impl Queue {
         key.extend_from_slice(&a.n.to_be_bytes());
         let value = serde_json::to_vec(a).unwrap_or_default();
         self.trees.attempts.insert(key, value)?;
+        self.trees.wrote_sled();
         Ok(())
     }
 
@@ -1256,6 +1258,7 @@ impl Queue {
         for ak in attempt_keys {
             self.trees.attempts.remove(ak)?;
         }
+        self.trees.wrote_sled();
         Ok(Pruned::Removed)
     }
 
@@ -1394,7 +1397,7 @@ async fn flusher(store: Store, state: Arc<Mutex<Round>>) {
     let mut round = lock(&state);
     loop {
         let s = store.clone();
-        let result = tokio::task::spawn_blocking(move || s.flush())
+        let result = tokio::task::spawn_blocking(move || s.commit())
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));

@@ -223,6 +223,18 @@ pub struct MessageTrees {
     pub attempts: Tree,
     /// `integration \0 idempotency key` → `seq`.
     pub idempotency: Tree,
+    /// Set after each write the queue makes to the sled trees above;
+    /// [`Store::commit`] flushes sled only when it is set.
+    pub sled_written: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MessageTrees {
+    /// Marks a write to sled, for the next [`Store::commit`]. Called after
+    /// the write and before the writer waits for a commit.
+    pub fn wrote_sled(&self) {
+        self.sled_written
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Version 2 to 3: each JSON record gets the layout header, with its body
@@ -377,6 +389,7 @@ impl Store {
                 body_log: std::sync::Arc::new(BodyLog::open(&dir.join("bodies"))?),
                 attempts: db.open_tree("attempts")?,
                 idempotency: db.open_tree("idempotency")?,
+                sled_written: Default::default(),
             },
             log: std::sync::Arc::new(File::open(dir.join("db").join("db"))?),
             db,
@@ -408,6 +421,30 @@ impl Store {
         // the log file does. One per flush round, shared by every enqueue
         // of the round (group commit).
         self.log.sync_data()?;
+        Ok(())
+    }
+
+    /// What an enqueue needs on disk before it is acknowledged: the body
+    /// log, the message log, and sled only if the queue wrote to it since
+    /// the last commit (an idempotency key). A round of enqueues without
+    /// keys is then one `fdatasync` instead of two plus sled's flush. sled
+    /// keeps its own id counter durable: it flushes, blocking, each time
+    /// the counter passes another million. Catalog changes and shutdown
+    /// use [`Store::flush`], which always flushes everything.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        self.messages.body_log.sync()?;
+        self.messages.messages.sync()?;
+        if self.messages.sled_written.swap(false, Ordering::AcqRel) {
+            let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
+                self.log.sync_data()?;
+                Ok(())
+            });
+            if synced.is_err() {
+                self.messages.wrote_sled();
+            }
+            synced?;
+        }
         Ok(())
     }
 
