@@ -543,9 +543,34 @@ fn text(status: StatusCode, ct: &str, body: impl Into<Bytes>) -> Response<Full<B
     r
 }
 
+/// A child process killed, with every process it forked, when dropped:
+/// the helpers, the daemon, the relay, and sshd, which forks a process per
+/// connection that outlives a killed parent.
+struct Killed(Child);
+
+impl Killed {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // Not reaped yet, so the pid is still the child's and its
+        // descendants still name it as their parent.
+        if let Ok(None) = self.0.try_wait() {
+            for (pid, _) in process_tree(&[self.pid()]).into_iter().skip(1) {
+                let _ = signal(pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A helper process, killed when dropped.
 struct Proc {
-    child: Child,
+    child: Killed,
     _stdin: Option<ChildStdin>,
     addr: SocketAddr,
 }
@@ -570,21 +595,14 @@ impl Proc {
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| anyhow!("{} did not start: {line:?}", kind.flag()))?;
         Ok(Proc {
-            child,
+            child: Killed(child),
             _stdin: stdin,
             addr,
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }
 
@@ -1106,7 +1124,7 @@ async fn call(
 
 /// The daemon under test, killed and its data deleted when dropped.
 struct Daemon {
-    child: Child,
+    child: Killed,
     url: String,
     log: PathBuf,
     /// The relay tunnel, when the relay phase runs.
@@ -1177,35 +1195,28 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {}", o.outboxd.display()))?;
         let mut d = Daemon {
-            child,
+            child: Killed(child),
             url: format!("http://127.0.0.1:{port}"),
             log,
             tunnel,
             dir,
         };
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = d.child.try_wait()? {
-                bail!("outboxd exited at start ({status}):\n{}", d.log_tail());
-            }
-            let health = format!("{}/healthz", d.url);
-            if let Ok((StatusCode::OK, _)) = call(c, Method::GET, &health, None, false).await {
-                break;
-            }
-            if Instant::now() > until {
-                bail!("outboxd not healthy after 30s:\n{}", d.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let health = format!("{}/healthz", d.url);
+        wait_ready(
+            "outboxd to be healthy",
+            START_LIMIT,
+            &mut [("outboxd", &mut d.child, &d.log)],
+            || async {
+                let answer = call(c, Method::GET, &health, None, false).await;
+                Ok(matches!(answer, Ok((StatusCode::OK, _))))
+            },
+        )
+        .await?;
         Ok(d)
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&self.log)
+        self.child.pid()
     }
 
     async fn api(
@@ -1280,13 +1291,6 @@ impl Tunnel {
         )?;
         let listen = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
         Ok(Tunnel { listen, pki })
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1982,7 +1986,7 @@ fn print_main_phases(r: &Value) {
 
 /// The relay process, killed when dropped.
 struct RelayProc {
-    child: Child,
+    child: Killed,
     log: PathBuf,
 }
 
@@ -2039,31 +2043,27 @@ impl RelayProc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let mut r = RelayProc { child, log };
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = r.child.try_wait()? {
-                bail!("outbox-relay exited at start ({status}):\n{}", r.log_tail());
-            }
-            let sessions = daemon.api(c, Method::GET, "/v1/mid-servers", None).await?;
-            let listed = sessions
-                .as_array()
-                .is_some_and(|a| a.iter().any(|s| s["name"] == MID_SERVER));
-            if listed {
-                return Ok(r);
-            }
-            if Instant::now() > until {
-                bail!(
-                    "outbox-relay not connected to outboxd after 30s: {sessions}\n{}",
-                    r.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut r = RelayProc {
+            child: Killed(child),
+            log,
+        };
+        wait_ready(
+            "outbox-relay to connect to outboxd",
+            START_LIMIT,
+            &mut [("outbox-relay", &mut r.child, &r.log)],
+            || async {
+                let sessions = daemon.api(c, Method::GET, "/v1/mid-servers", None).await?;
+                Ok(sessions
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|s| s["name"] == MID_SERVER)))
+            },
+        )
+        .await?;
+        Ok(r)
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     fn log_tail(&self) -> String {
@@ -2084,40 +2084,9 @@ impl RelayProc {
     }
 }
 
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The ssh tunnel: the same deliveries through `ssh -L`, the general-purpose
 // tunnel users compare the relay with.
-
-/// A child process killed, with every process it forked, when dropped
-/// (sshd forks a process per connection, which outlives a killed parent).
-struct TreeChild(Child);
-
-impl TreeChild {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for TreeChild {
-    fn drop(&mut self) {
-        // Not reaped yet, so the pid is still the child's and its
-        // descendants still name it as their parent.
-        if let Ok(None) = self.0.try_wait() {
-            for (pid, _) in process_tree(&[self.pid()]).into_iter().skip(1) {
-                let _ = signal(pid, libc::SIGKILL);
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A directory the bench created outside its temporary dir, removed when
 /// dropped (if still empty).
@@ -2147,8 +2116,8 @@ fn current_user() -> Result<String> {
 /// serves the session, then sshd's privilege separation dir if the bench
 /// made it.
 struct SshTunnel {
-    ssh: TreeChild,
-    sshd: TreeChild,
+    ssh: Killed,
+    sshd: Killed,
     _privsep: Option<CreatedDir>,
     /// The local end of the forwarding, which the `ssh` connection targets.
     fwd: SocketAddr,
@@ -2261,7 +2230,7 @@ impl SshTunnel {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bins.sshd.display()))?;
-        let mut sshd = TreeChild(sshd);
+        let mut sshd = Killed(sshd);
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
         wait_accepting(listen, START_LIMIT, &mut [("sshd", &mut sshd, &sshd_log)]).await?;
         let fwd_addr = fwd.local_addr()?;
@@ -2297,7 +2266,7 @@ impl SshTunnel {
             .spawn()
             .with_context(|| format!("starting {}", bins.ssh.display()))?;
         let mut t = SshTunnel {
-            ssh: TreeChild(ssh),
+            ssh: Killed(ssh),
             sshd,
             _privsep: privsep,
             fwd: fwd_addr,
@@ -2361,16 +2330,18 @@ impl SshTunnel {
 /// connections.
 const START_LIMIT: Duration = Duration::from_secs(30);
 
-/// Waits until `addr` accepts TCP connections while every one of `procs`
-/// (name, process, log) keeps running; fails with their logs' tails if one
-/// exits or `limit` passes.
-async fn wait_accepting(
-    addr: SocketAddr,
+/// Polls `ready` until it says yes, while each of `procs` (name,
+/// process, log) keeps running; fails with their logs' tails if one exits
+/// first or `limit` passes. The one start-up wait of every process the
+/// bench starts.
+async fn wait_ready<F: std::future::Future<Output = Result<bool>>>(
+    what: &str,
     limit: Duration,
-    procs: &mut [(&str, &mut TreeChild, &std::path::Path)],
+    procs: &mut [(&str, &mut Killed, &std::path::Path)],
+    mut ready: impl FnMut() -> F,
 ) -> Result<()> {
     let until = Instant::now() + limit;
-    let logs = |procs: &[(&str, &mut TreeChild, &std::path::Path)]| {
+    let logs = |procs: &[(&str, &mut Killed, &std::path::Path)]| {
         procs
             .iter()
             .map(|(name, _, log)| format!("{name}:\n{}", log_tail(log)))
@@ -2387,14 +2358,29 @@ async fn wait_accepting(
                 );
             }
         }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        if ready().await? {
             return Ok(());
         }
         if Instant::now() > until {
-            bail!("{addr} not accepting after {limit:?}:\n{}", logs(procs));
+            bail!("still waiting for {what} after {limit:?}:\n{}", logs(procs));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `addr` accepts connections; see [`wait_ready`].
+async fn wait_accepting(
+    addr: SocketAddr,
+    limit: Duration,
+    procs: &mut [(&str, &mut Killed, &std::path::Path)],
+) -> Result<()> {
+    wait_ready(
+        &format!("{addr} to accept connections"),
+        limit,
+        procs,
+        || async move { Ok(tokio::net::TcpStream::connect(addr).await.is_ok()) },
+    )
+    .await
 }
 
 /// Runs `cmd` to completion (stdin closed) and fails, with what it printed,
