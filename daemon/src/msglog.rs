@@ -20,23 +20,29 @@
 //! what the deliveries wrote at least every [`SYNC_EVERY`], as sled does for
 //! its own writes. A segment is synced before the next one is started, so
 //! only the last segment can end in a torn entry (a crash mid-write, of
-//! something never acknowledged); opening the log cuts it off there. A bad
-//! entry anywhere else is damage, and the log refuses to open, naming the
-//! segment and the offset.
+//! something never acknowledged); opening the log cuts it off there, and
+//! keeps the bytes it cut in a file beside it, named after the segment and
+//! the offset, should they be damage instead. A bad entry anywhere else is
+//! damage, and the log refuses to open, naming the segment and the offset.
+//! After a failed `fdatasync` the kernel may have dropped what it could not
+//! write, so every later sync fails (and no enqueue is acknowledged) until
+//! a restart reads back what is on disk.
 //!
 //! **Space:** segments are retired oldest first, once synced and once
 //! nothing in them is the latest version of a record. Retiring strictly in
 //! order means a tombstone never outlives a segment holding an older
 //! version of its seq, so nothing removed comes back. The oldest segment is
 //! compacted ([`MessageLog::compact`]) when less than a quarter of it is
-//! still live: its live entries are appended again, synced, and it goes.
+//! still live, or when the segments behind it hold more dead bytes than it
+//! holds live ones: its live entries are appended again, synced, and it
+//! goes.
 //! Messages are pruned in creation order, so segments empty from the
 //! oldest on; compaction moves the few that stay behind (a paused
 //! integration's messages).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +112,10 @@ pub struct MessageLog {
     /// Held across a whole sync, so one that starts while another runs
     /// returns only once what it wrote is on disk.
     syncing: Mutex<()>,
+    /// Set by a failed `fdatasync`; every later sync fails with it.
+    failed: std::sync::OnceLock<String>,
+    /// The data dir's lock, held until the last sync of a drop is done.
+    _lock: Option<Arc<File>>,
 }
 
 /// An I/O error that names the file or directory it is about.
@@ -246,8 +256,15 @@ impl MessageLog {
     /// Opens the segments in `dir` (created if missing), rebuilds the
     /// index, cuts a torn entry off the end of the last segment, and starts
     /// the thread that syncs what deliveries write.
-    pub fn open(dir: &Path) -> std::io::Result<Arc<MessageLog>> {
-        std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+    /// `lock` is the data dir's lock: the log holds it until its last sync
+    /// (on drop, maybe on its own thread) is done.
+    pub fn open(dir: &Path, lock: Option<Arc<File>>) -> std::io::Result<Arc<MessageLog>> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| at(dir, e))? {
             let name = entry.map_err(|e| at(dir, e))?.file_name();
@@ -280,18 +297,31 @@ impl MessageLog {
                 if Some(n) != last {
                     return Err(damaged(&path, offset, reason));
                 }
-                // The tail of the last segment was being written when the
-                // daemon stopped: nothing in it was acknowledged.
+                // After a crash, the tail of the last segment is what was
+                // being written, never acknowledged. The bytes are kept
+                // aside before they are cut, in case it is damage instead.
                 let size = file.metadata().map_err(|e| at(&path, e))?.len();
+                let kept = dir.join(format!("{n:010}.log.cut-at-{offset}"));
+                let mut tail = vec![0; (size - offset) as usize];
+                file.read_exact_at(&mut tail, offset)
+                    .map_err(|e| at(&path, e))?;
+                File::create(&kept)
+                    .and_then(|mut f| {
+                        f.write_all(&tail)?;
+                        f.sync_all()
+                    })
+                    .map_err(|e| at(&kept, e))?;
                 tracing::warn!(
                     segment = %path.display(),
                     offset,
-                    dropped = size - offset,
+                    cut = size - offset,
+                    kept = %kept.display(),
                     reason = %reason,
-                    "cut a torn entry off the end of the message log"
+                    "cut a torn entry off the end of the message log: after a crash these are writes never acknowledged; the bytes are kept aside"
                 );
                 file.set_len(offset).map_err(|e| at(&path, e))?;
                 file.sync_data().map_err(|e| at(&path, e))?;
+                sync_dir(dir)?;
             }
             segments.get_mut(&n).expect("inserted above").size = end;
         }
@@ -320,9 +350,14 @@ impl MessageLog {
                 current,
                 buf: Vec::with_capacity(WRITE_AT + (64 << 10)),
                 written,
-                dirty: false,
+                // What a killed daemon wrote may still be only in the page
+                // cache: the first sync makes it durable before anything
+                // it superseded is retired.
+                dirty: true,
             }),
             syncing: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
+            _lock: lock,
         });
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()
@@ -439,8 +474,13 @@ impl MessageLog {
                 s.live = s.live.saturating_sub(old.entry_len());
             }
         }
+        // The entry is in the index now, so it must not be reported as not
+        // written: a failed write leaves the buffer for the next sync,
+        // which reports the error to whoever waits for durability.
         if inner.buf.len() >= WRITE_AT {
-            self.write_out(inner)?;
+            if let Err(e) = self.write_out(inner) {
+                tracing::warn!(error = %e, "message log write failed; kept in memory for the next sync");
+            }
         }
         Ok(())
     }
@@ -497,6 +537,11 @@ impl MessageLog {
     /// waits for the next sync, whose write covers what emptied it.
     pub fn sync(&self) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = self.failed.get() {
+            return Err(std::io::Error::other(format!(
+                "{e} (an earlier sync failed; restart outboxd)"
+            )));
+        }
         let (file, n, dead) = {
             let mut inner = self.lock();
             self.write_out(&mut inner)?;
@@ -506,11 +551,13 @@ impl MessageLog {
         };
         if let Some(file) = file {
             if let Err(e) = file.sync_data() {
-                let mut inner = self.lock();
-                if inner.current == n {
-                    inner.dirty = true;
-                }
-                return Err(at(&segment_path(&self.dir, n), e));
+                // After a failed fdatasync the kernel may have dropped the
+                // pages it could not write, so a later success would not
+                // mean they are on disk. Nothing is acknowledged again
+                // until a restart reads back what is there.
+                let e = at(&segment_path(&self.dir, n), e);
+                let _ = self.failed.set(e.to_string());
+                return Err(e);
             }
         }
         self.retire(&dead)
@@ -528,27 +575,43 @@ impl MessageLog {
         if dead.is_empty() {
             return Ok(());
         }
+        // In order, and forgotten only once deleted: a segment left behind
+        // must keep every later one (and its tombstones) too.
+        let mut removed = Ok(());
         {
             let mut inner = self.lock();
             for n in dead {
-                inner.segments.remove(n);
                 let path = segment_path(&self.dir, *n);
-                std::fs::remove_file(&path).map_err(|e| at(&path, e))?;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    removed = Err(at(&path, e));
+                    break;
+                }
+                inner.segments.remove(n);
             }
         }
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        removed
     }
 
-    /// Moves the live entries out of the oldest closed segment when less
-    /// than a quarter of it is live, then retires it. Returns how many
-    /// entries moved.
+    /// Moves the live entries out of the oldest closed segment, then
+    /// retires it, when less than a quarter of it is live or when the
+    /// closed segments after it hold more dead bytes than it holds live
+    /// ones (it is what keeps them on disk). Returns how many entries
+    /// moved.
     pub fn compact(&self) -> std::io::Result<usize> {
         let (n, seqs) = {
             let inner = self.lock();
             let Some((&n, s)) = inner.segments.iter().next() else {
                 return Ok(0);
             };
-            if n == inner.current || s.live == 0 || s.live * 4 > s.size {
+            let dead_after: u64 = inner
+                .segments
+                .iter()
+                .skip(1)
+                .filter(|(&m, _)| m != inner.current)
+                .map(|(_, t)| t.size - t.live)
+                .sum();
+            if n == inner.current || s.live == 0 || (s.live * 4 > s.size && s.live > dead_after) {
                 return Ok(0);
             }
             let seqs: Vec<u64> = inner
@@ -706,7 +769,7 @@ mod tests {
     fn the_latest_version_wins_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = MessageLog::open(dir.path()).unwrap();
+            let log = MessageLog::open(dir.path(), None).unwrap();
             log.insert(1, b"one").unwrap();
             log.insert(2, b"two").unwrap();
             log.insert(1, b"one again").unwrap();
@@ -719,7 +782,7 @@ mod tests {
             assert_eq!(&log.get(2).unwrap().unwrap()[..], b"two");
             log.insert(4, b"four, never synced").unwrap();
         }
-        let log = MessageLog::open(dir.path()).unwrap();
+        let log = MessageLog::open(dir.path(), None).unwrap();
         assert_eq!(
             all(&log),
             vec![
@@ -738,7 +801,7 @@ mod tests {
     fn a_torn_tail_is_cut_off_and_damage_elsewhere_is_named() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = MessageLog::open(dir.path()).unwrap();
+            let log = MessageLog::open(dir.path(), None).unwrap();
             log.insert(1, b"kept").unwrap();
             log.insert(2, b"torn").unwrap();
         }
@@ -751,11 +814,15 @@ mod tests {
             .set_len(len - 2)
             .unwrap();
         {
-            let log = MessageLog::open(dir.path()).unwrap();
+            let log = MessageLog::open(dir.path(), None).unwrap();
             assert_eq!(all(&log), vec![(1, b"kept".to_vec())]);
             log.insert(5, b"after the cut").unwrap();
         }
-        let log = MessageLog::open(dir.path()).unwrap();
+        // What was cut is kept aside, byte for byte.
+        let entry = HEADER as u64 + 4;
+        let aside = dir.path().join(format!("0000000001.log.cut-at-{entry}"));
+        assert_eq!(std::fs::read(&aside).unwrap().len() as u64, entry - 2);
+        let log = MessageLog::open(dir.path(), None).unwrap();
         assert_eq!(
             all(&log),
             vec![(1, b"kept".to_vec()), (5, b"after the cut".to_vec())]
@@ -767,7 +834,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 1] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let e = MessageLog::open(dir.path()).err().unwrap().to_string();
+        let e = MessageLog::open(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("0000000001.log") && e.contains("offset 0"),
             "{e}"
@@ -778,7 +848,7 @@ mod tests {
     #[test]
     fn old_segments_go_in_order_once_nothing_live_is_in_them() {
         let dir = tempfile::tempdir().unwrap();
-        let log = MessageLog::open(dir.path()).unwrap();
+        let log = MessageLog::open(dir.path(), None).unwrap();
         let value = vec![7u8; 1 << 20];
         // Three segments: seqs 0..31 fill the first, and so on.
         for seq in 0..70u64 {
@@ -799,10 +869,45 @@ mod tests {
         assert_eq!(log.segments(), 3, "seq 30 is still live in the first");
         assert_eq!(log.compact().unwrap(), 1);
         assert_eq!(log.segments(), 1, "the first two are gone");
+
+        // A segment mostly live is compacted all the same once the dead
+        // bytes it keeps behind it outweigh it.
+        for seq in 100..170u64 {
+            log.insert(seq, &value).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3);
+        assert_eq!(log.compact().unwrap(), 0, "nothing is dead behind it");
+        let (first, second) = {
+            let inner = log.lock();
+            let mut numbers = inner.segments.keys().copied();
+            (numbers.next().unwrap(), numbers.next().unwrap())
+        };
+        let in_second: Vec<u64> = {
+            let inner = log.lock();
+            (100..170)
+                .filter(|s| inner.index[s].segment == second)
+                .collect()
+        };
+        for seq in &in_second {
+            log.remove(*seq).unwrap();
+        }
+        log.sync().unwrap();
+        assert!(log.compact().unwrap() > 0);
+        for n in [first, second] {
+            assert!(!segment_path(dir.path(), n).exists(), "segment {n} is gone");
+        }
         drop(log);
-        let log = MessageLog::open(dir.path()).unwrap();
+        let log = MessageLog::open(dir.path(), None).unwrap();
         let seqs: Vec<u64> = all(&log).into_iter().map(|(s, _)| s).collect();
-        assert_eq!(seqs, (30..31).chain(62..70).collect::<Vec<_>>());
+        let gone: Vec<u64> = (122..153).collect();
+        let expected: Vec<u64> = (30..31)
+            .chain(62..70)
+            .chain(100..170)
+            .filter(|s| !gone.contains(s))
+            .collect();
+        assert_eq!(in_second, gone);
+        assert_eq!(seqs, expected);
         assert_eq!(&log.get(30).unwrap().unwrap()[..], &value[..]);
     }
 }

@@ -1,9 +1,11 @@
-//! The durable message queue: records in sled, the schedule in memory.
+//! The durable message queue: records in the message log
+//! ([`crate::msglog`]), attempts and idempotency keys in sled, the schedule
+//! in memory.
 //!
 //! The message records in the store are the truth; what is due, what waits
 //! behind an ordering key and what is in flight is an index kept in memory
 //! and rebuilt from the records at start. That keeps a delivery on the
-//! first try to one sled read and one write, and leaves no index to keep
+//! first try to one read and one append of its record, and leaves no index to keep
 //! consistent on disk. `sending` exists only in memory: a message on disk is
 //! `queued` until it is `sent`, `error` or `ignored`, so after a crash every
 //! message that was being sent is simply queued again (at-least-once).
@@ -477,7 +479,7 @@ impl Queue {
         Ok(enqueued)
     }
 
-    /// Writes the message, then publishes it to the schedule. The sled
+    /// Writes the message, then publishes it to the schedule. The store
     /// writes happen outside the queue lock (it only guards the in-memory
     /// schedule), so concurrent enqueues write in parallel.
     fn insert(&self, new: NewMessage) -> Result<Enqueued, QueueError> {
@@ -532,17 +534,26 @@ impl Queue {
         if let Some(key) = idem_key {
             // The record is written before the key is claimed, so whoever
             // finds the key finds a record that the next flush covers.
-            let claimed = self
-                .trees
-                .idempotency
-                .compare_and_swap(&key, stale.as_deref(), Some(&seq.to_be_bytes()[..]))
-                .map_err(StoreError::from)?;
-            self.trees.wrote_sled();
-            if let Err(lost) = claimed {
-                self.trees.messages.remove(seq).map_err(StoreError::from)?;
-                self.release_body(body_ref);
-                let first = lost.current.map(|v| key_seq(&v)).unwrap_or(seq);
-                return self.duplicate(first);
+            loop {
+                let claimed = self
+                    .trees
+                    .idempotency
+                    .compare_and_swap(&key, stale.as_deref(), Some(&seq.to_be_bytes()[..]))
+                    .map_err(StoreError::from)?;
+                self.trees.wrote_sled();
+                let Err(lost) = claimed else { break };
+                match lost.current {
+                    // Another enqueue holds the key for a message that
+                    // exists: this one is its duplicate.
+                    Some(v) if self.trees.messages.contains(key_seq(&v)) => {
+                        self.trees.messages.remove(seq).map_err(StoreError::from)?;
+                        self.release_body(body_ref);
+                        return self.duplicate(key_seq(&v));
+                    }
+                    // The key went with its message (pruned meanwhile), or
+                    // points at one that is gone: take it from what it is.
+                    current => stale = current,
+                }
             }
         }
         // Lines are ordered by (order, seq), so publishing out of id order
@@ -825,7 +836,7 @@ impl Queue {
 
     /// Records an attempt (when one was made) and moves the message on.
     ///
-    /// The sled writes come first, outside the queue lock; then the lock
+    /// The store writes come first, outside the queue lock; then the lock
     /// is taken only to update the schedule. A message in flight cannot be
     /// ignored or replayed meanwhile, so nothing else writes its record.
     pub fn finish(

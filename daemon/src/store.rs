@@ -253,9 +253,10 @@ fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Version 4 to 5: every record of the `messages` tree is appended to the
-/// message log as it is, the log synced, and only then the tree emptied.
-/// A crash part way leaves the tree whole and the schema at 4, and the next
-/// start copies again: the copies of a record are identical.
+/// message log as it is, the log synced, version 5 written, and only then
+/// the tree emptied. A crash before version 5 is on disk leaves the tree
+/// whole and the schema at 4: the next start removes the partial log and
+/// copies again.
 fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError> {
     let messages = db.open_tree("messages")?;
     for item in messages.iter() {
@@ -270,6 +271,12 @@ fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError>
         log.insert(seq, &v)?;
     }
     log.sync()?;
+    // Version 5 is written before the tree is emptied: a start that finds
+    // version 4 copies again from a whole tree, and one that finds 5 with
+    // records left in the tree empties it.
+    db.open_tree("meta")?
+        .insert(SCHEMA_KEY, &5u32.to_be_bytes())?;
+    durable(db, dir)?;
     messages.clear()?;
     durable(db, dir)
 }
@@ -334,13 +341,17 @@ impl Store {
                 dir: dir.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        let message_log =
-            MessageLog::open(&dir.join("messages")).map_err(|e| StoreError::Open {
-                dir: dir.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let lock = std::sync::Arc::new(lock);
+        let open_log = || {
+            MessageLog::open(&dir.join("messages"), Some(lock.clone())).map_err(|e| {
+                StoreError::Open {
+                    dir: dir.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })
+        };
         let meta = db.open_tree("meta")?;
-        match meta.get(SCHEMA_KEY)? {
+        let message_log = match meta.get(SCHEMA_KEY)? {
             Some(v) => {
                 let found = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
@@ -365,18 +376,33 @@ impl Store {
                     frame_records(&db, dir)?;
                 }
                 if found < 5 {
+                    // A message log beside a store older than 5 is what an
+                    // interrupted upgrade left: the records are copied from
+                    // sled afresh.
+                    let logged = dir.join("messages");
+                    if logged.exists() {
+                        std::fs::remove_dir_all(&logged)?;
+                    }
+                }
+                let message_log = open_log()?;
+                if found < 5 {
                     move_records(&db, &message_log, dir)?;
+                } else if db.tree_names().iter().any(|t| t.as_ref() == b"messages") {
+                    // An upgrade that stopped after writing version 5.
+                    db.open_tree("messages")?.clear()?;
                 }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                     durable(&db, dir)?;
                 }
+                message_log
             }
             None => {
                 meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                 db.flush()?;
+                open_log()?
             }
-        }
+        };
         Ok(Store {
             integrations: db.open_tree("integrations")?,
             connections: db.open_tree("connections")?,
@@ -394,7 +420,7 @@ impl Store {
             log: std::sync::Arc::new(File::open(dir.join("db").join("db"))?),
             db,
             dir: dir.to_path_buf(),
-            _lock: std::sync::Arc::new(lock),
+            _lock: lock,
         })
     }
 
@@ -412,8 +438,8 @@ impl Store {
         // Bodies first: a record on disk must never point at a body that
         // is not.
         self.messages.body_log.sync()?;
-        // Records before sled: an idempotency key may be on disk without
-        // its record (the key is then free again), never the other way.
+        // Records before sled: every key this flush makes durable has
+        // its record on disk first.
         self.messages.messages.sync()?;
         self.db.flush()?;
         // sled 0.34 makes its log durable with sync_file_range, which does
@@ -591,12 +617,13 @@ fn read_tree<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
-/// For tests that reopen a store they have just dropped: retries `open`
-/// while it fails on sled's lock. sled locks its file, and its threads of
-/// the database just dropped can hold that lock for a moment; a restarted
-/// daemon is a new process, whose old threads are gone. The data dir's own
-/// lock (`StoreError::Locked`) is not waited for: a `Store` still alive is
-/// a leak the test should see.
+/// For tests that reopen a store they have just dropped: retries `open`,
+/// for up to 5 s, while it fails on sled's lock or the data dir's. sled
+/// locks its file, and its threads of the database just dropped can hold
+/// that lock for a moment; the message log's thread can hold the data
+/// dir's lock while it finishes a sync. A restarted daemon is a new
+/// process, whose old threads are gone. A `Store` still alive after 5 s
+/// fails the test as the leak it is.
 #[cfg(test)]
 pub(crate) fn when_unlocked<T, E: std::fmt::Display>(
     open: impl Fn() -> Result<T, E>,
@@ -605,7 +632,8 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Display>(
     loop {
         match open() {
             Err(e)
-                if e.to_string().contains("could not acquire lock")
+                if (e.to_string().contains("could not acquire lock")
+                    || e.to_string().contains("in use by another outboxd"))
                     && std::time::Instant::now() < until =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20))
@@ -701,6 +729,46 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(body.as_ref(), b"body", "the body stays where it was");
+    }
+
+    #[test]
+    fn an_upgrade_to_5_cut_short_copies_again_from_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &4u32.to_be_bytes())
+                .unwrap();
+            db.open_tree("messages")
+                .unwrap()
+                .insert(7u64.to_be_bytes(), &b"seven"[..])
+                .unwrap();
+            db.flush().unwrap();
+            // A copy that stopped part way, with a record since pruned
+            // from sled by the older build.
+            let log = MessageLog::open(&dir.path().join("messages"), None).unwrap();
+            log.insert(9, b"pruned since").unwrap();
+        }
+        let store = when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap();
+        let log = &store.messages.messages;
+        assert_eq!(&log.get(7).unwrap().unwrap()[..], b"seven");
+        assert!(log.get(9).unwrap().is_none(), "the partial copy is gone");
+        // Version 5 with records left in the tree (stopped before it was
+        // emptied): they are emptied, and the log stands.
+        store
+            .db
+            .open_tree("messages")
+            .unwrap()
+            .insert(8u64.to_be_bytes(), &b"left"[..])
+            .unwrap();
+        drop(store);
+        let store = when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap();
+        assert!(store.db.open_tree("messages").unwrap().is_empty());
+        assert_eq!(
+            &store.messages.messages.get(7).unwrap().unwrap()[..],
+            b"seven"
+        );
     }
 
     #[test]
