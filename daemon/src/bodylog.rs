@@ -98,6 +98,8 @@ pub struct BodyLog {
     /// Held across a whole [`BodyLog::sync`], so a sync that starts while
     /// another runs returns only once the marks the other took are on disk.
     syncing: Mutex<()>,
+    /// Set by a failed `fdatasync`; every later sync fails with it.
+    failed: std::sync::OnceLock<String>,
 }
 
 /// An I/O error that names the file or directory it is about.
@@ -171,6 +173,7 @@ impl BodyLog {
                 dirty: BTreeMap::new(),
             }),
             syncing: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -307,18 +310,25 @@ impl BodyLog {
     }
 
     /// `fdatasync`s every segment written since the last sync. Syncs take
-    /// turns: one that finds the marks taken by another waits for it. On a
-    /// failure, the marks not yet synced (and the failed one) are put back.
+    /// turns: one that finds the marks taken by another waits for it. After
+    /// a failure every later sync fails too, as in the message log: the
+    /// kernel may have dropped what it could not write, and a record must
+    /// not be acknowledged pointing at a body that is not on disk.
     pub fn sync(&self) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = self.failed.get() {
+            return Err(std::io::Error::other(format!(
+                "{e} (an earlier sync failed; restart outboxd)"
+            )));
+        }
         let dirty = std::mem::take(&mut self.lock().dirty);
-        let mut left = dirty.into_iter();
-        while let Some((n, file)) = left.next() {
+        for (n, file) in dirty {
             if let Err(e) = file.sync_data() {
-                let mut inner = self.lock();
-                inner.dirty.insert(n, file);
-                inner.dirty.extend(left);
-                return Err(at(&segment_path(&self.dir, n), e));
+                let e = at(&segment_path(&self.dir, n), e);
+                if self.failed.set(e.to_string()).is_ok() {
+                    tracing::error!(error = %e, "body log sync failed: no message is acknowledged until outboxd is restarted");
+                }
+                return Err(e);
             }
         }
         Ok(())

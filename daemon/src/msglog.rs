@@ -33,19 +33,20 @@
 //! order means a tombstone never outlives a segment holding an older
 //! version of its seq, so nothing removed comes back. The oldest segment is
 //! compacted ([`MessageLog::compact`]) when less than a quarter of it is
-//! still live, or when the segments behind it hold more dead bytes than it
-//! holds live ones: its live entries are appended again, synced, and it
-//! goes.
+//! still live, or when the segments right behind it that hold nothing live
+//! are at least as large as what it holds live: its live entries are
+//! appended again, synced, and it goes, with them.
 //! Messages are pruned in creation order, so segments empty from the
 //! oldest on; compaction moves the few that stay behind (a paused
 //! integration's messages).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ pub struct MessageLog {
     syncing: Mutex<()>,
     /// Set by a failed `fdatasync`; every later sync fails with it.
     failed: std::sync::OnceLock<String>,
+    /// The last segment that could not be removed (logged once).
+    retire_failed: AtomicU32,
     /// The data dir's lock, held until the last sync of a drop is done.
     _lock: Option<Arc<File>>,
 }
@@ -302,15 +305,15 @@ impl MessageLog {
                 // aside before they are cut, in case it is damage instead.
                 let size = file.metadata().map_err(|e| at(&path, e))?.len();
                 let kept = dir.join(format!("{n:010}.log.cut-at-{offset}"));
-                let mut tail = vec![0; (size - offset) as usize];
-                file.read_exact_at(&mut tail, offset)
-                    .map_err(|e| at(&path, e))?;
                 File::create(&kept)
                     .and_then(|mut f| {
-                        f.write_all(&tail)?;
+                        let mut from = &*file;
+                        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(offset))?;
+                        std::io::copy(&mut from.take(size - offset), &mut f)?;
                         f.sync_all()
                     })
                     .map_err(|e| at(&kept, e))?;
+                sync_dir(dir)?;
                 tracing::warn!(
                     segment = %path.display(),
                     offset,
@@ -321,7 +324,6 @@ impl MessageLog {
                 );
                 file.set_len(offset).map_err(|e| at(&path, e))?;
                 file.sync_data().map_err(|e| at(&path, e))?;
-                sync_dir(dir)?;
             }
             segments.get_mut(&n).expect("inserted above").size = end;
         }
@@ -357,6 +359,7 @@ impl MessageLog {
             }),
             syncing: Mutex::new(()),
             failed: std::sync::OnceLock::new(),
+            retire_failed: AtomicU32::new(0),
             _lock: lock,
         });
         let weak = Arc::downgrade(&log);
@@ -502,12 +505,12 @@ impl MessageLog {
 
     /// Closes the current segment, synced, and starts the next one.
     fn roll(&self, inner: &mut Inner) -> std::io::Result<()> {
+        self.check()?;
         self.write_out(inner)?;
         let old = inner.current;
-        inner.segments[&old]
-            .file
-            .sync_data()
-            .map_err(|e| at(&segment_path(&self.dir, old), e))?;
+        if let Err(e) = inner.segments[&old].file.sync_data() {
+            return Err(self.fail(at(&segment_path(&self.dir, old), e)));
+        }
         let next = old.checked_add(1).ok_or_else(|| {
             at(
                 &segment_path(&self.dir, old),
@@ -537,11 +540,7 @@ impl MessageLog {
     /// waits for the next sync, whose write covers what emptied it.
     pub fn sync(&self) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = self.failed.get() {
-            return Err(std::io::Error::other(format!(
-                "{e} (an earlier sync failed; restart outboxd)"
-            )));
-        }
+        self.check()?;
         let (file, n, dead) = {
             let mut inner = self.lock();
             self.write_out(&mut inner)?;
@@ -551,16 +550,30 @@ impl MessageLog {
         };
         if let Some(file) = file {
             if let Err(e) = file.sync_data() {
-                // After a failed fdatasync the kernel may have dropped the
-                // pages it could not write, so a later success would not
-                // mean they are on disk. Nothing is acknowledged again
-                // until a restart reads back what is there.
-                let e = at(&segment_path(&self.dir, n), e);
-                let _ = self.failed.set(e.to_string());
-                return Err(e);
+                return Err(self.fail(at(&segment_path(&self.dir, n), e)));
             }
         }
         self.retire(&dead)
+    }
+
+    /// After a failed `fdatasync` the kernel may have dropped the pages it
+    /// could not write, so a later success would not mean they are on disk.
+    /// Nothing is acknowledged again until a restart reads back what is
+    /// there: every later sync fails with the first error.
+    fn fail(&self, e: std::io::Error) -> std::io::Error {
+        if self.failed.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "message log sync failed: no message is acknowledged until outboxd is restarted");
+        }
+        e
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match self.failed.get() {
+            Some(e) => Err(std::io::Error::other(format!(
+                "{e} (an earlier sync failed; restart outboxd)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Whether anything waits to be synced.
@@ -576,42 +589,56 @@ impl MessageLog {
             return Ok(());
         }
         // In order, and forgotten only once deleted: a segment left behind
-        // must keep every later one (and its tombstones) too.
-        let mut removed = Ok(());
+        // must keep every later one (and its tombstones) too. A failure
+        // costs disk space, not data, so it is logged (once per segment)
+        // and the next sync tries again.
         {
             let mut inner = self.lock();
             for n in dead {
                 let path = segment_path(&self.dir, *n);
-                if let Err(e) = std::fs::remove_file(&path) {
-                    removed = Err(at(&path, e));
-                    break;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        if self.retire_failed.swap(*n, Ordering::Relaxed) != *n {
+                            tracing::warn!(segment = %path.display(), error = %e, "message log segment cannot be removed; trying again at each sync");
+                        }
+                        break;
+                    }
                 }
                 inner.segments.remove(n);
             }
         }
-        sync_dir(&self.dir)?;
-        removed
+        sync_dir(&self.dir)
     }
 
     /// Moves the live entries out of the oldest closed segment, then
-    /// retires it, when less than a quarter of it is live or when the
-    /// closed segments after it hold more dead bytes than it holds live
-    /// ones (it is what keeps them on disk). Returns how many entries
-    /// moved.
-    pub fn compact(&self) -> std::io::Result<usize> {
+    /// retires it, when less than a quarter of it is live, or when the
+    /// closed segments right behind it that hold nothing live (which go
+    /// with it) are at least as large as what it holds live. Only segments
+    /// numbered below `before` are compacted, so a caller that passes
+    /// [`MessageLog::current`] from before its first call ends: what it
+    /// moves lands at or after that number. Returns how many entries moved.
+    pub fn compact(&self, before: u32) -> std::io::Result<usize> {
         let (n, seqs) = {
             let inner = self.lock();
             let Some((&n, s)) = inner.segments.iter().next() else {
                 return Ok(0);
             };
-            let dead_after: u64 = inner
+            // Only the closed segments with nothing live right behind it
+            // go when it goes.
+            let freed_after: u64 = inner
                 .segments
                 .iter()
                 .skip(1)
-                .filter(|(&m, _)| m != inner.current)
-                .map(|(_, t)| t.size - t.live)
+                .take_while(|(&m, t)| m != inner.current && t.live == 0)
+                .map(|(_, t)| t.size)
                 .sum();
-            if n == inner.current || s.live == 0 || (s.live * 4 > s.size && s.live > dead_after) {
+            if n >= before
+                || n == inner.current
+                || s.live == 0
+                || (s.live * 4 > s.size && s.live > freed_after)
+            {
                 return Ok(0);
             }
             let seqs: Vec<u64> = inner
@@ -663,6 +690,11 @@ impl MessageLog {
         }
     }
 
+    /// The number of the segment appends go to.
+    pub fn current(&self) -> u32 {
+        self.lock().current
+    }
+
     /// Bytes the segments take.
     pub fn size_on_disk(&self) -> u64 {
         self.lock().segments.values().map(|s| s.size).sum()
@@ -703,7 +735,7 @@ fn syncer(log: Weak<MessageLog>) {
     loop {
         std::thread::sleep(SYNC_EVERY);
         let Some(log) = log.upgrade() else { return };
-        if log.pending() {
+        if log.pending() && log.failed.get().is_none() {
             if let Err(e) = log.sync() {
                 tracing::error!(error = %e, "message log sync failed");
             }
@@ -821,7 +853,10 @@ mod tests {
         // What was cut is kept aside, byte for byte.
         let entry = HEADER as u64 + 4;
         let aside = dir.path().join(format!("0000000001.log.cut-at-{entry}"));
-        assert_eq!(std::fs::read(&aside).unwrap().len() as u64, entry - 2);
+        let mut torn = Vec::new();
+        push_entry(&mut torn, entry_crc(2, 4, b"torn"), 2, 4, b"torn");
+        torn.truncate(torn.len() - 2);
+        assert_eq!(std::fs::read(&aside).unwrap(), torn);
         let log = MessageLog::open(dir.path(), None).unwrap();
         assert_eq!(
             all(&log),
@@ -867,7 +902,7 @@ mod tests {
         }
         log.sync().unwrap();
         assert_eq!(log.segments(), 3, "seq 30 is still live in the first");
-        assert_eq!(log.compact().unwrap(), 1);
+        assert_eq!(log.compact(log.current()).unwrap(), 1);
         assert_eq!(log.segments(), 1, "the first two are gone");
 
         // A segment mostly live is compacted all the same once the dead
@@ -877,7 +912,11 @@ mod tests {
         }
         log.sync().unwrap();
         assert_eq!(log.segments(), 3);
-        assert_eq!(log.compact().unwrap(), 0, "nothing is dead behind it");
+        assert_eq!(
+            log.compact(log.current()).unwrap(),
+            0,
+            "nothing is dead behind it"
+        );
         let (first, second) = {
             let inner = log.lock();
             let mut numbers = inner.segments.keys().copied();
@@ -893,7 +932,11 @@ mod tests {
             log.remove(*seq).unwrap();
         }
         log.sync().unwrap();
-        assert!(log.compact().unwrap() > 0);
+        // One entry of the first goes, so what is left of it is smaller
+        // than the dead second behind it.
+        log.remove(100).unwrap();
+        log.sync().unwrap();
+        assert!(log.compact(log.current()).unwrap() > 0);
         for n in [first, second] {
             assert!(!segment_path(dir.path(), n).exists(), "segment {n} is gone");
         }
@@ -904,7 +947,7 @@ mod tests {
         let expected: Vec<u64> = (30..31)
             .chain(62..70)
             .chain(100..170)
-            .filter(|s| !gone.contains(s))
+            .filter(|s| !gone.contains(s) && *s != 100)
             .collect();
         assert_eq!(in_second, gone);
         assert_eq!(seqs, expected);

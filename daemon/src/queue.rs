@@ -1202,8 +1202,9 @@ impl Queue {
         }
         // Records that outlive their neighbours (a paused integration's)
         // move out of the oldest segments, so those can go.
+        let before = self.trees.messages.current();
         loop {
-            let moved = self.trees.messages.compact()?;
+            let moved = self.trees.messages.compact(before)?;
             if moved == 0 {
                 break;
             }
