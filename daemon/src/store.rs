@@ -37,7 +37,7 @@ use crate::msglog::MessageLog;
 /// record goes binary when it is next written, so the upgrade rewrites
 /// nothing.
 /// 5: message records move from sled's `messages` tree to the message log
-/// ([`crate::msglog`]), as they are; the tree is emptied.
+/// ([`crate::msglog`]), as they are; the tree is dropped.
 pub const SCHEMA_VERSION: u32 = 5;
 
 /// Bodies up to this size are stored inside their message's value: one
@@ -254,7 +254,7 @@ fn frame_records(db: &Db, dir: &Path) -> Result<(), StoreError> {
 
 /// Version 4 to 5: every record of the `messages` tree is appended to the
 /// message log as it is, the log synced, version 5 written, and only then
-/// the tree emptied. A crash before version 5 is on disk leaves the tree
+/// the tree dropped. A crash before version 5 is on disk leaves the tree
 /// whole and the schema at 4: the next start removes the partial log and
 /// copies again.
 fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError> {
@@ -271,13 +271,14 @@ fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError>
         log.insert(seq, &v)?;
     }
     log.sync()?;
-    // Version 5 is written before the tree is emptied: a start that finds
+    drop(messages);
+    // Version 5 is written before the tree goes: a start that finds
     // version 4 copies again from a whole tree, and one that finds 5 with
-    // records left in the tree empties it.
+    // the tree still there drops it.
     db.open_tree("meta")?
         .insert(SCHEMA_KEY, &5u32.to_be_bytes())?;
     durable(db, dir)?;
-    messages.clear()?;
+    db.drop_tree("messages")?;
     durable(db, dir)
 }
 
@@ -389,7 +390,7 @@ impl Store {
                     move_records(&db, &message_log, dir)?;
                 } else if db.tree_names().iter().any(|t| t.as_ref() == b"messages") {
                     // An upgrade that stopped after writing version 5.
-                    db.open_tree("messages")?.clear()?;
+                    db.drop_tree("messages")?;
                 }
                 if found < SCHEMA_VERSION {
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
@@ -433,21 +434,10 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
-    /// Writes everything inserted so far to disk.
+    /// Writes everything inserted so far to disk. Catalog changes and
+    /// shutdown use it.
     pub fn flush(&self) -> Result<(), StoreError> {
-        // Bodies first: a record on disk must never point at a body that
-        // is not.
-        self.messages.body_log.sync()?;
-        // Records before sled: every key this flush makes durable has
-        // its record on disk first.
-        self.messages.messages.sync()?;
-        self.db.flush()?;
-        // sled 0.34 makes its log durable with sync_file_range, which does
-        // not reach the drive's cache or the file's metadata; an fsync of
-        // the log file does. One per flush round, shared by every enqueue
-        // of the round (group commit).
-        self.log.sync_data()?;
-        Ok(())
+        self.sync(true)
     }
 
     /// What an enqueue needs on disk before it is acknowledged: the body
@@ -455,17 +445,30 @@ impl Store {
     /// the last commit (an idempotency key). A round of enqueues without
     /// keys is then one `fdatasync` instead of two plus sled's flush. sled
     /// keeps its own id counter durable: it flushes, blocking, each time
-    /// the counter passes another million. Catalog changes and shutdown
-    /// use [`Store::flush`], which always flushes everything.
+    /// the counter passes another million.
     pub fn commit(&self) -> Result<(), StoreError> {
+        self.sync(false)
+    }
+
+    /// The one flush path of [`Store::flush`] and [`Store::commit`]; sled
+    /// goes too when `all` or when the queue marked a write to it.
+    fn sync(&self, all: bool) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
+        // Bodies first: a record on disk must never point at a body that
+        // is not.
         self.messages.body_log.sync()?;
+        // Records before sled: every key this flush makes durable has
+        // its record on disk first.
         self.messages.messages.sync()?;
-        if self.messages.sled_written.swap(false, Ordering::AcqRel) {
-            let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
-                self.log.sync_data()?;
-                Ok(())
-            });
+        if self.messages.sled_written.swap(false, Ordering::AcqRel) || all {
+            // sled 0.34 makes its log durable with sync_file_range, which
+            // does not reach the drive's cache or the file's metadata; an
+            // fsync of the log file does.
+            let synced = self
+                .db
+                .flush()
+                .map_err(StoreError::from)
+                .and_then(|_| Ok(self.log.sync_data()?));
             if synced.is_err() {
                 self.messages.wrote_sled();
             }
@@ -711,7 +714,7 @@ mod tests {
         assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
         assert!(
-            db.open_tree("messages").unwrap().is_empty(),
+            !db.tree_names().iter().any(|n| n.as_ref() == b"messages"),
             "the record moved to the message log"
         );
         assert_eq!(
@@ -754,8 +757,8 @@ mod tests {
         let log = &store.messages.messages;
         assert_eq!(&log.get(7).unwrap().unwrap()[..], b"seven");
         assert!(log.get(9).unwrap().is_none(), "the partial copy is gone");
-        // Version 5 with records left in the tree (stopped before it was
-        // emptied): they are emptied, and the log stands.
+        // Version 5 with the tree still there (stopped before it was
+        // dropped): it is dropped, and the log stands.
         store
             .db
             .open_tree("messages")
@@ -764,7 +767,11 @@ mod tests {
             .unwrap();
         drop(store);
         let store = when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap();
-        assert!(store.db.open_tree("messages").unwrap().is_empty());
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"messages"));
         assert_eq!(
             &store.messages.messages.get(7).unwrap().unwrap()[..],
             b"seven"
