@@ -81,6 +81,11 @@ struct Loc {
     len: u32,
 }
 
+/// Which write of a seq a read saw: two reads saw the same write when their
+/// versions are equal, and [`MessageLog::version`] tells without reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version(Loc);
+
 impl Loc {
     fn entry_len(&self) -> u64 {
         HEADER as u64 + u64::from(self.len)
@@ -378,6 +383,16 @@ impl MessageLog {
 
     /// The latest value of `seq`.
     pub fn get(&self, seq: u64) -> std::io::Result<Option<Bytes>> {
+        Ok(self.get_versioned(seq)?.map(|(_, v)| v))
+    }
+
+    /// The version of `seq`'s latest value, from memory.
+    pub fn version(&self, seq: u64) -> Option<Version> {
+        self.lock().index.get(&seq).copied().map(Version)
+    }
+
+    /// The latest value of `seq`, with its version.
+    pub fn get_versioned(&self, seq: u64) -> std::io::Result<Option<(Version, Bytes)>> {
         let (loc, file) = {
             let inner = self.lock();
             let Some(&loc) = inner.index.get(&seq) else {
@@ -386,7 +401,7 @@ impl MessageLog {
             if loc.segment == inner.current && loc.offset >= inner.written {
                 let start = (loc.offset - inner.written) as usize + HEADER;
                 let value = &inner.buf[start..start + loc.len as usize];
-                return Ok(Some(Bytes::copy_from_slice(value)));
+                return Ok(Some((Version(loc), Bytes::copy_from_slice(value))));
             }
             let file = inner.segments[&loc.segment].file.clone();
             (loc, file)
@@ -406,7 +421,7 @@ impl MessageLog {
                 format!("the entry of message {seq:016x} does not match its checksum"),
             ));
         }
-        Ok(Some(Bytes::from(entry).slice(HEADER..)))
+        Ok(Some((Version(loc), Bytes::from(entry).slice(HEADER..))))
     }
 
     pub fn contains(&self, seq: u64) -> bool {
@@ -755,13 +770,13 @@ pub struct Iter {
 const CHUNK: usize = 256;
 
 impl Iterator for Iter {
-    type Item = std::io::Result<(u64, Bytes)>;
+    type Item = std::io::Result<(u64, Version, Bytes)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(seq) = self.chunk.next() {
-                match self.log.get(seq) {
-                    Ok(Some(v)) => return Some(Ok((seq, v))),
+                match self.log.get_versioned(seq) {
+                    Ok(Some((version, v))) => return Some(Ok((seq, version, v))),
                     // Removed since the chunk was taken.
                     Ok(None) => continue,
                     Err(e) => return Some(Err(e)),
@@ -792,7 +807,7 @@ mod tests {
 
     fn all(log: &Arc<MessageLog>) -> Vec<(u64, Vec<u8>)> {
         log.iter(0, false)
-            .map(|r| r.map(|(s, v)| (s, v.to_vec())))
+            .map(|r| r.map(|(s, _, v)| (s, v.to_vec())))
             .collect::<Result<_, _>>()
             .unwrap()
     }

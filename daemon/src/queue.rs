@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
 use crate::bodylog::BodyRef;
+use crate::msglog::Version;
 use crate::store::{
     record_config, MessageTrees, RecordFormat, Store, StoreError, StoredBody, INLINE_BODY_MAX,
 };
@@ -404,7 +405,7 @@ impl Queue {
             // collect lines first and settle them after the scan.
             let mut blocked: Vec<(String, String, u64, u64)> = Vec::new();
             for item in q.trees.messages.iter(0, false) {
-                let (seq, v) = item?;
+                let (seq, _, v) = item?;
                 let rec: MessageRecord = decode(seq, &v)?.0;
                 if let Some(r) = &rec.body_ref {
                     q.trees.body_log.adopt(r);
@@ -699,7 +700,7 @@ impl Queue {
     ) -> Result<Vec<MessageRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.trees.messages.iter(u64::MAX, true) {
-            let (seq, v) = item?;
+            let (seq, _, v) = item?;
             let mut rec: MessageRecord = decode(seq, &v)?.0;
             if integration.is_some_and(|i| i != rec.integration) {
                 continue;
@@ -1129,7 +1130,7 @@ impl Queue {
     pub fn repair(&self, integration: &str) -> Result<Vec<MessageRecord>, QueueError> {
         let mut errors: Vec<MessageRecord> = Vec::new();
         for item in self.trees.messages.iter(0, false) {
-            let (seq, v) = item.map_err(StoreError::from)?;
+            let (seq, _, v) = item.map_err(StoreError::from)?;
             let rec: MessageRecord = decode(seq, &v)?.0;
             if rec.integration == integration && rec.state == MessageState::Error {
                 errors.push(rec);
@@ -1178,23 +1179,23 @@ impl Queue {
             std::mem::replace(&mut st.late, keep).into_iter().collect()
         };
         for (_, seq) in late {
-            let Some(v) = self.trees.messages.get(seq)? else {
+            let Some((version, v)) = self.trees.messages.get_versioned(seq)? else {
                 continue;
             };
             let rec = decode(seq, &v)?.0;
             // Changed means touched again (replayed): it is in `late` anew.
-            if let Pruned::Removed = self.prune_one(&rec, &v, cutoff_ms, false)? {
+            if let Pruned::Removed = self.prune_one(&rec, version, cutoff_ms, false)? {
                 pruned += 1;
             }
         }
         let start = self.lock().prune_cursor;
         for item in self.trees.messages.iter(start, false) {
-            let (seq, v) = item?;
+            let (seq, version, v) = item?;
             let rec = decode(seq, &v)?.0;
             if (cutoff_ms..=now).contains(&rec.created_ms) {
                 break;
             }
-            match self.prune_one(&rec, &v, cutoff_ms, true)? {
+            match self.prune_one(&rec, version, cutoff_ms, true)? {
                 Pruned::Removed => pruned += 1,
                 Pruned::Kept => {}
                 Pruned::Changed => break,
@@ -1216,22 +1217,23 @@ impl Queue {
         Ok(pruned)
     }
 
-    /// Removes `rec` (read as `v`) if it finished before the cutoff; with
-    /// `advance`, moves the cursor past it. The decision is taken under the
-    /// queue lock against the record as it is now: finish, ignore and
-    /// replay write a record before they take the lock, so one that changed
-    /// since `v` was read is left for next time.
+    /// Removes `rec` (read at `version`) if it finished before the cutoff;
+    /// with `advance`, moves the cursor past it. The decision is taken
+    /// under the queue lock against the record as it is now: finish, ignore
+    /// and replay write a record before they take the lock, so one written
+    /// since `rec` was read is left for next time. The check is the log's
+    /// index, in memory, not a second read under the lock.
     fn prune_one(
         &self,
         rec: &MessageRecord,
-        v: &[u8],
+        version: Version,
         cutoff_ms: u64,
         advance: bool,
     ) -> Result<Pruned, StoreError> {
         let seq = rec.seq;
         let key = seq.to_be_bytes();
         let mut st = self.lock();
-        if self.trees.messages.get(seq)?.as_deref() != Some(v) {
+        if self.trees.messages.version(seq) != Some(version) {
             return Ok(Pruned::Changed);
         }
         if advance {
