@@ -20,12 +20,14 @@
 //! start ([`BodyLog::adopt`], [`BodyLog::sweep`]).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+
+use crate::segfile;
 
 /// A segment is closed once it holds this much; the next body opens a new one.
 pub const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
@@ -102,69 +104,29 @@ pub struct BodyLog {
     failed: std::sync::OnceLock<String>,
 }
 
-/// An I/O error that names the file or directory it is about.
+const LOG: &str = "body log";
+
 fn at(path: &Path, e: std::io::Error) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("body log {}: {e}", path.display()))
-}
-
-fn segment_path(dir: &Path, n: u32) -> PathBuf {
-    dir.join(format!("{n:010}.log"))
-}
-
-/// The number after segment `n`.
-fn next_number(dir: &Path, n: u32) -> std::io::Result<u32> {
-    n.checked_add(1).ok_or_else(|| {
-        at(
-            &segment_path(dir, n),
-            std::io::Error::other("no segment number is left after this one"),
-        )
-    })
-}
-
-fn open_segment(dir: &Path, n: u32) -> std::io::Result<File> {
-    let path = segment_path(dir, n);
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| at(&path, e))
-}
-
-/// Opens a new segment and makes its directory entry durable.
-fn new_segment(dir: &Path, n: u32) -> std::io::Result<File> {
-    let file = open_segment(dir, n)?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| at(dir, e))?;
-    Ok(file)
+    segfile::at(LOG, path, e)
 }
 
 impl BodyLog {
     /// Opens the segments in `dir` (created if missing) and starts a new
     /// one for appends, so nothing is ever written after a torn tail.
     pub fn open(dir: &Path) -> std::io::Result<BodyLog> {
-        std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+        segfile::create_dir(LOG, dir)?;
         let mut segments = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| at(dir, e))? {
-            let name = entry.map_err(|e| at(dir, e))?.file_name();
-            let Some(n) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let file = open_segment(dir, n)?;
+        for n in segfile::numbers(LOG, dir)? {
+            let file = segfile::open(LOG, dir, n)?;
             let size = file.metadata().map_err(|e| at(dir, e))?.len();
             segments.insert(n, Segment::new(file, size));
         }
         let current = match segments.keys().next_back() {
             None => 0,
-            Some(&n) => next_number(dir, n)?,
+            Some(&n) => segfile::next(LOG, dir, n)?,
         };
-        segments.insert(current, Segment::new(new_segment(dir, current)?, 0));
+        let file = segfile::create(LOG, dir, current)?;
+        segments.insert(current, Segment::new(file, 0));
         Ok(BodyLog {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -193,8 +155,8 @@ impl BodyLog {
             let current = inner.current;
             let end = inner.segments.get(&current).map_or(0, |s| s.size);
             if end > 0 && end + u64::from(len) > SEGMENT_MAX {
-                let next = next_number(&self.dir, current)?;
-                let file = new_segment(&self.dir, next)?;
+                let next = segfile::next(LOG, &self.dir, current)?;
+                let file = segfile::create(LOG, &self.dir, next)?;
                 inner.segments.insert(next, Segment::new(file, 0));
                 inner.current = next;
                 // Every body it held may be gone already: then nothing
@@ -290,7 +252,7 @@ impl BodyLog {
     fn retire(&self, inner: &mut Inner, n: u32) {
         inner.segments.remove(&n);
         inner.dirty.remove(&n);
-        if let Err(e) = std::fs::remove_file(segment_path(&self.dir, n)) {
+        if let Err(e) = std::fs::remove_file(segfile::path(&self.dir, n)) {
             tracing::warn!(segment = n, error = %e, "body segment cannot be removed");
         }
     }
@@ -324,7 +286,7 @@ impl BodyLog {
         let dirty = std::mem::take(&mut self.lock().dirty);
         for (n, file) in dirty {
             if let Err(e) = file.sync_data() {
-                let e = at(&segment_path(&self.dir, n), e);
+                let e = at(&segfile::path(&self.dir, n), e);
                 if self.failed.set(e.to_string()).is_ok() {
                     tracing::error!(error = %e, "body log sync failed: no message is acknowledged until outboxd is restarted");
                 }
@@ -393,7 +355,7 @@ mod tests {
         assert!(log.read(&dropped).unwrap_err().contains("missing"));
         log.release(&kept);
         assert_eq!(log.segments(), 1, "only the current segment is left");
-        assert!(!segment_path(dir.path(), kept.segment).exists());
+        assert!(!segfile::path(dir.path(), kept.segment).exists());
     }
 
     #[test]
@@ -407,15 +369,15 @@ mod tests {
         log.sync().unwrap();
         log.release(&b);
         assert!(
-            segment_path(dir.path(), b.segment).exists(),
+            segfile::path(dir.path(), b.segment).exists(),
             "current stays"
         );
         log.release(&a);
-        assert!(!segment_path(dir.path(), a.segment).exists());
+        assert!(!segfile::path(dir.path(), a.segment).exists());
         // A segment emptied while it was current goes when it is closed.
         let c = log.append(&big).unwrap();
         assert_eq!(c.segment, b.segment + 1);
-        assert!(!segment_path(dir.path(), b.segment).exists());
+        assert!(!segfile::path(dir.path(), b.segment).exists());
         assert_eq!(log.segments(), 1);
     }
 }

@@ -19,6 +19,7 @@ pub mod msglog;
 pub mod oauth;
 pub mod queue;
 pub mod secret;
+pub mod segfile;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -41,7 +41,7 @@
 //! integration's messages).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
@@ -51,6 +51,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::segfile;
 
 /// A segment is closed once it holds this much.
 pub const SEGMENT_MAX: u64 = 32 * 1024 * 1024;
@@ -100,6 +102,16 @@ struct Segment {
     live: u64,
 }
 
+impl Segment {
+    fn new(file: File) -> Segment {
+        Segment {
+            file: Arc::new(file),
+            size: 0,
+            live: 0,
+        }
+    }
+}
+
 struct Inner {
     index: BTreeMap<u64, Loc>,
     segments: BTreeMap<u32, Segment>,
@@ -126,9 +138,10 @@ pub struct MessageLog {
     _lock: Option<Arc<File>>,
 }
 
-/// An I/O error that names the file or directory it is about.
+const LOG: &str = "message log";
+
 fn at(path: &Path, e: std::io::Error) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("message log {}: {e}", path.display()))
+    segfile::at(LOG, path, e)
 }
 
 fn damaged(path: &Path, offset: u64, what: impl std::fmt::Display) -> std::io::Error {
@@ -139,27 +152,6 @@ fn damaged(path: &Path, offset: u64, what: impl std::fmt::Display) -> std::io::E
             path.display()
         ),
     )
-}
-
-fn segment_path(dir: &Path, n: u32) -> PathBuf {
-    dir.join(format!("{n:010}.log"))
-}
-
-fn open_segment(dir: &Path, n: u32) -> std::io::Result<File> {
-    let path = segment_path(dir, n);
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| at(&path, e))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| at(dir, e))
 }
 
 fn entry_crc(seq: u64, len: u32, value: &[u8]) -> u32 {
@@ -246,6 +238,35 @@ fn scan(
     }
 }
 
+/// Cuts the last segment `n` (`file`) at `offset`, where its entries stop
+/// making sense. After a crash that tail is what was being written, never
+/// acknowledged; its bytes are kept aside first, in a file named after the
+/// segment and the offset, in case it is damage instead.
+fn cut_tail(dir: &Path, n: u32, file: &File, offset: u64, reason: &str) -> std::io::Result<()> {
+    let path = segfile::path(dir, n);
+    let size = file.metadata().map_err(|e| at(&path, e))?.len();
+    let kept = dir.join(format!("{n:010}.log.cut-at-{offset}"));
+    File::create(&kept)
+        .and_then(|mut f| {
+            let mut from = file;
+            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(offset))?;
+            std::io::copy(&mut from.take(size - offset), &mut f)?;
+            f.sync_all()
+        })
+        .map_err(|e| at(&kept, e))?;
+    segfile::sync_dir(LOG, dir)?;
+    tracing::warn!(
+        segment = %path.display(),
+        offset,
+        cut = size - offset,
+        kept = %kept.display(),
+        reason,
+        "cut a torn entry off the end of the message log: after a crash these are writes never acknowledged; the bytes are kept aside"
+    );
+    file.set_len(offset).map_err(|e| at(&path, e))?;
+    file.sync_data().map_err(|e| at(&path, e))
+}
+
 /// Reads until `buf` is full or the reader ends; returns how much it read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
@@ -267,84 +288,29 @@ impl MessageLog {
     /// `lock` is the data dir's lock: the log holds it until its last sync
     /// (on drop, maybe on its own thread) is done.
     pub fn open(dir: &Path, lock: Option<Arc<File>>) -> std::io::Result<Arc<MessageLog>> {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-        }
-        let mut numbers = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| at(dir, e))? {
-            let name = entry.map_err(|e| at(dir, e))?.file_name();
-            if let Some(n) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse::<u32>().ok())
-            {
-                numbers.push(n);
-            }
-        }
-        numbers.sort_unstable();
+        segfile::create_dir(LOG, dir)?;
+        let numbers = segfile::numbers(LOG, dir)?;
         let mut index = BTreeMap::new();
         let mut segments = BTreeMap::new();
         let last = numbers.last().copied();
         for &n in &numbers {
-            let path = segment_path(dir, n);
-            let file = open_segment(dir, n)?;
-            segments.insert(
-                n,
-                Segment {
-                    file: Arc::new(file),
-                    size: 0,
-                    live: 0,
-                },
-            );
+            let path = segfile::path(dir, n);
+            segments.insert(n, Segment::new(segfile::open(LOG, dir, n)?));
             let file = segments[&n].file.clone();
             let (end, how) = scan(&path, n, &file, &mut index, &mut segments)?;
-            if let Scanned::Bad { offset, reason } = how {
-                if Some(n) != last {
+            match how {
+                Scanned::Whole => {}
+                Scanned::Bad { offset, reason } if Some(n) != last => {
                     return Err(damaged(&path, offset, reason));
                 }
-                // After a crash, the tail of the last segment is what was
-                // being written, never acknowledged. The bytes are kept
-                // aside before they are cut, in case it is damage instead.
-                let size = file.metadata().map_err(|e| at(&path, e))?.len();
-                let kept = dir.join(format!("{n:010}.log.cut-at-{offset}"));
-                File::create(&kept)
-                    .and_then(|mut f| {
-                        let mut from = &*file;
-                        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(offset))?;
-                        std::io::copy(&mut from.take(size - offset), &mut f)?;
-                        f.sync_all()
-                    })
-                    .map_err(|e| at(&kept, e))?;
-                sync_dir(dir)?;
-                tracing::warn!(
-                    segment = %path.display(),
-                    offset,
-                    cut = size - offset,
-                    kept = %kept.display(),
-                    reason = %reason,
-                    "cut a torn entry off the end of the message log: after a crash these are writes never acknowledged; the bytes are kept aside"
-                );
-                file.set_len(offset).map_err(|e| at(&path, e))?;
-                file.sync_data().map_err(|e| at(&path, e))?;
+                Scanned::Bad { offset, reason } => cut_tail(dir, n, &file, offset, &reason)?,
             }
             segments.get_mut(&n).expect("inserted above").size = end;
         }
         let current = match last {
             Some(n) => n,
             None => {
-                let file = open_segment(dir, 1)?;
-                sync_dir(dir)?;
-                segments.insert(
-                    1,
-                    Segment {
-                        file: Arc::new(file),
-                        size: 0,
-                        live: 0,
-                    },
-                );
+                segments.insert(1, Segment::new(segfile::create(LOG, dir, 1)?));
                 1
             }
         };
@@ -409,7 +375,7 @@ impl MessageLog {
         // Read outside the lock. A segment retired meanwhile is still open
         // here, and the checksum tells a read of anything else.
         let mut entry = vec![0; loc.entry_len() as usize];
-        let path = || segment_path(&self.dir, loc.segment);
+        let path = || segfile::path(&self.dir, loc.segment);
         file.read_exact_at(&mut entry, loc.offset)
             .map_err(|e| at(&path(), e))?;
         let crc = u32::from_be_bytes(entry[0..4].try_into().expect("4 bytes"));
@@ -511,7 +477,7 @@ impl MessageLog {
         }
         let file = inner.segments[&inner.current].file.clone();
         file.write_all_at(&inner.buf, inner.written)
-            .map_err(|e| at(&segment_path(&self.dir, inner.current), e))?;
+            .map_err(|e| at(&segfile::path(&self.dir, inner.current), e))?;
         inner.written += inner.buf.len() as u64;
         inner.buf.clear();
         inner.dirty = true;
@@ -524,24 +490,11 @@ impl MessageLog {
         self.write_out(inner)?;
         let old = inner.current;
         if let Err(e) = inner.segments[&old].file.sync_data() {
-            return Err(self.fail(at(&segment_path(&self.dir, old), e)));
+            return Err(self.fail(at(&segfile::path(&self.dir, old), e)));
         }
-        let next = old.checked_add(1).ok_or_else(|| {
-            at(
-                &segment_path(&self.dir, old),
-                std::io::Error::other("no segment number is left after this one"),
-            )
-        })?;
-        let file = open_segment(&self.dir, next)?;
-        sync_dir(&self.dir)?;
-        inner.segments.insert(
-            next,
-            Segment {
-                file: Arc::new(file),
-                size: 0,
-                live: 0,
-            },
-        );
+        let next = segfile::next(LOG, &self.dir, old)?;
+        let file = segfile::create(LOG, &self.dir, next)?;
+        inner.segments.insert(next, Segment::new(file));
         inner.current = next;
         inner.written = 0;
         inner.dirty = false;
@@ -565,7 +518,7 @@ impl MessageLog {
         };
         if let Some(file) = file {
             if let Err(e) = file.sync_data() {
-                return Err(self.fail(at(&segment_path(&self.dir, n), e)));
+                return Err(self.fail(at(&segfile::path(&self.dir, n), e)));
             }
         }
         self.retire(&dead)
@@ -610,7 +563,7 @@ impl MessageLog {
         {
             let mut inner = self.lock();
             for n in dead {
-                let path = segment_path(&self.dir, *n);
+                let path = segfile::path(&self.dir, *n);
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -624,7 +577,7 @@ impl MessageLog {
                 inner.segments.remove(n);
             }
         }
-        sync_dir(&self.dir)
+        segfile::sync_dir(LOG, &self.dir)
     }
 
     /// Moves the live entries out of the oldest closed segment, then
@@ -852,7 +805,7 @@ mod tests {
             log.insert(1, b"kept").unwrap();
             log.insert(2, b"torn").unwrap();
         }
-        let path = segment_path(dir.path(), 1);
+        let path = segfile::path(dir.path(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
         File::options()
             .write(true)
@@ -880,7 +833,7 @@ mod tests {
         drop(log);
 
         // A flipped byte in a closed segment is damage, not a torn tail.
-        std::fs::write(segment_path(dir.path(), 2), b"").unwrap();
+        std::fs::write(segfile::path(dir.path(), 2), b"").unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 1] ^= 1;
         std::fs::write(&path, bytes).unwrap();
@@ -953,7 +906,10 @@ mod tests {
         log.sync().unwrap();
         assert!(log.compact(log.current()).unwrap() > 0);
         for n in [first, second] {
-            assert!(!segment_path(dir.path(), n).exists(), "segment {n} is gone");
+            assert!(
+                !segfile::path(dir.path(), n).exists(),
+                "segment {n} is gone"
+            );
         }
         drop(log);
         let log = MessageLog::open(dir.path(), None).unwrap();
