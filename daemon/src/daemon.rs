@@ -125,6 +125,7 @@ pub async fn run(
         workers.clone(),
     ));
     tasks.spawn(crate::dispatch::prune(app.clone(), stop.clone()));
+    tasks.spawn(crate::telemetry::upkeep(stop.clone()));
     ready(&app);
     notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog();
