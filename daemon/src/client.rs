@@ -108,14 +108,16 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Clients by TLS settings, built on first use.
+/// Clients by TLS settings, built on first use. A client is handed out as
+/// an `Arc`: cloning hyper's client itself copies its connector and pool
+/// handles, several reference counts on every request.
 #[derive(Default)]
 pub struct Clients {
-    cache: Mutex<HashMap<TlsSettings, HttpClient>>,
+    cache: Mutex<HashMap<TlsSettings, Arc<HttpClient>>>,
 }
 
 impl Clients {
-    pub fn get(&self, settings: &TlsSettings) -> Result<HttpClient, String> {
+    pub fn get(&self, settings: &TlsSettings) -> Result<Arc<HttpClient>, String> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.get(settings) {
             return Ok(c.clone());
@@ -127,9 +129,11 @@ impl Clients {
             .enable_http1()
             .enable_http2()
             .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = Arc::new(
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector),
+        );
         cache.insert(settings.clone(), client.clone());
         Ok(client)
     }

@@ -23,6 +23,8 @@ use crate::queue::{format_id, now_ms, Attempt, Disposition, MessageState};
 use crate::tunnel::RelayError;
 use outbox_proto::ErrorKind;
 
+/// The longest the scheduler sleeps when nothing is due.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
 /// How often sent messages past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a message waits before trying again for a MID server that has
@@ -36,6 +38,10 @@ const RELAY_BUSY_PAUSE: Duration = Duration::from_secs(1);
 /// Runs the scheduler until `shutdown`; attempts are spawned on `workers`
 /// so the caller can wait for them within the grace period.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracker) {
+    let timer = tokio::time::sleep(IDLE_WAKE);
+    tokio::pin!(timer);
+    // The due time (ms since the epoch) the timer is set for, if any.
+    let mut timer_due = None;
     loop {
         let catalog = app.catalog();
         let now = now_ms();
@@ -52,10 +58,25 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
             let job = Box::pin(async move { attempt(&app, &integration, seq).await });
             workers.spawn(job.instrument(span));
         }
-        let sleep = match next {
-            Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
-            None => Duration::from_secs(3600),
-        };
+        // One timer for the whole loop, moved only when something falls due
+        // at a new time. The scheduler runs once per finished attempt, and a
+        // timer set and cancelled each time cost every delivery. With
+        // nothing due later it stays where it was: a wake at most an hour
+        // away, in case a change ever failed to wake the scheduler.
+        match next {
+            Some(due) if timer_due != Some(due) || timer.is_elapsed() => {
+                let wait = Duration::from_millis(due.saturating_sub(now_ms()).max(1));
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                timer_due = Some(due);
+            }
+            None if timer.is_elapsed() => {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_WAKE);
+                timer_due = None;
+            }
+            _ => {}
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = app.queue.wake.notified() => {}
@@ -71,7 +92,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
                     }
                 }
             }
-            _ = tokio::time::sleep(sleep) => {}
+            _ = &mut timer => {}
         }
     }
 }
