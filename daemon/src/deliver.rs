@@ -5,6 +5,7 @@
 //! `Retry-After`) is a pure function with unit tests; [`attempt`] strings them
 //! together around one HTTP request.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -52,13 +53,16 @@ pub fn build(
     rec: &MessageRecord,
 ) -> Result<Prepared, String> {
     let id = format_id(rec.seq);
-    let lookup = |r: &Ref<'_>| -> Option<String> {
+    let lookup = |r: &Ref<'_>| -> Option<Cow<'_, str>> {
         match r.namespace {
-            "variables" => connection.variables.get(r.key).cloned(),
-            "params" => rec.params.get(r.key).cloned(),
-            "message" => Some(id.clone()),
-            "connection" if r.key == "name" => Some(connection.name.clone()),
-            "connection" => Some(connection.environment.to_string()),
+            "variables" => connection
+                .variables
+                .get(r.key)
+                .map(|v| Cow::Borrowed(v.as_str())),
+            "params" => rec.params.get(r.key).map(|v| Cow::Borrowed(v.as_str())),
+            "message" => Some(Cow::Borrowed(id.as_str())),
+            "connection" if r.key == "name" => Some(Cow::Borrowed(connection.name.as_str())),
+            "connection" => Some(Cow::Owned(connection.environment.to_string())),
             _ => None,
         }
     };
@@ -247,7 +251,7 @@ pub struct Exchange {
 pub async fn exchange(
     s: &Senders<'_>,
     connection: &Connection,
-    prepared: Prepared,
+    mut prepared: Prepared,
     timeout: Duration,
     via: &Via,
 ) -> Result<Exchange, String> {
@@ -303,7 +307,13 @@ pub async fn exchange(
             .uri(&prepared.url)
             .body(Full::new(prepared.body.clone()))
             .map_err(|e| format!("URL {}: {e}", prepared.url))?;
-        *req.headers_mut() = prepared.headers.clone();
+        // Only an OAuth 401 sends a second time; otherwise this round is
+        // the last and the headers move into the request.
+        *req.headers_mut() = if round == 0 && oauth_profile.is_some() {
+            prepared.headers.clone()
+        } else {
+            std::mem::take(&mut prepared.headers)
+        };
         if let Some(v) = &auth_value {
             let mut value = HeaderValue::from_str(v)
                 .map_err(|_| "credentials are not a valid header value".to_string())?;
@@ -349,7 +359,7 @@ pub async fn exchange(
         }
         return Ok(Exchange {
             method: prepared.method.to_string(),
-            url: prepared.url.clone(),
+            url: prepared.url,
             request_headers,
             result,
             duration: total,

@@ -4,6 +4,8 @@
 //! `${connection.name}`, `${connection.environment}`. An unknown reference
 //! is an error, never an empty string.
 
+use std::borrow::Cow;
+
 /// One `${namespace.key}` reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ref<'a> {
@@ -15,6 +17,13 @@ pub struct Ref<'a> {
 /// an unknown namespace or field).
 pub fn refs(template: &str) -> Result<Vec<Ref<'_>>, String> {
     let mut out = Vec::new();
+    scan(template, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// Calls `each` with every reference of `template` in order, or says why
+/// the template is malformed.
+fn scan<'t>(template: &'t str, mut each: impl FnMut(Ref<'t>)) -> Result<(), String> {
     let mut rest = template;
     while let Some(start) = rest.find("${") {
         let after = &rest[start + 2..];
@@ -37,28 +46,32 @@ pub fn refs(template: &str) -> Result<Vec<Ref<'_>>, String> {
                  ${{message.id}}, ${{connection.name}}, ${{connection.environment}}"
             ));
         }
-        out.push(Ref { namespace, key });
+        each(Ref { namespace, key });
         rest = &after[end + 1..];
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Expands `template`, asking `lookup` for each reference; a reference it
 /// does not know is an error naming it. `encode` percent-encodes the values
-/// (for URL paths).
-pub fn expand(
+/// (for URL paths). This runs for every attempt, so `lookup` lends its
+/// values rather than copying them.
+pub fn expand<'v>(
     template: &str,
     encode: bool,
-    lookup: impl Fn(&Ref<'_>) -> Option<String>,
+    lookup: impl Fn(&Ref<'_>) -> Option<Cow<'v, str>>,
 ) -> Result<String, String> {
+    if !template.contains("${") {
+        return Ok(template.to_string());
+    }
+    // Validate first so a malformed template never half-expands.
+    scan(template, |_| {})?;
     let mut out = String::with_capacity(template.len() + 16);
     let mut rest = template;
-    // Validate first so a malformed template never half-expands.
-    refs(template)?;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        // refs() above proved every "${" is closed and well-formed.
+        // scan() above proved every "${" is closed and well-formed.
         let end = after.find('}').unwrap_or(after.len());
         let inner = &after[..end];
         let (namespace, key) = inner.split_once('.').unwrap_or((inner, ""));
@@ -82,7 +95,10 @@ fn percent_encode_into(value: &str, out: &mut String) {
         if keep {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
         }
     }
 }
@@ -91,11 +107,12 @@ fn percent_encode_into(value: &str, out: &mut String) {
 mod tests {
     use super::*;
 
-    fn lookup(r: &Ref<'_>) -> Option<String> {
+    fn lookup(r: &Ref<'_>) -> Option<Cow<'static, str>> {
         match (r.namespace, r.key) {
             ("variables", "table") => Some("incident".into()),
             ("params", "q") => Some("a b/c".into()),
             ("message", "id") => Some("m1".into()),
+            ("params", "u") => Some("é%".into()),
             _ => None,
         }
     }
@@ -111,6 +128,7 @@ mod tests {
             "/s/a%20b/c"
         );
         assert_eq!(expand("x ${params.q}", false, lookup).unwrap(), "x a b/c");
+        assert_eq!(expand("/${params.u}", true, lookup).unwrap(), "/%C3%A9%25");
         assert_eq!(expand("plain", true, lookup).unwrap(), "plain");
     }
 
@@ -129,6 +147,8 @@ mod tests {
         assert!(refs("/${table}").is_err());
         assert!(refs("/${secrets.x}").is_err());
         assert!(refs("/${message.body}").is_err());
+        // Also when the template is expanded, and before any value is asked.
+        assert!(expand("/${params.q}/${variables.table", true, lookup).is_err());
         assert_eq!(refs("/${connection.environment}").unwrap().len(), 1);
     }
 }
