@@ -73,6 +73,14 @@ const WRITE_AT: usize = 1024 * 1024;
 /// The longest a delivery's record waits in memory before it is synced.
 pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 
+/// How close to its end the current segment is synced ahead of time.
+/// Closing a segment syncs it under the log's lock, and every append and
+/// read waits meanwhile; synced ahead on the log's thread, that sync only
+/// has the last few megabytes left to write. (Deliveries write 50 MB/s and
+/// more, which the log's thread syncs every half second: a close without
+/// this synced up to 28 MB, measured at 10–14 ms, with the lock held.)
+const SYNC_AHEAD: u64 = 4 * 1024 * 1024;
+
 /// Where the latest entry of a seq is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
@@ -121,6 +129,9 @@ struct Inner {
     written: u64,
     /// Written to its file since the last sync.
     dirty: bool,
+    /// The log's thread was asked to sync the current segment ahead of its
+    /// close ([`SYNC_AHEAD`]).
+    synced_ahead: bool,
 }
 
 /// The open message log. Shared behind an `Arc`.
@@ -134,6 +145,8 @@ pub struct MessageLog {
     failed: std::sync::OnceLock<String>,
     /// The last segment that could not be removed (logged once).
     retire_failed: AtomicU32,
+    /// The log's syncing thread, woken to sync a segment near its end.
+    syncer: std::sync::OnceLock<std::thread::Thread>,
     /// The data dir's lock, held until the last sync of a drop is done.
     _lock: Option<Arc<File>>,
 }
@@ -327,17 +340,20 @@ impl MessageLog {
                 // cache: the first sync makes it durable before anything
                 // it superseded is retired.
                 dirty: true,
+                synced_ahead: false,
             }),
             syncing: Mutex::new(()),
             failed: std::sync::OnceLock::new(),
             retire_failed: AtomicU32::new(0),
+            syncer: std::sync::OnceLock::new(),
             _lock: lock,
         });
         let weak = Arc::downgrade(&log);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("outbox-msglog".into())
             .spawn(move || syncer(weak))
             .map_err(|e| at(dir, e))?;
+        let _ = log.syncer.set(thread.thread().clone());
         Ok(log)
     }
 
@@ -440,6 +456,12 @@ impl MessageLog {
         let offset = seg.size;
         seg.size += entry_len;
         push_entry(&mut inner.buf, crc, seq, len, value);
+        if seg.size + SYNC_AHEAD >= SEGMENT_MAX && !inner.synced_ahead {
+            inner.synced_ahead = true;
+            if let Some(t) = self.syncer.get() {
+                t.unpark();
+            }
+        }
         let old = if len == TOMBSTONE {
             inner.index.remove(&seq)
         } else {
@@ -498,6 +520,7 @@ impl MessageLog {
         inner.current = next;
         inner.written = 0;
         inner.dirty = false;
+        inner.synced_ahead = false;
         Ok(())
     }
 
@@ -697,11 +720,13 @@ fn dead_segments(inner: &Inner) -> Vec<u32> {
         .collect()
 }
 
-/// Syncs the log every [`SYNC_EVERY`] while anything waits, until the log
-/// is dropped.
+/// Syncs the log every [`SYNC_EVERY`] while anything waits, and when the
+/// current segment nears its end ([`SYNC_AHEAD`]), until the log is
+/// dropped.
 fn syncer(log: Weak<MessageLog>) {
     loop {
-        std::thread::sleep(SYNC_EVERY);
+        // Woken early to sync a segment near its end.
+        std::thread::park_timeout(SYNC_EVERY);
         let Some(log) = log.upgrade() else { return };
         if log.pending() && log.failed.get().is_none() {
             if let Err(e) = log.sync() {
