@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::catalog::State;
 use crate::deliver::{self, Outcome, Senders, Via};
 use crate::model::FinalState;
-use crate::queue::{format_id, now_ms, Attempt, Disposition, MessageState};
+use crate::queue::{now_ms, Attempt, Disposition, MessageId, MessageState};
 use crate::tunnel::RelayError;
 use outbox_proto::ErrorKind;
 
@@ -51,7 +51,12 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
         });
         for (integration, seq) in jobs {
             let app = app.clone();
-            let span = tracing::info_span!("deliver", %integration, id = %format_id(seq));
+            // At debug only: an info span costs every delivery about 7% of
+            // the daemon's CPU at the default log level (the subscriber
+            // formats its fields and tracks it at each poll), so the lines
+            // an attempt writes at info and above name the integration and
+            // the message themselves.
+            let span = tracing::debug_span!("deliver", %integration, id = %MessageId(seq));
             // Boxed: the attempt's future holds a whole exchange, and tokio
             // copies a task's future into place when it spawns it and again
             // when it finishes; a box makes both copies a pointer.
@@ -121,18 +126,18 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         Ok(Some(rec)) => rec,
         Ok(None) => return app.queue.release(integration, seq),
         Err(e) => {
-            tracing::error!(error = %e, "message cannot be read; not sent");
+            tracing::error!(integration, id = %MessageId(seq), error = %e, "message cannot be read; not sent");
             return app.queue.unreadable(integration, seq, &e);
         }
     };
     let catalog = app.catalog();
     let Some(entry) = catalog.integrations.get(integration) else {
-        return finish(app, rec, None, Disposition::PutBack);
+        return finish(app, integration, rec, None, Disposition::PutBack);
     };
     let spec = &entry.spec;
     let (true, Some(connection)) = (entry.state() == State::Active, spec.active_connection())
     else {
-        return finish(app, rec, None, Disposition::PutBack);
+        return finish(app, integration, rec, None, Disposition::PutBack);
     };
     // `n` numbers the attempt record; `counted` is what max_attempts sees.
     let n = rec.tries.max(rec.attempts) + 1;
@@ -146,11 +151,12 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         ..Default::default()
     };
     if let Err(e) = deliver::guard(&app.config.instance_name, connection) {
-        tracing::warn!(connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
+        tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
         base.error = Some(e);
         base.outcome = "error".into();
         return finish(
             app,
+            integration,
             rec,
             Some(base),
             Disposition::Final(MessageState::Error),
@@ -168,11 +174,12 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(connection = %connection.name, environment = %connection.environment, error = %e, "request cannot be built");
+            tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "request cannot be built");
             base.error = Some(e);
             base.outcome = "error".into();
             return finish(
                 app,
+                integration,
                 rec,
                 Some(base),
                 Disposition::Final(MessageState::Error),
@@ -194,6 +201,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                 let due = now_ms() + MID_WAIT.as_millis() as u64;
                 return finish(
                     app,
+                    integration,
                     rec,
                     Some(base),
                     Disposition::Retry {
@@ -245,6 +253,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                     };
                     return finish(
                         app,
+                        integration,
                         rec,
                         Some(record),
                         Disposition::Retry {
@@ -315,6 +324,8 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             "delivered"
         ),
         _ => tracing::info!(
+            integration,
+            id = %MessageId(seq),
             connection = %connection.name,
             environment = %connection.environment,
             status,
@@ -325,21 +336,21 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             "not delivered"
         ),
     }
-    finish(app, rec, Some(record), disposition)
+    finish(app, integration, rec, Some(record), disposition)
 }
 
 fn finish(
     app: &App,
+    integration: &str,
     rec: crate::queue::MessageRecord,
     attempt: Option<Attempt>,
     disposition: Disposition,
 ) {
-    let integration = rec.integration.clone();
     let seq = rec.seq;
     if let Err(e) = app.queue.finish(rec, attempt, disposition) {
         // The record could not be updated; in memory it is released, and on
         // disk it is still queued, so it will be attempted again.
-        tracing::error!(error = %e, "message state cannot be written");
-        app.queue.release(&integration, seq);
+        tracing::error!(integration, id = %MessageId(seq), error = %e, "message state cannot be written");
+        app.queue.release(integration, seq);
     }
 }

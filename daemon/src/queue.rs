@@ -190,7 +190,16 @@ pub enum QueueError {
 /// Ids as people see them: the sequence number in 16 hex digits, so they
 /// sort in enqueue order.
 pub fn format_id(seq: u64) -> String {
-    format!("{seq:016x}")
+    MessageId(seq).to_string()
+}
+
+/// A message id to log: formatted only if the line is written.
+pub struct MessageId(pub u64);
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 pub fn parse_id(id: &str) -> Result<u64, QueueError> {
@@ -812,7 +821,12 @@ impl Queue {
             };
             match self.finish(rec, Some(attempt), Disposition::Final(MessageState::Error)) {
                 Ok(()) => return,
-                Err(e) => tracing::error!(error = %e, "message state cannot be written"),
+                Err(e) => tracing::error!(
+                    integration,
+                    id = %MessageId(seq),
+                    error = %e,
+                    "message state cannot be written"
+                ),
             }
         }
         let mut st = self.lock();

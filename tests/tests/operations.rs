@@ -367,6 +367,42 @@ async fn json_logs_when_configured() {
     assert!(!log.contains("hunter2"));
 }
 
+/// At the default level the attempt's span is off (it costs every
+/// delivery); a line about an attempt names its integration and message
+/// itself.
+#[tokio::test]
+async fn attempt_lines_at_info_name_the_integration_and_the_message() {
+    let sink = Sink::start().await;
+    sink.set_status(503);
+    let d = suite_daemon()
+        .config_toml("[log]\nlevel = \"info\"\nformat = \"json\"")
+        .start()
+        .await;
+    d.apply(&integration(
+        "acme",
+        &[&connection("c", "test", &sink.url(), "active = true")],
+    ))
+    .await;
+    let (_, v) = d
+        .post_json(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create"}),
+        )
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let line = eventually_msg(WAIT, "a line for the failed attempt", async || {
+        d.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "not delivered")
+    })
+    .await;
+    assert_eq!(line["integration"], "acme", "{line}");
+    assert_eq!(line["id"], id.as_str(), "{line}");
+    assert_eq!(line["status"], 503, "{line}");
+    assert!(line.get("span").is_none(), "no span at info: {line}");
+}
+
 /// systemd's notify protocol, with the test as the service manager: a
 /// datagram socket in `$NOTIFY_SOCKET` receives READY, RELOADING and
 /// STOPPING, and WATCHDOG pings when `$WATCHDOG_USEC` asks for them.
