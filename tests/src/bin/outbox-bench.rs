@@ -1162,7 +1162,6 @@ impl Daemon {
             "instance_name = \"bench\"\n\
              data_dir = {data:?}\n\
              [api]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nmax_body = \"4MiB\"\n\
-             [log]\nlevel = \"warn\"\n\
              [store]\ncache_capacity = \"64MiB\"\n",
             data = data.display().to_string()
         );
@@ -2016,8 +2015,7 @@ impl RelayProc {
                  server_ca = {ca:?}\n\
                  allow = [\"{sink}\"]\n\
                  concurrency = {conc}\n\
-                 max_body = \"16MiB\"\n\
-                 [log]\nlevel = \"warn\"\n",
+                 max_body = \"16MiB\"\n",
                 token = path("relay-token"),
                 daemon = t.listen,
                 ca = path("ca.crt"),
