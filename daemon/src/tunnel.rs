@@ -48,6 +48,9 @@ pub struct Session {
     pub since_ms: u64,
     pub protocol_version: u32,
     pub relay_version: String,
+    /// `mid:NAME (ADDRESS)`, as attempts record it: formatted once, not at
+    /// every attempt.
+    via: String,
     in_flight: AtomicUsize,
     /// Set when a request on this session got no answer at all; cleared by
     /// the next heartbeat. A suspect session gets requests only when no
@@ -333,7 +336,7 @@ impl Session {
     }
 
     pub fn via(&self) -> String {
-        format!("mid:{} ({})", self.name, self.address)
+        self.via.clone()
     }
 }
 
@@ -504,6 +507,7 @@ async fn session(
         since_ms: crate::queue::now_ms(),
         protocol_version,
         relay_version: relay_version.clone(),
+        via: format!("mid:{name} ({address})"),
         in_flight: AtomicUsize::new(0),
         suspect: std::sync::atomic::AtomicBool::new(false),
         conn: conn.clone(),
