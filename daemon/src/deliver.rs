@@ -400,21 +400,18 @@ pub fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
     masked_headers(headers)
 }
 
-/// The attempt record of an exchange, taking what it can from it instead of
-/// copying: this runs once per delivery. What decides the outcome (the
-/// status, `Retry-After`, the relay's error) is read before.
-pub fn attempt_record(n: u32, connection: &Connection, via: &str, x: Exchange) -> Attempt {
+/// The attempt record of an exchange: `base` (number, connection,
+/// environment, route) completed with what the exchange brought, taken from
+/// it instead of copied: this runs once per delivery. What decides the
+/// outcome (the status, `Retry-After`, the relay's error) is read before.
+pub fn attempt_record(base: Attempt, x: Exchange) -> Attempt {
     let mut a = Attempt {
-        n,
         at_ms: crate::queue::now_ms(),
-        connection: Some(connection.name.clone()),
-        environment: Some(connection.environment.to_string()),
-        via: via.to_string(),
         method: Some(x.method),
         url: Some(x.url),
         request_headers: x.request_headers,
         duration_ms: x.duration.as_millis() as u64,
-        ..Default::default()
+        ..base
     };
     match x.result {
         Ok(r) => {

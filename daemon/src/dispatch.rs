@@ -231,7 +231,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                 .ok()
                 .and_then(|r| deliver::retry_after(&r.headers));
             let relay_error = x.relay_error.take();
-            let record = deliver::attempt_record(n, connection, &base.via, x);
+            let record = deliver::attempt_record(base, x);
             match &relay_error {
                 // The relay dropped mid-request, or is stopping: go again at
                 // once through another member of the cluster, without using
