@@ -336,16 +336,22 @@ async fn metrics_parse_as_prometheus_text_and_status_shows_the_failure() {
     );
 }
 
-#[tokio::test]
-async fn json_logs_when_configured() {
-    let sink = Sink::start().await;
+/// A daemon logging JSON at `level`, with integration `acme` delivering to
+/// `sink` (connection `c`, settings `extra`), and the id of one message
+/// enqueued to it.
+async fn json_logging_daemon(level: &str, sink: &Sink, extra: &str) -> (Daemon, String) {
     let d = suite_daemon()
-        .config_toml("[log]\nlevel = \"info,outbox_daemon::dispatch=debug\"\nformat = \"json\"")
+        .config_toml(&format!("[log]\nlevel = {level:?}\nformat = \"json\""))
         .start()
         .await;
     d.apply(&integration(
         "acme",
-        &[&connection("c", "test", &sink.url(), "active = true\n  auth = { type = \"basic\", username = \"u\", password = \"hunter2\" }")],
+        &[&connection(
+            "c",
+            "test",
+            &sink.url(),
+            &format!("active = true\n  {extra}"),
+        )],
     ))
     .await;
     let (_, v) = d
@@ -354,14 +360,25 @@ async fn json_logs_when_configured() {
             json!({"message": "Create"}),
         )
         .await;
-    d.wait_for_state(v["id"].as_str().unwrap(), "sent", WAIT)
-        .await;
-    let log = d.log();
-    let delivered = log
-        .lines()
+    let id = v["id"].as_str().unwrap().to_string();
+    (d, id)
+}
+
+/// The first JSON line of `log` whose message is `message`.
+fn json_line(log: &str, message: &str) -> Option<serde_json::Value> {
+    log.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "delivered")
-        .expect("a JSON delivery line");
+        .find(|v| v["message"] == message)
+}
+
+#[tokio::test]
+async fn json_logs_when_configured() {
+    let sink = Sink::start().await;
+    let basic = "auth = { type = \"basic\", username = \"u\", password = \"hunter2\" }";
+    let (d, id) = json_logging_daemon("info,outbox_daemon::dispatch=debug", &sink, basic).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+    let log = d.log();
+    let delivered = json_line(&log, "delivered").expect("a JSON delivery line");
     assert_eq!(delivered["status"], 200);
     assert_eq!(delivered["connection"], "c");
     assert!(!log.contains("hunter2"));
@@ -374,27 +391,9 @@ async fn json_logs_when_configured() {
 async fn attempt_lines_at_info_name_the_integration_and_the_message() {
     let sink = Sink::start().await;
     sink.set_status(503);
-    let d = suite_daemon()
-        .config_toml("[log]\nlevel = \"info\"\nformat = \"json\"")
-        .start()
-        .await;
-    d.apply(&integration(
-        "acme",
-        &[&connection("c", "test", &sink.url(), "active = true")],
-    ))
-    .await;
-    let (_, v) = d
-        .post_json(
-            "/v1/integrations/acme/messages",
-            json!({"message": "Create"}),
-        )
-        .await;
-    let id = v["id"].as_str().unwrap().to_string();
+    let (d, id) = json_logging_daemon("info", &sink, "").await;
     let line = eventually_msg(WAIT, "a line for the failed attempt", async || {
-        d.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["message"] == "not delivered")
+        json_line(&d.log(), "not delivered")
     })
     .await;
     assert_eq!(line["integration"], "acme", "{line}");
