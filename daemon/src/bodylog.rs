@@ -101,7 +101,7 @@ pub struct BodyLog {
     /// another runs returns only once the marks the other took are on disk.
     syncing: Mutex<()>,
     /// Set by a failed `fdatasync`; every later sync fails with it.
-    failed: std::sync::OnceLock<String>,
+    failed: segfile::SyncFailure,
 }
 
 const LOG: &str = "body log";
@@ -135,7 +135,7 @@ impl BodyLog {
                 dirty: BTreeMap::new(),
             }),
             syncing: Mutex::new(()),
-            failed: std::sync::OnceLock::new(),
+            failed: segfile::SyncFailure::default(),
         })
     }
 
@@ -278,19 +278,12 @@ impl BodyLog {
     /// not be acknowledged pointing at a body that is not on disk.
     pub fn sync(&self) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = self.failed.get() {
-            return Err(std::io::Error::other(format!(
-                "{e} (an earlier sync failed; restart outboxd)"
-            )));
-        }
+        self.failed.check()?;
         let dirty = std::mem::take(&mut self.lock().dirty);
         for (n, file) in dirty {
             if let Err(e) = file.sync_data() {
                 let e = at(&segfile::path(&self.dir, n), e);
-                if self.failed.set(e.to_string()).is_ok() {
-                    tracing::error!(error = %e, "body log sync failed: no message is acknowledged until outboxd is restarted");
-                }
-                return Err(e);
+                return Err(self.failed.record(LOG, e));
             }
         }
         Ok(())

@@ -142,7 +142,7 @@ pub struct MessageLog {
     /// returns only once what it wrote is on disk.
     syncing: Mutex<()>,
     /// Set by a failed `fdatasync`; every later sync fails with it.
-    failed: std::sync::OnceLock<String>,
+    failed: segfile::SyncFailure,
     /// The last segment that could not be removed (logged once).
     retire_failed: AtomicU32,
     /// The log's syncing thread, woken to sync a segment near its end.
@@ -343,7 +343,7 @@ impl MessageLog {
                 synced_ahead: false,
             }),
             syncing: Mutex::new(()),
-            failed: std::sync::OnceLock::new(),
+            failed: segfile::SyncFailure::default(),
             retire_failed: AtomicU32::new(0),
             syncer: std::sync::OnceLock::new(),
             _lock: lock,
@@ -508,11 +508,13 @@ impl MessageLog {
 
     /// Closes the current segment, synced, and starts the next one.
     fn roll(&self, inner: &mut Inner) -> std::io::Result<()> {
-        self.check()?;
+        self.failed.check()?;
         self.write_out(inner)?;
         let old = inner.current;
         if let Err(e) = inner.segments[&old].file.sync_data() {
-            return Err(self.fail(at(&segfile::path(&self.dir, old), e)));
+            return Err(self
+                .failed
+                .record(LOG, at(&segfile::path(&self.dir, old), e)));
         }
         let next = segfile::next(LOG, &self.dir, old)?;
         let file = segfile::create(LOG, &self.dir, next)?;
@@ -531,7 +533,7 @@ impl MessageLog {
     /// waits for the next sync, whose write covers what emptied it.
     pub fn sync(&self) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        self.check()?;
+        self.failed.check()?;
         let (file, n, dead) = {
             let mut inner = self.lock();
             self.write_out(&mut inner)?;
@@ -541,30 +543,10 @@ impl MessageLog {
         };
         if let Some(file) = file {
             if let Err(e) = file.sync_data() {
-                return Err(self.fail(at(&segfile::path(&self.dir, n), e)));
+                return Err(self.failed.record(LOG, at(&segfile::path(&self.dir, n), e)));
             }
         }
         self.retire(&dead)
-    }
-
-    /// After a failed `fdatasync` the kernel may have dropped the pages it
-    /// could not write, so a later success would not mean they are on disk.
-    /// Nothing is acknowledged again until a restart reads back what is
-    /// there: every later sync fails with the first error.
-    fn fail(&self, e: std::io::Error) -> std::io::Error {
-        if self.failed.set(e.to_string()).is_ok() {
-            tracing::error!(error = %e, "message log sync failed: no message is acknowledged until outboxd is restarted");
-        }
-        e
-    }
-
-    fn check(&self) -> std::io::Result<()> {
-        match self.failed.get() {
-            Some(e) => Err(std::io::Error::other(format!(
-                "{e} (an earlier sync failed; restart outboxd)"
-            ))),
-            None => Ok(()),
-        }
     }
 
     /// Whether anything waits to be synced.
@@ -728,7 +710,7 @@ fn syncer(log: Weak<MessageLog>) {
         // Woken early to sync a segment near its end.
         std::thread::park_timeout(SYNC_EVERY);
         let Some(log) = log.upgrade() else { return };
-        if log.pending() && log.failed.get().is_none() {
+        if log.pending() && log.failed.check().is_ok() {
             if let Err(e) = log.sync() {
                 tracing::error!(error = %e, "message log sync failed");
             }

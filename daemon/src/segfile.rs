@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Segment `n` of the log in `dir`.
 pub fn path(dir: &Path, n: u32) -> PathBuf {
@@ -80,4 +81,32 @@ pub fn next(log: &str, dir: &Path, n: u32) -> std::io::Result<u32> {
             std::io::Error::other("no segment number is left after this one"),
         )
     })
+}
+
+/// A log's failed `fdatasync`. After one, the kernel may have dropped the
+/// pages it could not write, so a later success would not mean they are on
+/// disk. Nothing is acknowledged again until a restart reads back what is
+/// there: every later sync fails with the first error.
+#[derive(Default)]
+pub struct SyncFailure(OnceLock<String>);
+
+impl SyncFailure {
+    /// The first failure, if a sync of this log has failed.
+    pub fn check(&self) -> std::io::Result<()> {
+        match self.0.get() {
+            Some(e) => Err(std::io::Error::other(format!(
+                "{e} (an earlier sync failed; restart outboxd)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the failure `e` of a sync of `log` (logging the first) and
+    /// gives it back.
+    pub fn record(&self, log: &str, e: std::io::Error) -> std::io::Error {
+        if self.0.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "{log} sync failed: no message is acknowledged until outboxd is restarted");
+        }
+        e
+    }
 }
