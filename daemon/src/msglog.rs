@@ -129,9 +129,6 @@ struct Inner {
     written: u64,
     /// Written to its file since the last sync.
     dirty: bool,
-    /// The log's thread was asked to sync the current segment ahead of its
-    /// close ([`SYNC_AHEAD`]).
-    synced_ahead: bool,
 }
 
 /// The open message log. Shared behind an `Arc`.
@@ -340,7 +337,6 @@ impl MessageLog {
                 // cache: the first sync makes it durable before anything
                 // it superseded is retired.
                 dirty: true,
-                synced_ahead: false,
             }),
             syncing: Mutex::new(()),
             failed: segfile::SyncFailure::default(),
@@ -456,8 +452,9 @@ impl MessageLog {
         let offset = seg.size;
         seg.size += entry_len;
         push_entry(&mut inner.buf, crc, seq, len, value);
-        if seg.size + SYNC_AHEAD >= SEGMENT_MAX && !inner.synced_ahead {
-            inner.synced_ahead = true;
+        // This entry crossed the mark: the log's thread syncs ahead.
+        let mark = SEGMENT_MAX - SYNC_AHEAD;
+        if offset < mark && seg.size >= mark {
             if let Some(t) = self.syncer.get() {
                 t.unpark();
             }
@@ -522,7 +519,6 @@ impl MessageLog {
         inner.current = next;
         inner.written = 0;
         inner.dirty = false;
-        inner.synced_ahead = false;
         Ok(())
     }
 
