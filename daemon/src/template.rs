@@ -17,13 +17,20 @@ pub struct Ref<'a> {
 /// an unknown namespace or field).
 pub fn refs(template: &str) -> Result<Vec<Ref<'_>>, String> {
     let mut out = Vec::new();
-    scan(template, |r| out.push(r))?;
+    scan(template, |_, r| {
+        out.push(r);
+        Ok(())
+    })?;
     Ok(out)
 }
 
-/// Calls `each` with every reference of `template` in order, or says why
-/// the template is malformed.
-fn scan<'t>(template: &'t str, mut each: impl FnMut(Ref<'t>)) -> Result<(), String> {
+/// Walks `template` once: calls `each` with the text before every
+/// reference and the reference, in order, and returns the text after the
+/// last; or says why the template is malformed, or what `each` said.
+fn scan<'t>(
+    template: &'t str,
+    mut each: impl FnMut(&'t str, Ref<'t>) -> Result<(), String>,
+) -> Result<&'t str, String> {
     let mut rest = template;
     while let Some(start) = rest.find("${") {
         let after = &rest[start + 2..];
@@ -46,45 +53,34 @@ fn scan<'t>(template: &'t str, mut each: impl FnMut(Ref<'t>)) -> Result<(), Stri
                  ${{message.id}}, ${{connection.name}}, ${{connection.environment}}"
             ));
         }
-        each(Ref { namespace, key });
+        each(&rest[..start], Ref { namespace, key })?;
         rest = &after[end + 1..];
     }
-    Ok(())
+    Ok(rest)
 }
 
-/// Expands `template`, asking `lookup` for each reference; a reference it
-/// does not know is an error naming it. `encode` percent-encodes the values
-/// (for URL paths). This runs for every attempt, so `lookup` lends its
-/// values rather than copying them.
+/// Expands `template`, asking `lookup` for each reference; a malformed
+/// template or a reference `lookup` does not know is an error naming it,
+/// never a partial result. `encode` percent-encodes the values (for URL
+/// paths). This runs for every attempt, so `lookup` lends its values
+/// rather than copying them, and the template is read once.
 pub fn expand<'v>(
     template: &str,
     encode: bool,
     lookup: impl Fn(&Ref<'_>) -> Option<Cow<'v, str>>,
 ) -> Result<String, String> {
-    if !template.contains("${") {
-        return Ok(template.to_string());
-    }
-    // Validate first so a malformed template never half-expands.
-    scan(template, |_| {})?;
     let mut out = String::with_capacity(template.len() + 16);
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        // scan() above proved every "${" is closed and well-formed.
-        let end = after.find('}').unwrap_or(after.len());
-        let inner = &after[..end];
-        let (namespace, key) = inner.split_once('.').unwrap_or((inner, ""));
-        let r = Ref { namespace, key };
-        let value = lookup(&r).ok_or_else(|| format!("unknown {namespace} key {key:?}"))?;
+    let tail = scan(template, |before, r| {
+        out.push_str(before);
+        let value = lookup(&r).ok_or_else(|| format!("unknown {} key {:?}", r.namespace, r.key))?;
         if encode {
             percent_encode_into(&value, &mut out);
         } else {
             out.push_str(&value);
         }
-        rest = &after[(end + 1).min(after.len())..];
-    }
-    out.push_str(rest);
+        Ok(())
+    })?;
+    out.push_str(tail);
     Ok(out)
 }
 
@@ -147,7 +143,7 @@ mod tests {
         assert!(refs("/${table}").is_err());
         assert!(refs("/${secrets.x}").is_err());
         assert!(refs("/${message.body}").is_err());
-        // Also when the template is expanded, and before any value is asked.
+        // Also when the template is expanded.
         assert!(expand("/${params.q}/${variables.table", true, lookup).is_err());
         assert_eq!(refs("/${connection.environment}").unwrap().len(), 1);
     }
