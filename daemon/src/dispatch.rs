@@ -51,7 +51,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
         });
         for (integration, seq) in jobs {
             let app = app.clone();
-            // At debug only: an info span costs every delivery about 7% of
+            // At debug only: an info span costs every delivery 5-7% of
             // the daemon's CPU at the default log level (the subscriber
             // formats its fields and tracks it at each poll), so the lines
             // an attempt writes at info and above name the integration and
