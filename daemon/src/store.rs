@@ -282,6 +282,13 @@ fn move_records(db: &Db, log: &MessageLog, dir: &Path) -> Result<(), StoreError>
     durable(db, dir)
 }
 
+/// Whether sled has a tree called `name`.
+fn has_tree(db: &Db, name: &str) -> bool {
+    db.tree_names()
+        .iter()
+        .any(|t| t.as_ref() == name.as_bytes())
+}
+
 /// sled's flush and an fsync of its log, as [`Store::flush`] does.
 fn durable(db: &Db, dir: &Path) -> Result<(), StoreError> {
     db.flush()?;
@@ -388,7 +395,7 @@ impl Store {
                 let message_log = open_log()?;
                 if found < 5 {
                     move_records(&db, &message_log, dir)?;
-                } else if db.tree_names().iter().any(|t| t.as_ref() == b"messages") {
+                } else if has_tree(&db, "messages") {
                     // An upgrade that stopped after writing version 5.
                     db.drop_tree("messages")?;
                 }
@@ -712,9 +719,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
-        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"finished"));
+        assert!(!has_tree(&db, "finished"));
         assert!(
-            !db.tree_names().iter().any(|n| n.as_ref() == b"messages"),
+            !has_tree(&db, "messages"),
             "the record moved to the message log"
         );
         assert_eq!(
@@ -767,11 +774,7 @@ mod tests {
             .unwrap();
         drop(store);
         let store = when_unlocked(|| Store::open(dir.path(), 1 << 20)).unwrap();
-        assert!(!store
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == b"messages"));
+        assert!(!has_tree(&store.db, "messages"));
         assert_eq!(
             &store.messages.messages.get(7).unwrap().unwrap()[..],
             b"seven"
