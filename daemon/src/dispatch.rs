@@ -1,5 +1,6 @@
 //! Dispatch: the scheduler that decides what goes now, and the workers that
-//! make one attempt each.
+//! make the attempts, each going on with the next due message of its
+//! integration when it finishes one.
 //!
 //! The scheduler sleeps until the earliest due message, or until the queue
 //! wakes it (enqueue, a finished attempt, replay) or the catalog changes
@@ -45,23 +46,15 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
     loop {
         let catalog = app.catalog();
         let now = now_ms();
-        let (jobs, next) = app.queue.take_due(now, |name| {
-            let e = catalog.integrations.get(name)?;
-            (e.state() == State::Active).then_some(e.spec.concurrency as usize)
-        });
+        let (jobs, next) = app.queue.take_due(now, |name| room(&catalog, name));
         for (integration, seq) in jobs {
             let app = app.clone();
-            // At debug only: an info span costs every delivery 5-7% of
-            // the daemon's CPU at the default log level (the subscriber
-            // formats its fields and tracks it at each poll), so the lines
-            // an attempt writes at info and above name the integration and
-            // the message themselves.
-            let span = tracing::debug_span!("deliver", %integration, id = %MessageId(seq));
-            // Boxed: the attempt's future holds a whole exchange, and tokio
+            let shutdown = shutdown.clone();
+            // Boxed: the worker's future holds a whole exchange, and tokio
             // copies a task's future into place when it spawns it and again
             // when it finishes; a box makes both copies a pointer.
-            let job = Box::pin(async move { attempt(&app, &integration, seq).await });
-            workers.spawn(job.instrument(span));
+            let job = Box::pin(async move { work(&app, &integration, seq, &shutdown).await });
+            workers.spawn(job);
         }
         // One timer for the whole loop, moved only when something falls due
         // at a new time. The scheduler runs once per finished attempt, and a
@@ -120,24 +113,77 @@ pub async fn prune(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// One attempt for message `seq` of `integration`.
-async fn attempt(app: &App, integration: &str, seq: u64) {
+/// How many messages of `name` may be in flight, if it may send now.
+fn room(catalog: &crate::catalog::Catalog, name: &str) -> Option<usize> {
+    let e = catalog.integrations.get(name)?;
+    (e.state() == State::Active).then_some(e.spec.concurrency as usize)
+}
+
+/// A worker: attempts message `seq` of `integration`, then goes on with
+/// the next message of the same integration that is due when it finishes,
+/// for as long as there is one and the daemon is not stopping. Under load
+/// a worker serves a stream of messages, so a delivery costs neither a
+/// task nor a round through the scheduler; the queue wakes the scheduler
+/// for whatever the worker leaves (see [`crate::queue::Queue::finish_and_take`]).
+async fn work(app: &App, integration: &str, mut seq: u64, shutdown: &CancellationToken) {
+    loop {
+        // At debug only: an info span costs every delivery 5-7% of the
+        // daemon's CPU at the default log level (the subscriber formats its
+        // fields and tracks it at each poll), so the lines an attempt
+        // writes at info and above name the integration and the message
+        // themselves.
+        let span = tracing::debug_span!("deliver", %integration, id = %MessageId(seq));
+        let Some((rec, record, disposition)) =
+            attempt(app, integration, seq).instrument(span).await
+        else {
+            return;
+        };
+        let room = match shutdown.is_cancelled() {
+            true => None,
+            false => room(&app.catalog(), integration),
+        };
+        match app.queue.finish_and_take(rec, record, disposition, room) {
+            Ok(Some(next)) => seq = next,
+            Ok(None) => return,
+            Err(e) => {
+                // The record could not be updated; in memory it is released,
+                // and on disk it is still queued, so it will be attempted
+                // again.
+                tracing::error!(integration, id = %MessageId(seq), error = %e, "message state cannot be written");
+                return app.queue.release(integration, seq);
+            }
+        }
+    }
+}
+
+/// What an attempt leaves to record: the message, the attempt made (if
+/// one was), and where the message goes.
+type Finished = (crate::queue::MessageRecord, Option<Attempt>, Disposition);
+
+/// One attempt for message `seq` of `integration`; `None` when there is
+/// nothing to record (the message vanished or cannot be read, and was
+/// handed back).
+async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
     let rec = match app.queue.job(seq) {
         Ok(Some(rec)) => rec,
-        Ok(None) => return app.queue.release(integration, seq),
+        Ok(None) => {
+            app.queue.release(integration, seq);
+            return None;
+        }
         Err(e) => {
             tracing::error!(integration, id = %MessageId(seq), error = %e, "message cannot be read; not sent");
-            return app.queue.unreadable(integration, seq, &e);
+            app.queue.unreadable(integration, seq, &e);
+            return None;
         }
     };
     let catalog = app.catalog();
     let Some(entry) = catalog.integrations.get(integration) else {
-        return finish(app, integration, rec, None, Disposition::PutBack);
+        return Some((rec, None, Disposition::PutBack));
     };
     let spec = &entry.spec;
     let (true, Some(connection)) = (entry.state() == State::Active, spec.active_connection())
     else {
-        return finish(app, integration, rec, None, Disposition::PutBack);
+        return Some((rec, None, Disposition::PutBack));
     };
     // `n` numbers the attempt record; `counted` is what max_attempts sees.
     let n = rec.tries.max(rec.attempts) + 1;
@@ -154,13 +200,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
         tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
         base.error = Some(e);
         base.outcome = "error".into();
-        return finish(
-            app,
-            integration,
-            rec,
-            Some(base),
-            Disposition::Final(MessageState::Error),
-        );
+        return Some((rec, Some(base), Disposition::Final(MessageState::Error)));
     }
     let prepared = spec
         .message_type(&rec.message)
@@ -177,13 +217,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "request cannot be built");
             base.error = Some(e);
             base.outcome = "error".into();
-            return finish(
-                app,
-                integration,
-                rec,
-                Some(base),
-                Disposition::Final(MessageState::Error),
-            );
+            return Some((rec, Some(base), Disposition::Final(MessageState::Error)));
         }
     };
     let via = match &connection.mid_server {
@@ -199,16 +233,14 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                 base.error = Some(format!("MID server {mid} is not connected"));
                 base.outcome = format!("waiting for MID server {mid}");
                 let due = now_ms() + MID_WAIT.as_millis() as u64;
-                return finish(
-                    app,
-                    integration,
+                return Some((
                     rec,
                     Some(base),
                     Disposition::Retry {
                         due_ms: due,
                         counts: false,
                     },
-                );
+                ));
             }
         },
     };
@@ -251,16 +283,14 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
                         RelayError::Dropped { .. } => RELAY_DROP_PAUSE,
                         _ => RELAY_BUSY_PAUSE,
                     };
-                    return finish(
-                        app,
-                        integration,
+                    return Some((
                         rec,
                         Some(record),
                         Disposition::Retry {
                             due_ms: now_ms() + pause.as_millis() as u64,
                             counts: false,
                         },
-                    );
+                    ));
                 }
                 // A target outside the relay's allow-list or a body over its
                 // limit will not change by retrying: fix and replay.
@@ -336,21 +366,5 @@ async fn attempt(app: &App, integration: &str, seq: u64) {
             "not delivered"
         ),
     }
-    finish(app, integration, rec, Some(record), disposition)
-}
-
-fn finish(
-    app: &App,
-    integration: &str,
-    rec: crate::queue::MessageRecord,
-    attempt: Option<Attempt>,
-    disposition: Disposition,
-) {
-    let seq = rec.seq;
-    if let Err(e) = app.queue.finish(rec, attempt, disposition) {
-        // The record could not be updated; in memory it is released, and on
-        // disk it is still queued, so it will be attempted again.
-        tracing::error!(integration, id = %MessageId(seq), error = %e, "message state cannot be written");
-        app.queue.release(integration, seq);
-    }
+    Some((rec, Some(record), disposition))
 }

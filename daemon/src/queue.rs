@@ -277,6 +277,27 @@ struct Lane {
 }
 
 impl Lane {
+    /// Moves the first ready message in flight if it is due by `now` and
+    /// fewer than `limit` are in flight. Otherwise `Err` with when the first
+    /// ready one falls due, if it is later and there is room.
+    fn take(&mut self, now: u64, limit: usize) -> Result<u64, Option<u64>> {
+        while self.in_flight.len() < limit {
+            let Some(&(due, seq)) = self.ready.first() else {
+                break;
+            };
+            if due > now {
+                return Err(Some(due));
+            }
+            self.ready.pop_first();
+            self.waiting.remove(&seq);
+            // A message is in flight at most once, whatever the index says.
+            if self.in_flight.insert(seq) {
+                return Ok(seq);
+            }
+        }
+        Err(None)
+    }
+
     /// Puts a queued message where dispatch will find it: in `ready`, unless
     /// it waits in an ordering line behind another.
     fn add_queued(&mut self, seq: u64, order: u64, due_ms: u64, key: Option<&str>) {
@@ -765,20 +786,15 @@ impl Queue {
             let Some(limit) = may_send(name) else {
                 continue;
             };
-            while lane.in_flight.len() < limit {
-                let Some(&(due, seq)) = lane.ready.first() else {
-                    break;
-                };
-                if due > now {
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                    break;
-                }
-                lane.ready.pop_first();
-                lane.waiting.remove(&seq);
-                // A message is in flight at most once, whatever the index
-                // says.
-                if lane.in_flight.insert(seq) {
-                    taken.push((name.clone(), seq));
+            loop {
+                match lane.take(now, limit) {
+                    Ok(seq) => taken.push((name.clone(), seq)),
+                    Err(later) => {
+                        if let Some(due) = later {
+                            next = Some(next.map_or(due, |n| n.min(due)));
+                        }
+                        break;
+                    }
                 }
             }
         }
@@ -856,10 +872,28 @@ impl Queue {
     /// ignored or replayed meanwhile, so nothing else writes its record.
     pub fn finish(
         &self,
-        mut rec: MessageRecord,
+        rec: MessageRecord,
         attempt: Option<Attempt>,
         disposition: Disposition,
     ) -> Result<(), StoreError> {
+        self.finish_and_take(rec, attempt, disposition, None)
+            .map(|_| ())
+    }
+
+    /// [`Queue::finish`], then, for a message that left the schedule (sent,
+    /// ignored or in error) and with `room` (the integration's concurrency,
+    /// when it may send), takes the next message of the same integration
+    /// that is due now, in the same lock. The worker that finished goes on
+    /// with it, and the scheduler is woken only when something is left for
+    /// it: no message taken, a new due time (a retry, a message put back),
+    /// or more that could go now or later in a lane with room.
+    pub fn finish_and_take(
+        &self,
+        mut rec: MessageRecord,
+        attempt: Option<Attempt>,
+        disposition: Disposition,
+        room: Option<usize>,
+    ) -> Result<Option<u64>, StoreError> {
         let seq = rec.seq;
         let now = now_ms();
         let attempted = u32::from(attempt.is_some());
@@ -961,9 +995,19 @@ impl Queue {
                 }
             }
         }
+        let (next, wake) = match room {
+            Some(limit) if end_state.is_some() => {
+                let next = lane.take(now, limit).ok();
+                let more = lane.in_flight.len() < limit && !lane.ready.is_empty();
+                (next, next.is_none() || more)
+            }
+            _ => (None, true),
+        };
         drop(st);
-        self.wake.notify_one();
-        Ok(())
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(next)
     }
 
     fn put_attempt(&self, seq: u64, a: &Attempt) -> Result<(), StoreError> {
@@ -1611,6 +1655,49 @@ mod tests {
         assert!(taken.is_empty());
         assert_eq!(next, Some(later));
         assert_eq!(q.record(m1).unwrap().unwrap().attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_worker_goes_on_with_the_next_due_message_and_wakes_the_scheduler_for_the_rest() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let woken = |q: &Queue| q.wake.notified().now_or_never().is_some();
+        let m1 = enqueue(&q, None).await;
+        let m2 = enqueue(&q, None).await;
+        let m3 = enqueue(&q, None).await;
+        let m4 = enqueue(&q, None).await;
+        assert_eq!(take(&q, 1), vec![m1]);
+        woken(&q);
+        let finish = |seq, d, room| {
+            let rec = q.record(seq).unwrap().unwrap();
+            q.finish_and_take(rec, None, d, room).unwrap()
+        };
+        // Sent, with room for one: the worker takes m2, the lane is full
+        // again, and the scheduler has nothing to do.
+        assert_eq!(finish(m1, Disposition::Sent, Some(1)), Some(m2));
+        assert!(!woken(&q), "nothing left for the scheduler");
+        assert_eq!(q.record(m1).unwrap().unwrap().state, MessageState::Sent);
+        // Room for two after taking one: m4 could go too, so the scheduler
+        // is woken for it.
+        assert_eq!(finish(m2, Disposition::Sent, Some(3)), Some(m3));
+        assert!(woken(&q), "m4 may go alongside m3");
+        assert_eq!(take(&q, 3), vec![m4]);
+        // A retry sets a new due time: nothing is taken, and the scheduler
+        // is woken to time it.
+        let later = now_ms() + 60_000;
+        let retry = Disposition::Retry {
+            due_ms: later,
+            counts: true,
+        };
+        assert_eq!(finish(m3, retry, Some(3)), None);
+        assert!(woken(&q));
+        // Not allowed to go on (stopping, paused): nothing taken, woken.
+        assert_eq!(finish(m4, Disposition::Sent, None), None);
+        assert!(woken(&q));
+        let (taken, next) = q.take_due(now_ms(), |_| Some(3));
+        assert!(taken.is_empty());
+        assert_eq!(next, Some(later));
     }
 
     const DAY: u64 = 24 * 3600 * 1000;
