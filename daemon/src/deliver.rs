@@ -6,7 +6,6 @@
 //! together around one HTTP request.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,6 +15,7 @@ use http_body_util::Full;
 use rand::Rng;
 
 use crate::client::{send, Clients, Reply, SendError, TlsSettings, EXCERPT_BYTES};
+use crate::headers::Headers;
 use crate::model::{Auth, Backoff, Connection, FinalState, Integration, MessageType};
 use crate::oauth::TokenCache;
 use crate::queue::{format_id, Attempt, MessageRecord};
@@ -238,7 +238,7 @@ impl Via {
 pub struct Exchange {
     pub method: String,
     pub url: String,
-    pub request_headers: BTreeMap<String, String>,
+    pub request_headers: Headers,
     pub result: Result<Reply, SendError>,
     pub duration: Duration,
     pub note: Option<String>,
@@ -320,7 +320,7 @@ pub async fn exchange(
             value.set_sensitive(true);
             req.headers_mut().insert(header::AUTHORIZATION, value);
         }
-        let request_headers = masked_headers(req.headers());
+        let request_headers = Headers::masked(req.headers());
         let (result, elapsed, relay_error) = match (&client, via) {
             (Some(client), _) => {
                 let (mut r, e) = send(client, req, timeout, EXCERPT_BYTES).await;
@@ -371,35 +371,6 @@ pub async fn exchange(
     Err("authentication retry did not complete".into())
 }
 
-/// Headers as recorded on an attempt: credentials masked.
-pub fn masked_headers(headers: &HeaderMap) -> BTreeMap<String, String> {
-    headers
-        .iter()
-        .map(|(k, v)| {
-            let value = if k == header::AUTHORIZATION
-                || k == header::PROXY_AUTHORIZATION
-                || v.is_sensitive()
-            {
-                let scheme = v
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.split_whitespace().next())
-                    .unwrap_or("");
-                format!("{scheme} {}", crate::secret::MASK)
-                    .trim()
-                    .to_string()
-            } else {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            };
-            (k.as_str().to_string(), value)
-        })
-        .collect()
-}
-
-pub fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
-    masked_headers(headers)
-}
-
 /// The attempt record of an exchange: `base` (number, connection,
 /// environment, route) completed with what the exchange brought, taken from
 /// it instead of copied: this runs once per delivery. What decides the
@@ -416,7 +387,7 @@ pub fn attempt_record(base: Attempt, x: Exchange) -> Attempt {
     match x.result {
         Ok(r) => {
             a.status = Some(r.status);
-            a.response_headers = header_map(&r.headers);
+            a.response_headers = Headers::masked(&r.headers);
             if !r.excerpt.is_empty() {
                 a.response_excerpt = Some(String::from_utf8_lossy(&r.excerpt).into_owned());
             }
@@ -637,18 +608,5 @@ mod tests {
             assert_eq!(backoff(&b, n, &mut low), full / 2);
         }
         assert!(backoff(&b, 1000, &mut rng) <= b.max);
-    }
-
-    #[test]
-    fn credentials_are_masked_in_recorded_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Basic c2VjcmV0"),
-        );
-        h.insert("x-other", HeaderValue::from_static("v"));
-        let m = masked_headers(&h);
-        assert_eq!(m["authorization"], "Basic ***");
-        assert_eq!(m["x-other"], "v");
     }
 }

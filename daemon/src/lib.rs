@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod deliver;
 pub mod dispatch;
 pub mod docs;
+pub mod headers;
 pub mod model;
 pub mod msglog;
 pub mod oauth;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
 use crate::bodylog::BodyRef;
+use crate::headers::Headers;
 use crate::msglog::Version;
 use crate::store::{
     record_config, MessageTrees, RecordFormat, Store, StoreError, StoredBody, INLINE_BODY_MAX,
@@ -119,9 +120,9 @@ pub struct Attempt {
     pub method: Option<String>,
     pub url: Option<String>,
     /// Request headers as sent, with credentials masked.
-    pub request_headers: BTreeMap<String, String>,
+    pub request_headers: Headers,
     pub status: Option<u16>,
-    pub response_headers: BTreeMap<String, String>,
+    pub response_headers: Headers,
     /// The first bytes of the response body (lossy UTF-8).
     pub response_excerpt: Option<String>,
     pub duration_ms: u64,
