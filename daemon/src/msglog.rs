@@ -14,6 +14,18 @@
 //! the log reads every segment in order to rebuild it, the later entry of a
 //! seq winning.
 //!
+//! **Shared tails:** a length with the [`SHARED`] bit set marks an entry
+//! whose value ends with the last bytes of an earlier, whole entry of the
+//! same seq (its *base*): the value written is the base's segment, offset
+//! and value length and the tail's length (u32 BE each), then the head.
+//! Read, it is the head followed by the base's tail, so readers never see
+//! the difference. A message's record changes at each attempt while its
+//! body does not: the queue writes the new record with the body shared
+//! ([`MessageLog::insert_sharing_tail`]), so a delivery appends a couple of
+//! hundred bytes instead of the body again. The base stays live, and its
+//! segment with it, for as long as an entry that shares it is the latest;
+//! compaction writes the seq whole again.
+//!
 //! **Durability:** [`MessageLog::sync`] writes the buffer and `fdatasync`s
 //! what was written since the last sync; the store's flush calls it, so a
 //! record is on disk before its enqueue is acknowledged. A thread syncs
@@ -64,6 +76,13 @@ pub const VALUE_MAX: u32 = 16 * 1024 * 1024;
 /// The length that marks a removal.
 const TOMBSTONE: u32 = u32::MAX;
 
+/// The length bit of an entry that shares its tail with its base.
+const SHARED: u32 = 1 << 31;
+
+/// The reference at the start of a shared entry's value: the base's
+/// segment, offset and value length, and the tail's length.
+const REFERENCE: usize = 16;
+
 /// CRC, seq, length.
 const HEADER: usize = 16;
 
@@ -85,10 +104,27 @@ const SYNC_AHEAD: u64 = 4 * 1024 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
     segment: u32,
-    /// Of the entry's header.
-    offset: u64,
-    /// Of the value.
+    /// Of the entry's header. A segment ends before [`SEGMENT_MAX`] plus
+    /// one entry, so a `u32` holds it.
+    offset: u32,
+    /// Of the value as written (for a shared entry: the reference and the
+    /// head).
     len: u32,
+    /// For a shared entry, the whole entry whose tail it shares.
+    base: Option<Base>,
+}
+
+// The index holds one per retained message (ARCHITECTURE.md gives it).
+const _: () = assert!(std::mem::size_of::<Loc>() == 32);
+
+/// The whole entry a shared one takes its tail from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Base {
+    segment: u32,
+    offset: u32,
+    len: u32,
+    /// How many of its last bytes the shared entry takes.
+    tail: u32,
 }
 
 /// Which write of a seq a read saw: two reads saw the same write when their
@@ -100,6 +136,71 @@ impl Loc {
     fn entry_len(&self) -> u64 {
         HEADER as u64 + u64::from(self.len)
     }
+
+    /// The length field of its entry.
+    fn field(&self) -> u32 {
+        match self.base {
+            Some(_) => self.len | SHARED,
+            None => self.len,
+        }
+    }
+
+    /// The base a new entry takes `tail` bytes from, if the value here
+    /// ends with them: this entry when whole, else its own base when the
+    /// tail is within the one it shares.
+    fn base_for(&self, tail: u32) -> Option<Base> {
+        match self.base {
+            None => (tail <= self.len).then_some(Base {
+                segment: self.segment,
+                offset: self.offset,
+                len: self.len,
+                tail,
+            }),
+            Some(b) => (tail <= b.tail).then_some(Base { tail, ..b }),
+        }
+    }
+}
+
+/// Adds to (or takes from) the live bytes of the segments what `loc`
+/// keeps live: its entry, and the base it shares a tail with.
+fn count(segments: &mut BTreeMap<u32, Segment>, loc: &Loc, add: bool) {
+    let base = loc
+        .base
+        .map(|b| (b.segment, HEADER as u64 + u64::from(b.len)));
+    for (n, len) in std::iter::once((loc.segment, loc.entry_len())).chain(base) {
+        if let Some(s) = segments.get_mut(&n) {
+            s.live = match add {
+                true => s.live + len,
+                false => s.live.saturating_sub(len),
+            };
+        }
+    }
+}
+
+/// The reference and the head of a shared entry's value.
+fn shared_value(base: &Base, head: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(REFERENCE + head.len());
+    for n in [base.segment, base.offset, base.len, base.tail] {
+        v.extend_from_slice(&n.to_be_bytes());
+    }
+    v.extend_from_slice(head);
+    v
+}
+
+/// The base named at the start of a shared entry's value.
+fn reference(value: &[u8]) -> Option<Base> {
+    let word = |i: usize| {
+        value
+            .get(i * 4..i * 4 + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+    };
+    let base = Base {
+        segment: word(0)?,
+        offset: word(1)?,
+        len: word(2)?,
+        tail: word(3)?,
+    };
+    (base.tail <= base.len && base.len <= VALUE_MAX).then_some(base)
 }
 
 struct Segment {
@@ -211,7 +312,14 @@ fn scan(
         let crc = u32::from_be_bytes(header[0..4].try_into().expect("4 bytes"));
         let seq = u64::from_be_bytes(header[4..12].try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(header[12..16].try_into().expect("4 bytes"));
-        let value_len = if len == TOMBSTONE { 0 } else { len };
+        let Ok(offset32) = u32::try_from(offset) else {
+            let reason = "an entry past 4 GiB, beyond any segment this log writes".to_string();
+            return Ok((offset, Scanned::Bad { offset, reason }));
+        };
+        let value_len = match len {
+            TOMBSTONE => 0,
+            _ => len & !SHARED,
+        };
         if value_len > VALUE_MAX {
             let reason = format!("an entry of {len} bytes, over the {VALUE_MAX}-byte limit");
             return Ok((offset, Scanned::Bad { offset, reason }));
@@ -226,23 +334,31 @@ fn scan(
             let reason = "an entry that does not match its checksum".to_string();
             return Ok((offset, Scanned::Bad { offset, reason }));
         }
+        let base = match len {
+            TOMBSTONE => None,
+            _ if len & SHARED == 0 => None,
+            _ => match reference(&value) {
+                Some(b) => Some(b),
+                None => {
+                    let reason = "a shared entry whose reference makes no sense".to_string();
+                    return Ok((offset, Scanned::Bad { offset, reason }));
+                }
+            },
+        };
         let old = if len == TOMBSTONE {
             index.remove(&seq)
         } else {
             let loc = Loc {
                 segment: n,
-                offset,
-                len,
+                offset: offset32,
+                len: value_len,
+                base,
             };
-            if let Some(s) = segments.get_mut(&n) {
-                s.live += loc.entry_len();
-            }
+            count(segments, &loc, true);
             index.insert(seq, loc)
         };
         if let Some(old) = old {
-            if let Some(s) = segments.get_mut(&old.segment) {
-                s.live -= old.entry_len();
-            }
+            count(segments, &old, false);
         }
         offset += HEADER as u64 + u64::from(value_len);
     }
@@ -317,6 +433,18 @@ impl MessageLog {
             }
             segments.get_mut(&n).expect("inserted above").size = end;
         }
+        // A shared entry's base is live, so its segment was never retired.
+        if let Some((seq, b)) = index.iter().find_map(|(seq, l)| {
+            l.base
+                .filter(|b| !segments.contains_key(&b.segment))
+                .map(|b| (seq, b))
+        }) {
+            return Err(damaged(
+                &segfile::path(dir, b.segment),
+                u64::from(b.offset),
+                format!("message {seq:016x} shares its body with an entry there, and the segment is missing"),
+            ));
+        }
         let current = match last {
             Some(n) => n,
             None => {
@@ -371,35 +499,59 @@ impl MessageLog {
 
     /// The latest value of `seq`, with its version.
     pub fn get_versioned(&self, seq: u64) -> std::io::Result<Option<(Version, Bytes)>> {
-        let (loc, file) = {
+        let Some(loc) = self.lock().index.get(&seq).copied() else {
+            return Ok(None);
+        };
+        let value = self.read(seq, loc.segment, loc.offset, loc.field())?;
+        let Some(base) = loc.base else {
+            return Ok(Some((Version(loc), value)));
+        };
+        let whole = self.read(seq, base.segment, base.offset, base.len)?;
+        let head = &value[REFERENCE..];
+        let mut v = Vec::with_capacity(head.len() + base.tail as usize);
+        v.extend_from_slice(head);
+        v.extend_from_slice(&whole[(base.len - base.tail) as usize..]);
+        Ok(Some((Version(loc), Bytes::from(v))))
+    }
+
+    /// The value of the entry of `seq` at `offset` in `segment`, whose
+    /// length field is `field`, checked against its checksum.
+    fn read(&self, seq: u64, segment: u32, offset: u32, field: u32) -> std::io::Result<Bytes> {
+        let len = (field & !SHARED) as usize;
+        let offset = u64::from(offset);
+        let file = {
             let inner = self.lock();
-            let Some(&loc) = inner.index.get(&seq) else {
-                return Ok(None);
-            };
-            if loc.segment == inner.current && loc.offset >= inner.written {
-                let start = (loc.offset - inner.written) as usize + HEADER;
-                let value = &inner.buf[start..start + loc.len as usize];
-                return Ok(Some((Version(loc), Bytes::copy_from_slice(value))));
+            if segment == inner.current && offset >= inner.written {
+                let start = (offset - inner.written) as usize + HEADER;
+                return Ok(Bytes::copy_from_slice(&inner.buf[start..start + len]));
             }
-            let file = inner.segments[&loc.segment].file.clone();
-            (loc, file)
+            match inner.segments.get(&segment) {
+                Some(s) => s.file.clone(),
+                None => {
+                    return Err(damaged(
+                        &segfile::path(&self.dir, segment),
+                        offset,
+                        format!("the entry of message {seq:016x} is in a segment that is gone"),
+                    ))
+                }
+            }
         };
         // Read outside the lock. A segment retired meanwhile is still open
         // here, and the checksum tells a read of anything else.
-        let mut entry = vec![0; loc.entry_len() as usize];
-        let path = || segfile::path(&self.dir, loc.segment);
-        file.read_exact_at(&mut entry, loc.offset)
+        let mut entry = vec![0; HEADER + len];
+        let path = || segfile::path(&self.dir, segment);
+        file.read_exact_at(&mut entry, offset)
             .map_err(|e| at(&path(), e))?;
         let crc = u32::from_be_bytes(entry[0..4].try_into().expect("4 bytes"));
         let found = u64::from_be_bytes(entry[4..12].try_into().expect("8 bytes"));
-        if found != seq || entry_crc(seq, loc.len, &entry[HEADER..]) != crc {
+        if found != seq || entry_crc(seq, field, &entry[HEADER..]) != crc {
             return Err(damaged(
                 &path(),
-                loc.offset,
+                offset,
                 format!("the entry of message {seq:016x} does not match its checksum"),
             ));
         }
-        Ok(Some((Version(loc), Bytes::from(entry).slice(HEADER..))))
+        Ok(Bytes::from(entry).slice(HEADER..))
     }
 
     pub fn contains(&self, seq: u64) -> bool {
@@ -421,6 +573,34 @@ impl MessageLog {
         let crc = entry_crc(seq, len, value);
         let mut inner = self.lock();
         self.append(&mut inner, crc, seq, len, value)
+    }
+
+    /// Writes `head` followed by the last `tail` bytes of `seq`'s current
+    /// value as its latest value, without writing those bytes again: the
+    /// entry refers to the whole entry that holds them. False, and nothing
+    /// written, when `seq` has no value or its value does not end with
+    /// `tail` bytes of a whole entry; the caller then writes it whole.
+    pub fn insert_sharing_tail(&self, seq: u64, head: &[u8], tail: usize) -> std::io::Result<bool> {
+        let Ok(tail) = u32::try_from(tail) else {
+            return Ok(false);
+        };
+        let mut inner = self.lock();
+        let Some(base) = inner.index.get(&seq).and_then(|l| l.base_for(tail)) else {
+            return Ok(false);
+        };
+        let value = shared_value(&base, head);
+        let len = u32::try_from(value.len())
+            .ok()
+            .filter(|&l| l <= VALUE_MAX)
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "a message record of {} bytes is over the {VALUE_MAX}-byte limit",
+                    head.len()
+                ))
+            })?;
+        let crc = entry_crc(seq, len | SHARED, &value);
+        self.append(&mut inner, crc, seq, len | SHARED, &value)?;
+        Ok(true)
     }
 
     /// Removes `seq`; true if it was there.
@@ -462,20 +642,21 @@ impl MessageLog {
         let old = if len == TOMBSTONE {
             inner.index.remove(&seq)
         } else {
-            seg.live += entry_len;
-            inner.index.insert(
-                seq,
-                Loc {
-                    segment: current,
-                    offset,
-                    len,
-                },
-            )
+            let base = match len & SHARED {
+                0 => None,
+                _ => reference(value),
+            };
+            let loc = Loc {
+                segment: current,
+                offset: offset as u32,
+                len: len & !SHARED,
+                base,
+            };
+            count(&mut inner.segments, &loc, true);
+            inner.index.insert(seq, loc)
         };
         if let Some(old) = old {
-            if let Some(s) = inner.segments.get_mut(&old.segment) {
-                s.live = s.live.saturating_sub(old.entry_len());
-            }
+            count(&mut inner.segments, &old, false);
         }
         // The entry is in the index now, so it must not be reported as not
         // written: a failed write leaves the buffer for the next sync,
@@ -589,7 +770,7 @@ impl MessageLog {
     /// [`MessageLog::current`] from before its first call ends: what it
     /// moves lands at or after that number. Returns how many entries moved.
     pub fn compact(&self, before: u32) -> std::io::Result<usize> {
-        let (n, seqs) = {
+        let seqs = {
             let inner = self.lock();
             let Some((&n, s)) = inner.segments.iter().next() else {
                 return Ok(0);
@@ -610,24 +791,29 @@ impl MessageLog {
             {
                 return Ok(0);
             }
-            let seqs: Vec<u64> = inner
+            // The seqs whose latest entry, or the base it shares a tail
+            // with, is there: they are written again whole.
+            inner
                 .index
                 .iter()
-                .filter(|(_, l)| l.segment == n)
+                .filter(|(_, l)| l.segment == n || l.base.is_some_and(|b| b.segment == n))
                 .map(|(&seq, _)| seq)
-                .collect();
-            (n, seqs)
+                .collect::<Vec<u64>>()
         };
         let mut moved = 0;
         for seq in seqs {
-            let Some(value) = self.get(seq)? else {
+            let Some((version, value)) = self.get_versioned(seq)? else {
                 continue;
             };
             let crc = entry_crc(seq, value.len() as u32, &value);
             let mut inner = self.lock();
-            // Only if it is still the latest: a write meanwhile already
-            // moved it on.
-            if inner.index.get(&seq).is_some_and(|l| l.segment == n) {
+            // Only if what was read is still the latest: a write meanwhile
+            // already moved it on.
+            if inner
+                .index
+                .get(&seq)
+                .is_some_and(|l| Version(*l) == version)
+            {
                 self.append(&mut inner, crc, seq, value.len() as u32, &value)?;
                 moved += 1;
             }
@@ -926,5 +1112,141 @@ mod tests {
         assert_eq!(in_second, gone);
         assert_eq!(seqs, expected);
         assert_eq!(&log.get(30).unwrap().unwrap()[..], &value[..]);
+    }
+
+    /// The live bytes of each segment, as the log counts them.
+    fn live(log: &MessageLog) -> Vec<(u32, u64)> {
+        let inner = log.lock();
+        inner.segments.iter().map(|(&n, s)| (n, s.live)).collect()
+    }
+
+    #[test]
+    fn a_shared_entry_reads_as_its_head_and_the_tail_of_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"the body, written once";
+        let whole = [b"v1:".as_slice(), body].concat();
+        {
+            let log = MessageLog::open(dir.path(), None).unwrap();
+            assert!(
+                !log.insert_sharing_tail(1, b"v0:", body.len()).unwrap(),
+                "nothing to share yet"
+            );
+            log.insert(1, &whole).unwrap();
+            let before = log.size_on_disk();
+            assert!(log
+                .insert_sharing_tail(1, b"version 2:", body.len())
+                .unwrap());
+            assert_eq!(
+                log.size_on_disk() - before,
+                (HEADER + REFERENCE + 10) as u64,
+                "the body is not written again"
+            );
+            // Read from the buffer, then from the file.
+            assert_eq!(
+                &log.get(1).unwrap().unwrap()[..],
+                b"version 2:the body, written once"
+            );
+            log.sync().unwrap();
+            assert_eq!(
+                &log.get(1).unwrap().unwrap()[..],
+                b"version 2:the body, written once"
+            );
+            // A share of a share takes the same base.
+            let v2 = log.version(1).unwrap();
+            assert!(log.insert_sharing_tail(1, b"3:", body.len()).unwrap());
+            assert_ne!(log.version(1).unwrap(), v2);
+            let base = log.lock().index[&1].base.unwrap();
+            assert_eq!(
+                (base.segment, base.offset, base.tail),
+                (1, 0, body.len() as u32)
+            );
+            // More than the base's tail is not shared.
+            assert!(!log.insert_sharing_tail(1, b"", body.len() + 1).unwrap());
+            // The whole entry and the latest are live; the one in between is not.
+            let live_bytes = (2 * HEADER + whole.len() + REFERENCE + 2) as u64;
+            assert_eq!(live(&log), vec![(1, live_bytes)]);
+            log.insert(2, b"other").unwrap();
+        }
+        let log = MessageLog::open(dir.path(), None).unwrap();
+        assert_eq!(
+            all(&log),
+            vec![
+                (1, b"3:the body, written once".to_vec()),
+                (2, b"other".to_vec())
+            ],
+            "shared entries read back after a reopen"
+        );
+        let live_bytes = (3 * HEADER + whole.len() + REFERENCE + 2 + 5) as u64;
+        assert_eq!(
+            live(&log),
+            vec![(1, live_bytes)],
+            "counted the same at open"
+        );
+        // Written whole again, the base is no longer live.
+        log.insert(1, b"whole").unwrap();
+        assert_eq!(live(&log), vec![(1, (2 * HEADER + 5 + 5) as u64)]);
+    }
+
+    #[test]
+    fn a_shared_base_keeps_its_segment_until_compaction_writes_the_message_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MessageLog::open(dir.path(), None).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let body = vec![9u8; 4000];
+        log.insert(1, &[b"r1".as_slice(), &body].concat()).unwrap();
+        // Fill the first segment and start a third; seq 1 changes state
+        // in the second.
+        for seq in 10..45u64 {
+            log.insert(seq, &big).unwrap();
+        }
+        assert!(log.insert_sharing_tail(1, b"r2", body.len()).unwrap());
+        for seq in 45..80u64 {
+            log.insert(seq, &big).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3);
+        assert_eq!(log.lock().index[&1].segment, 2);
+        for seq in 10..80 {
+            log.remove(seq).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segments(), 3, "the first holds the body seq 1 shares");
+        assert_eq!(log.compact(log.current()).unwrap(), 1);
+        assert_eq!(
+            log.segments(),
+            1,
+            "seq 1 written whole; the first two are gone"
+        );
+        let expected = [b"r2".as_slice(), &body].concat();
+        assert_eq!(&log.get(1).unwrap().unwrap()[..], &expected[..]);
+        assert!(log.lock().index[&1].base.is_none());
+        drop(log);
+        let log = MessageLog::open(dir.path(), None).unwrap();
+        assert_eq!(all(&log), vec![(1, expected)]);
+    }
+
+    #[test]
+    fn a_shared_entry_whose_base_is_missing_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![5u8; 300];
+        {
+            let log = MessageLog::open(dir.path(), None).unwrap();
+            log.insert(7, &[b"a".as_slice(), &body].concat()).unwrap();
+            let big = vec![1u8; 1 << 20];
+            for seq in 10..42u64 {
+                log.insert(seq, &big).unwrap();
+            }
+            assert!(log.insert_sharing_tail(7, b"b", body.len()).unwrap());
+        }
+        std::fs::remove_file(segfile::path(dir.path(), 1)).unwrap();
+        let e = MessageLog::open(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("0000000001.log") && e.contains("0000000000000007"),
+            "{e}"
+        );
+        assert!(e.contains("missing"), "{e}");
     }
 }

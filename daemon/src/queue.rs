@@ -243,6 +243,22 @@ fn decode(seq: u64, v: &[u8]) -> Result<(MessageRecord, Option<usize>), StoreErr
     Ok((rec, at))
 }
 
+/// A record that cannot be encoded: plain data, far below the limit, so
+/// this is not expected; should it happen, nothing is written and the
+/// caller reports it.
+fn encoding(seq: u64, e: &bincode::error::EncodeError) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!(
+        "message {} cannot be encoded: {e}",
+        format_id(seq)
+    )))
+}
+
+/// Inline bodies from this size on are shared by a record's later
+/// versions rather than written again with each (see
+/// [`crate::msglog::MessageLog::insert_sharing_tail`]); a smaller one costs
+/// less to write again than a second read costs when the record is read.
+const SHARE_BODY_MIN: usize = 256;
+
 /// Whether `body` is stored inside its message's value (else in the body
 /// log).
 fn inline(body: &[u8]) -> bool {
@@ -559,7 +575,7 @@ impl Queue {
             body_ref,
             body: new.body,
         };
-        if let Err(e) = self.put(&rec) {
+        if let Err(e) = self.put_new(&rec) {
             self.release_body(body_ref);
             return Err(e.into());
         }
@@ -629,7 +645,17 @@ impl Queue {
         }
     }
 
+    /// Writes a new version of a stored record.
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
+        self.write(rec, true)
+    }
+
+    /// Writes the first version of a record.
+    fn put_new(&self, rec: &MessageRecord) -> Result<(), StoreError> {
+        self.write(rec, false)
+    }
+
+    fn write(&self, rec: &MessageRecord, stored: bool) -> Result<(), StoreError> {
         // A logged body (or one apart, from an older store) was written
         // once, with the message; only its place is written again.
         let body = match (&rec.body_ref, inline(&rec.body)) {
@@ -638,17 +664,34 @@ impl Queue {
             (None, false) => StoredBody::Apart,
         };
         let mut encoded = Ok(0);
-        let value = crate::store::message_value(body, |out| {
+        let record = |out: &mut Vec<u8>| {
             encoded = bincode::serde::encode_into_std_write(rec, out, record_config());
-        });
-        // A record is plain data, far below the limit; should encoding ever
-        // fail, nothing is written and the caller reports it.
-        encoded.map_err(|e| {
-            StoreError::Io(std::io::Error::other(format!(
-                "message {} cannot be encoded: {e}",
-                format_id(rec.seq)
-            )))
-        })?;
+        };
+        let value = match body {
+            // An inline body ends the value, and a message's body never
+            // changes: a new version of a stored record shares it with the
+            // entry that holds it instead of writing it again.
+            StoredBody::Inline(b) => {
+                let mut head = crate::store::message_head(b.len(), record);
+                encoded.map_err(|e| encoding(rec.seq, &e))?;
+                if stored
+                    && b.len() >= SHARE_BODY_MIN
+                    && self
+                        .trees
+                        .messages
+                        .insert_sharing_tail(rec.seq, &head, b.len())?
+                {
+                    return Ok(());
+                }
+                head.extend_from_slice(b);
+                head
+            }
+            body => {
+                let value = crate::store::message_value(body, record);
+                encoded.map_err(|e| encoding(rec.seq, &e))?;
+                value
+            }
+        };
         self.trees.messages.insert(rec.seq, &value)?;
         Ok(())
     }
@@ -1180,7 +1223,7 @@ impl Queue {
             body_ref,
             ..orig.clone()
         };
-        self.put(&copy)?;
+        self.put_new(&copy)?;
         Ok(Some((orig, copy)))
     }
 

@@ -38,7 +38,12 @@ use crate::msglog::MessageLog;
 /// nothing.
 /// 5: message records move from sled's `messages` tree to the message log
 /// ([`crate::msglog`]), as they are; the tree is dropped.
-pub const SCHEMA_VERSION: u32 = 5;
+/// 6: a new version of a message record may share its inline body with the
+/// message-log entry that holds it (a shared entry, see [`crate::msglog`]),
+/// so a change of state does not write the body again. The upgrade
+/// rewrites nothing; a build that reads up to 5 refuses the store instead
+/// of taking a shared entry for damage.
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Bodies up to this size are stored inside their message's value: one
 /// write to enqueue, one read to deliver. Larger ones are appended to the
@@ -111,6 +116,14 @@ pub fn message_value(body: StoredBody<'_>, record: impl FnOnce(&mut Vec<u8>)) ->
         StoredBody::Logged(r) => r.encode(&mut v),
     }
     v
+}
+
+/// The start of a [`message_value`] with an inline body, up to the body:
+/// what a later version of a record writes when it shares the body with
+/// the version that holds it.
+/// The body's `len` bytes go after it, so room is left for them.
+pub fn message_head(len: usize, record: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    framed(LAYOUT_INLINE, 192 + len, record)
 }
 
 /// The layout byte, the record's length (u32 BE) and the record written by
