@@ -499,6 +499,12 @@ impl MessageLog {
 
     /// The latest value of `seq`, with its version.
     pub fn get_versioned(&self, seq: u64) -> std::io::Result<Option<(Version, Bytes)>> {
+        self.get_part(seq, true)
+    }
+
+    /// The latest value of `seq`, or with `whole` false its head alone
+    /// when its entry shares a tail.
+    fn get_part(&self, seq: u64, whole: bool) -> std::io::Result<Option<(Version, Bytes)>> {
         let Some(loc) = self.lock().index.get(&seq).copied() else {
             return Ok(None);
         };
@@ -506,6 +512,9 @@ impl MessageLog {
         let Some(base) = loc.base else {
             return Ok(Some((Version(loc), value)));
         };
+        if !whole {
+            return Ok(Some((Version(loc), value.slice(REFERENCE..))));
+        }
         let whole = self.read(seq, base.segment, base.offset, base.len)?;
         let head = &value[REFERENCE..];
         let mut v = Vec::with_capacity(head.len() + base.tail as usize);
@@ -833,15 +842,26 @@ impl MessageLog {
         }
     }
 
-    /// The records from `from` on, in seq order (or from `from` down, with
-    /// `rev`). Read a chunk at a time: a record written meanwhile may or
+    /// The values from `from` on, in seq order (or from `from` down, with
+    /// `rev`). Read a chunk at a time: a value written meanwhile may or
     /// may not be seen, as with a sled iterator.
     pub fn iter(self: &Arc<Self>, from: u64, rev: bool) -> Iter {
         Iter {
             log: self.clone(),
             next: Some(from),
             rev,
+            whole: true,
             chunk: Vec::new().into_iter(),
+        }
+    }
+
+    /// As [`MessageLog::iter`], but a value whose entry shares a tail
+    /// comes without it: one read each, for scans that want the records
+    /// and not the bodies they end with.
+    pub fn heads(self: &Arc<Self>, from: u64, rev: bool) -> Iter {
+        Iter {
+            whole: false,
+            ..self.iter(from, rev)
         }
     }
 
@@ -906,6 +926,8 @@ pub struct Iter {
     /// Where the next chunk starts; `None` once past the end.
     next: Option<u64>,
     rev: bool,
+    /// Shared tails too, or heads only.
+    whole: bool,
     chunk: std::vec::IntoIter<u64>,
 }
 
@@ -917,7 +939,7 @@ impl Iterator for Iter {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(seq) = self.chunk.next() {
-                match self.log.get_versioned(seq) {
+                match self.log.get_part(seq, self.whole) {
                     Ok(Some((version, v))) => return Some(Ok((seq, version, v))),
                     // Removed since the chunk was taken.
                     Ok(None) => continue,
@@ -1176,6 +1198,11 @@ mod tests {
             ],
             "shared entries read back after a reopen"
         );
+        let heads: Vec<(u64, Vec<u8>)> = log
+            .heads(0, false)
+            .map(|r| r.map(|(s, _, v)| (s, v.to_vec())).unwrap())
+            .collect();
+        assert_eq!(heads, vec![(1, b"3:".to_vec()), (2, b"other".to_vec())]);
         let live_bytes = (3 * HEADER + whole.len() + REFERENCE + 2 + 5) as u64;
         assert_eq!(
             live(&log),

@@ -451,7 +451,7 @@ impl Queue {
             // Error messages that head an ordering line must block it, so
             // collect lines first and settle them after the scan.
             let mut blocked: Vec<(String, String, u64, u64)> = Vec::new();
-            for item in q.trees.messages.iter(0, false) {
+            for item in q.trees.messages.heads(0, false) {
                 let (seq, _, v) = item?;
                 let rec: MessageRecord = decode(seq, &v)?.0;
                 if let Some(r) = &rec.body_ref {
@@ -773,7 +773,7 @@ impl Queue {
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.trees.messages.iter(u64::MAX, true) {
+        for item in self.trees.messages.heads(u64::MAX, true) {
             let (seq, _, v) = item?;
             let mut rec: MessageRecord = decode(seq, &v)?.0;
             if integration.is_some_and(|i| i != rec.integration) {
@@ -1231,7 +1231,7 @@ impl Queue {
     /// oldest first. Returns the copies.
     pub fn repair(&self, integration: &str) -> Result<Vec<MessageRecord>, QueueError> {
         let mut errors: Vec<MessageRecord> = Vec::new();
-        for item in self.trees.messages.iter(0, false) {
+        for item in self.trees.messages.heads(0, false) {
             let (seq, _, v) = item.map_err(StoreError::from)?;
             let rec: MessageRecord = decode(seq, &v)?.0;
             if rec.integration == integration && rec.state == MessageState::Error {
@@ -1291,7 +1291,7 @@ impl Queue {
             }
         }
         let start = self.lock().prune_cursor;
-        for item in self.trees.messages.iter(start, false) {
+        for item in self.trees.messages.heads(start, false) {
             let (seq, version, v) = item?;
             let rec = decode(seq, &v)?.0;
             if (cutoff_ms..=now).contains(&rec.created_ms) {
