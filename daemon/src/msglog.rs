@@ -232,6 +232,12 @@ struct Inner {
     dirty: bool,
 }
 
+/// Where a value is read from (see [`MessageLog::source`]).
+enum Source {
+    Copied(Bytes),
+    File(Arc<File>),
+}
+
 /// The open message log. Shared behind an `Arc`.
 pub struct MessageLog {
     dir: PathBuf,
@@ -505,49 +511,82 @@ impl MessageLog {
     /// The latest value of `seq`, or with `whole` false its head alone
     /// when its entry shares a tail.
     fn get_part(&self, seq: u64, whole: bool) -> std::io::Result<Option<(Version, Bytes)>> {
-        let Some(loc) = self.lock().index.get(&seq).copied() else {
-            return Ok(None);
+        // The entry and its base are found in one look at the index, and
+        // read outside the lock: a segment retired meanwhile is still open
+        // here, and the checksum tells a read of anything else.
+        let (loc, entry, base) = {
+            let inner = self.lock();
+            let Some(&loc) = inner.index.get(&seq) else {
+                return Ok(None);
+            };
+            let entry = self.source(&inner, seq, loc.segment, loc.offset, loc.len)?;
+            let base = match loc.base {
+                Some(b) if whole => {
+                    Some((b, self.source(&inner, seq, b.segment, b.offset, b.len)?))
+                }
+                _ => None,
+            };
+            (loc, entry, base)
         };
-        let value = self.read(seq, loc.segment, loc.offset, loc.field())?;
-        let Some(base) = loc.base else {
+        let value = self.fetch(seq, loc.segment, loc.offset, loc.field(), entry)?;
+        if loc.base.is_none() {
             return Ok(Some((Version(loc), value)));
-        };
-        if !whole {
-            return Ok(Some((Version(loc), value.slice(REFERENCE..))));
         }
-        let whole = self.read(seq, base.segment, base.offset, base.len)?;
-        let head = &value[REFERENCE..];
-        let mut v = Vec::with_capacity(head.len() + base.tail as usize);
-        v.extend_from_slice(head);
-        v.extend_from_slice(&whole[(base.len - base.tail) as usize..]);
+        let head = value.slice(REFERENCE..);
+        let Some((b, source)) = base else {
+            return Ok(Some((Version(loc), head)));
+        };
+        let whole = self.fetch(seq, b.segment, b.offset, b.len, source)?;
+        let mut v = Vec::with_capacity(head.len() + b.tail as usize);
+        v.extend_from_slice(&head);
+        v.extend_from_slice(&whole[(b.len - b.tail) as usize..]);
         Ok(Some((Version(loc), Bytes::from(v))))
     }
 
-    /// The value of the entry of `seq` at `offset` in `segment`, whose
-    /// length field is `field`, checked against its checksum.
-    fn read(&self, seq: u64, segment: u32, offset: u32, field: u32) -> std::io::Result<Bytes> {
-        let len = (field & !SHARED) as usize;
+    /// Where the value of the entry of `seq` at `offset` in `segment`, `len`
+    /// bytes long, is read from: copied from the buffer now, or the
+    /// segment's file to read it from.
+    fn source(
+        &self,
+        inner: &Inner,
+        seq: u64,
+        segment: u32,
+        offset: u32,
+        len: u32,
+    ) -> std::io::Result<Source> {
         let offset = u64::from(offset);
-        let file = {
-            let inner = self.lock();
-            if segment == inner.current && offset >= inner.written {
-                let start = (offset - inner.written) as usize + HEADER;
-                return Ok(Bytes::copy_from_slice(&inner.buf[start..start + len]));
-            }
-            match inner.segments.get(&segment) {
-                Some(s) => s.file.clone(),
-                None => {
-                    return Err(damaged(
-                        &segfile::path(&self.dir, segment),
-                        offset,
-                        format!("the entry of message {seq:016x} is in a segment that is gone"),
-                    ))
-                }
-            }
+        if segment == inner.current && offset >= inner.written {
+            let start = (offset - inner.written) as usize + HEADER;
+            let value = &inner.buf[start..start + len as usize];
+            return Ok(Source::Copied(Bytes::copy_from_slice(value)));
+        }
+        match inner.segments.get(&segment) {
+            Some(s) => Ok(Source::File(s.file.clone())),
+            None => Err(damaged(
+                &segfile::path(&self.dir, segment),
+                offset,
+                format!("the entry of message {seq:016x} is in a segment that is gone"),
+            )),
+        }
+    }
+
+    /// The value of the entry of `seq` at `offset` in `segment`, whose
+    /// length field is `field`, from `source`; read from a file, it is
+    /// checked against its checksum.
+    fn fetch(
+        &self,
+        seq: u64,
+        segment: u32,
+        offset: u32,
+        field: u32,
+        source: Source,
+    ) -> std::io::Result<Bytes> {
+        let file = match source {
+            Source::Copied(value) => return Ok(value),
+            Source::File(file) => file,
         };
-        // Read outside the lock. A segment retired meanwhile is still open
-        // here, and the checksum tells a read of anything else.
-        let mut entry = vec![0; HEADER + len];
+        let offset = u64::from(offset);
+        let mut entry = vec![0; HEADER + (field & !SHARED) as usize];
         let path = || segfile::path(&self.dir, segment);
         file.read_exact_at(&mut entry, offset)
             .map_err(|e| at(&path(), e))?;
