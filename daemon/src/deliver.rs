@@ -465,6 +465,7 @@ mod tests {
             sent_attempt: None,
             body: Bytes::new(),
             body_ref: None,
+            stored_inline: false,
         }
     }
 

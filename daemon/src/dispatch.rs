@@ -143,7 +143,15 @@ async fn work(app: &App, integration: &str, mut seq: u64, shutdown: &Cancellatio
             false => room(&app.catalog(), integration),
         };
         match app.queue.finish_and_take(rec, record, disposition, room) {
-            Ok(Some(next)) => seq = next,
+            Ok(Some(next)) => {
+                seq = next;
+                // An attempt that ends before it waits on anything (the
+                // guard refuses, the request cannot be built) would
+                // otherwise let a worker run through a whole backlog in
+                // one poll and hold its thread: this yields once the
+                // task's budget is spent, as tokio's own I/O does.
+                tokio::task::coop::consume_budget().await;
+            }
             Ok(None) => return,
             Err(e) => {
                 // The record could not be updated; in memory it is released,

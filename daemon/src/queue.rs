@@ -106,6 +106,13 @@ pub struct MessageRecord {
     /// Where the body is in the body log, for a body stored there.
     #[serde(skip)]
     pub body_ref: Option<BodyRef>,
+    /// Whether this record was read from a stored value that ends with
+    /// its body (an inline body), which the next version may then share
+    /// instead of writing it again. Not so for a new record, nor for a body
+    /// read from elsewhere (the body log, or the `bodies` tree of a store
+    /// from schema 2 or older, whatever the body's size).
+    #[serde(skip)]
+    pub stored_inline: bool,
 }
 
 /// One HTTP request made for a message, with what came back.
@@ -574,8 +581,9 @@ impl Queue {
             sent_attempt: None,
             body_ref,
             body: new.body,
+            stored_inline: false,
         };
-        if let Err(e) = self.put_new(&rec) {
+        if let Err(e) = self.put(&rec) {
             self.release_body(body_ref);
             return Err(e.into());
         }
@@ -645,17 +653,7 @@ impl Queue {
         }
     }
 
-    /// Writes a new version of a stored record.
     fn put(&self, rec: &MessageRecord) -> Result<(), StoreError> {
-        self.write(rec, true)
-    }
-
-    /// Writes the first version of a record.
-    fn put_new(&self, rec: &MessageRecord) -> Result<(), StoreError> {
-        self.write(rec, false)
-    }
-
-    fn write(&self, rec: &MessageRecord, stored: bool) -> Result<(), StoreError> {
         // A logged body (or one apart, from an older store) was written
         // once, with the message; only its place is written again.
         let body = match (&rec.body_ref, inline(&rec.body)) {
@@ -669,12 +667,13 @@ impl Queue {
         };
         let value = match body {
             // An inline body ends the value, and a message's body never
-            // changes: a new version of a stored record shares it with the
-            // entry that holds it instead of writing it again.
+            // changes: a new version of a record read from such a value
+            // shares the body with the entry that holds it instead of
+            // writing it again.
             StoredBody::Inline(b) => {
                 let mut head = crate::store::message_head(b.len(), record);
                 encoded.map_err(|e| encoding(rec.seq, &e))?;
-                if stored
+                if rec.stored_inline
                     && b.len() >= SHARE_BODY_MIN
                     && self
                         .trees
@@ -709,6 +708,7 @@ impl Queue {
         match self.trees.messages.get(seq)? {
             Some(v) => {
                 let (mut rec, at) = decode(seq, &v)?;
+                rec.stored_inline = at.is_some();
                 // An inline body stays in the buffer it was read into.
                 rec.body = match (at, &rec.body_ref) {
                     (Some(at), _) => v.slice(at..),
@@ -985,6 +985,9 @@ impl Queue {
         }
 
         let mut st = self.lock();
+        // Nothing new once the queue is closing, whatever the worker saw
+        // before it took the lock.
+        let closing = st.shutting_down;
         if end_state.is_some_and(|s| matches!(s, MessageState::Sent | MessageState::Ignored)) {
             st.finished(seq, now);
         }
@@ -1040,7 +1043,7 @@ impl Queue {
             }
         }
         let (next, wake) = match room {
-            Some(limit) if end_state.is_some() => {
+            Some(limit) if end_state.is_some() && !closing => {
                 let next = lane.take(now, limit).ok();
                 let more = lane.in_flight.len() < limit && !lane.ready.is_empty();
                 (next, next.is_none() || more)
@@ -1221,9 +1224,10 @@ impl Queue {
             // with it when it is pruned.
             body,
             body_ref,
+            stored_inline: false,
             ..orig.clone()
         };
-        self.put_new(&copy)?;
+        self.put(&copy)?;
         Ok(Some((orig, copy)))
     }
 
@@ -1742,6 +1746,14 @@ mod tests {
         let (taken, next) = q.take_due(now_ms(), |_| Some(3));
         assert!(taken.is_empty());
         assert_eq!(next, Some(later));
+        // Nor once the queue is closing, whatever the worker was told.
+        let m5 = enqueue(&q, None).await;
+        let m6 = enqueue(&q, None).await;
+        let (taken, _) = q.take_due(now_ms(), |_| Some(1));
+        assert_eq!(taken, vec![("i".to_string(), m5)]);
+        q.close();
+        assert_eq!(finish(m5, Disposition::Sent, Some(3)), None);
+        assert!(take(&q, 3).contains(&m6), "m6 is still queued");
     }
 
     const DAY: u64 = 24 * 3600 * 1000;
@@ -1887,33 +1899,54 @@ mod tests {
             v.extend_from_slice(body);
             v
         };
+        // Bodies long enough to be shared by a later version, and a value
+        // with its body apart (as schema 2 left them, whatever their size)
+        // longer than its body: its last bytes are its record, not a body
+        // to share.
+        let inline_body = vec![b'i'; SHARE_BODY_MIN];
+        let apart_body = vec![b'a'; SHARE_BODY_MIN];
+        let apart_value = value(2, record(2), b"");
+        assert!(apart_value.len() >= apart_body.len());
         let trees = &st.messages;
         trees
             .messages
-            .insert(1, &value(1, record(1), b"inline"))
+            .insert(1, &value(1, record(1), &inline_body))
             .unwrap();
-        trees.messages.insert(2, &value(2, record(2), b"")).unwrap();
+        trees.messages.insert(2, &apart_value).unwrap();
         trees
             .bodies
-            .insert(2u64.to_be_bytes(), &b"apart"[..])
+            .insert(2u64.to_be_bytes(), &apart_body[..])
             .unwrap();
         let q = Queue::open(&st).unwrap();
         let one = q.record(1).unwrap().unwrap();
         assert_eq!(
             (&one.body[..], one.params["p"].as_str()),
-            (&b"inline"[..], "1")
+            (&inline_body[..], "1")
         );
-        assert_eq!(&q.record(2).unwrap().unwrap().body[..], b"apart");
+        assert_eq!(&q.record(2).unwrap().unwrap().body[..], &apart_body[..]);
         assert_eq!(take(&q, 10), vec![1, 2], "both are queued");
-        done(&q, 1, Disposition::Sent);
-        done(&q, 2, Disposition::Sent);
-        for (seq, body) in [(1u64, &b"inline"[..]), (2, b"apart")] {
+        // A retry, then the delivery: two new versions of each.
+        for seq in [1, 2] {
+            let due_ms = now_ms();
+            done(
+                &q,
+                seq,
+                Disposition::Retry {
+                    due_ms,
+                    counts: true,
+                },
+            );
+            assert_eq!(take(&q, 10), vec![seq]);
+            done(&q, seq, Disposition::Sent);
+        }
+        for (seq, body) in [(1u64, &inline_body[..]), (2, &apart_body[..])] {
             let raw = q.trees.messages.get(seq).unwrap().unwrap();
             let parts = crate::store::message_parts(&raw).unwrap();
             assert_eq!(parts.format, RecordFormat::Binary);
             let rec = q.record(seq).unwrap().unwrap();
             assert_eq!((rec.state, &rec.body[..]), (MessageState::Sent, body));
             assert_eq!(rec.sent_attempt.map(|a| a.n), Some(1));
+            assert_eq!(rec.attempts, 2);
         }
     }
 
