@@ -177,6 +177,19 @@ fn count(segments: &mut BTreeMap<u32, Segment>, loc: &Loc, add: bool) {
     }
 }
 
+/// The length field of an entry holding `value`, if the log takes it.
+fn value_len(value: &[u8]) -> std::io::Result<u32> {
+    u32::try_from(value.len())
+        .ok()
+        .filter(|&l| l <= VALUE_MAX)
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "a message record of {} bytes is over the {VALUE_MAX}-byte limit",
+                value.len()
+            ))
+        })
+}
+
 /// The reference and the head of a shared entry's value.
 fn shared_value(base: &Base, head: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(REFERENCE + head.len());
@@ -609,18 +622,10 @@ impl MessageLog {
     /// Writes `value` as the latest of `seq`. It is durable after the next
     /// [`MessageLog::sync`] that starts after this returns.
     pub fn insert(&self, seq: u64, value: &[u8]) -> std::io::Result<()> {
-        let len = u32::try_from(value.len())
-            .ok()
-            .filter(|&l| l <= VALUE_MAX)
-            .ok_or_else(|| {
-                std::io::Error::other(format!(
-                    "a message record of {} bytes is over the {VALUE_MAX}-byte limit",
-                    value.len()
-                ))
-            })?;
+        let len = value_len(value)?;
         let crc = entry_crc(seq, len, value);
         let mut inner = self.lock();
-        self.append(&mut inner, crc, seq, len, value)
+        self.append(&mut inner, crc, seq, len, value, None)
     }
 
     /// Writes `head` followed by the last `tail` bytes of `seq`'s current
@@ -637,17 +642,9 @@ impl MessageLog {
             return Ok(false);
         };
         let value = shared_value(&base, head);
-        let len = u32::try_from(value.len())
-            .ok()
-            .filter(|&l| l <= VALUE_MAX)
-            .ok_or_else(|| {
-                std::io::Error::other(format!(
-                    "a message record of {} bytes is over the {VALUE_MAX}-byte limit",
-                    head.len()
-                ))
-            })?;
-        let crc = entry_crc(seq, len | SHARED, &value);
-        self.append(&mut inner, crc, seq, len | SHARED, &value)?;
+        let field = value_len(&value)? | SHARED;
+        let crc = entry_crc(seq, field, &value);
+        self.append(&mut inner, crc, seq, field, &value, Some(base))?;
         Ok(true)
     }
 
@@ -658,10 +655,13 @@ impl MessageLog {
         if !inner.index.contains_key(&seq) {
             return Ok(false);
         }
-        self.append(&mut inner, crc, seq, TOMBSTONE, &[])?;
+        self.append(&mut inner, crc, seq, TOMBSTONE, &[], None)?;
         Ok(true)
     }
 
+    /// Appends an entry whose length field is `len` (with [`SHARED`] set
+    /// for an entry sharing the tail of `base`) and makes it the latest of
+    /// `seq`.
     fn append(
         &self,
         inner: &mut Inner,
@@ -669,6 +669,7 @@ impl MessageLog {
         seq: u64,
         len: u32,
         value: &[u8],
+        base: Option<Base>,
     ) -> std::io::Result<()> {
         let entry_len = (HEADER + value.len()) as u64;
         let size = inner.segments[&inner.current].size;
@@ -690,10 +691,6 @@ impl MessageLog {
         let old = if len == TOMBSTONE {
             inner.index.remove(&seq)
         } else {
-            let base = match len & SHARED {
-                0 => None,
-                _ => reference(value),
-            };
             let loc = Loc {
                 segment: current,
                 offset: offset as u32,
@@ -862,7 +859,7 @@ impl MessageLog {
                 .get(&seq)
                 .is_some_and(|l| Version(*l) == version)
             {
-                self.append(&mut inner, crc, seq, value.len() as u32, &value)?;
+                self.append(&mut inner, crc, seq, value.len() as u32, &value, None)?;
                 moved += 1;
             }
         }
