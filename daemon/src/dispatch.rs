@@ -49,11 +49,10 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
         let (jobs, next) = app.queue.take_due(now, |name| room(&catalog, name));
         for (integration, seq) in jobs {
             let app = app.clone();
-            let shutdown = shutdown.clone();
             // Boxed: the worker's future holds a whole exchange, and tokio
             // copies a task's future into place when it spawns it and again
             // when it finishes; a box makes both copies a pointer.
-            let job = Box::pin(async move { work(&app, &integration, seq, &shutdown).await });
+            let job = Box::pin(async move { work(&app, &integration, seq).await });
             workers.spawn(job);
         }
         // One timer for the whole loop, moved only when something falls due
@@ -121,11 +120,11 @@ fn room(catalog: &crate::catalog::Catalog, name: &str) -> Option<usize> {
 
 /// A worker: attempts message `seq` of `integration`, then goes on with
 /// the next message of the same integration that is due when it finishes,
-/// for as long as there is one and the daemon is not stopping. Under load
-/// a worker serves a stream of messages, so a delivery costs neither a
-/// task nor a round through the scheduler; the queue wakes the scheduler
-/// for whatever the worker leaves (see [`crate::queue::Queue::finish_and_take`]).
-async fn work(app: &App, integration: &str, mut seq: u64, shutdown: &CancellationToken) {
+/// for as long as there is one and the queue is not closing. Under load a
+/// worker serves a stream of messages, so a delivery costs neither a task
+/// nor a round through the scheduler; the queue wakes the scheduler for
+/// whatever the worker leaves (see [`crate::queue::Queue::finish_and_take`]).
+async fn work(app: &App, integration: &str, mut seq: u64) {
     loop {
         // At debug only: an info span costs every delivery 5-7% of the
         // daemon's CPU at the default log level (the subscriber formats its
@@ -138,10 +137,7 @@ async fn work(app: &App, integration: &str, mut seq: u64, shutdown: &Cancellatio
         else {
             return;
         };
-        let room = match shutdown.is_cancelled() {
-            true => None,
-            false => room(&app.catalog(), integration),
-        };
+        let room = room(&app.catalog(), integration);
         match app.queue.finish_and_take(rec, record, disposition, room) {
             Ok(Some(next)) => {
                 seq = next;

@@ -927,7 +927,7 @@ impl Queue {
     /// [`Queue::finish`], then, for a message that left the schedule (sent,
     /// ignored or in error) and with `room` (the integration's concurrency,
     /// when it may send), takes the next message of the same integration
-    /// that is due now, in the same lock. The worker that finished goes on
+    /// that is due now, in the same lock, unless the queue is closing. The worker that finished goes on
     /// with it, and the scheduler is woken only when something is left for
     /// it: no message taken, a new due time (a retry, a message put back),
     /// or more that could go now or later in a lane with room.
@@ -985,8 +985,7 @@ impl Queue {
         }
 
         let mut st = self.lock();
-        // Nothing new once the queue is closing, whatever the worker saw
-        // before it took the lock.
+        // Nothing new once the queue is closing (a stop has begun).
         let closing = st.shutting_down;
         if end_state.is_some_and(|s| matches!(s, MessageState::Sent | MessageState::Ignored)) {
             st.finished(seq, now);
@@ -1740,13 +1739,13 @@ mod tests {
         };
         assert_eq!(finish(m3, retry, Some(3)), None);
         assert!(woken(&q));
-        // Not allowed to go on (stopping, paused): nothing taken, woken.
+        // Not allowed to go on (paused, off): nothing taken, woken.
         assert_eq!(finish(m4, Disposition::Sent, None), None);
         assert!(woken(&q));
         let (taken, next) = q.take_due(now_ms(), |_| Some(3));
         assert!(taken.is_empty());
         assert_eq!(next, Some(later));
-        // Nor once the queue is closing, whatever the worker was told.
+        // Nor once the queue is closing, whatever room the worker saw.
         let m5 = enqueue(&q, None).await;
         let m6 = enqueue(&q, None).await;
         let (taken, _) = q.take_due(now_ms(), |_| Some(1));
