@@ -75,12 +75,19 @@ impl Headers {
     /// entry's, that entry's value continued after `", "` (the last value
     /// is at the end of the text).
     fn start(&mut self, name: &str) {
-        if self.iter().last().is_some_and(|(last, _)| last == name) {
+        if self.last_name() == Some(name) {
             self.text.push_str(", ");
         } else {
             self.text.push_str(name);
             self.ends.push((self.text.len(), self.text.len()));
         }
+    }
+
+    /// The name of the last entry.
+    fn last_name(&self) -> Option<&str> {
+        let (&(name_end, _), before) = self.ends.split_last()?;
+        let start = before.last().map_or(0, |&(_, value_end)| value_end);
+        Some(&self.text[start..name_end])
     }
 
     /// Closes the value opened by `start` where the text ends now.
