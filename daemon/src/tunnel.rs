@@ -402,8 +402,15 @@ pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     // what is really in flight).
     transport.max_concurrent_bidi_streams(1024u32.into());
     server.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(server, config.listen)
-        .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))
+    let socket = std::net::UdpSocket::bind(config.listen)
+        .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        outbox_proto::quic::Runtime::new(),
+    )
+    .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))
 }
 
 /// Accepts relays until `shutdown`.

@@ -86,12 +86,20 @@
 //! those and call [`decode_payload`]. A reader that gets bytes in arbitrary
 //! pieces feeds them to a [`FrameDecoder`]. [`decode_one`] decodes the first
 //! frame of a buffer that should hold a whole one.
+//!
+//! # QUIC runtime
+//!
+//! With the `quic` feature, [`quic::Runtime`] is the runtime both sides give
+//! quinn. It does no I/O of its own: it only changes when quinn's drivers
+//! run, so that one wake-up sends what many requests wrote.
 
 mod codec;
 mod decoder;
 mod frame;
 mod handshake;
 mod limits;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod reader;
 mod wire;
 

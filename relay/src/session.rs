@@ -51,11 +51,30 @@ pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     client.transport_config(Arc::new(transport));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
-    let mut endpoint = quinn::Endpoint::client(any6)
-        .or_else(|_| quinn::Endpoint::client(any4))
+    let socket = udp_socket(any6)
+        .or_else(|_| udp_socket(any4))
         .context("cannot open a UDP socket")?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        outbox_proto::quic::Runtime::new(),
+    )
+    .context("cannot open a UDP socket")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// A UDP socket bound to `addr`; an IPv6 one also reaches IPv4 daemons,
+/// whatever the host's `bindv6only`.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Keeps a session to `daemon` until `stop`.

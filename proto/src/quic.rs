@@ -1,0 +1,116 @@
+//! The QUIC runtime both sides give quinn (feature `quic`): tokio's, with
+//! each quinn driver deferred once after a wake-up.
+//!
+//! quinn runs one driver task per endpoint (receiving datagrams) and one per
+//! connection (building and sending packets, timers). Every stream write
+//! wakes the connection's driver, and on tokio's multi-threaded scheduler a
+//! task woken from another task runs next on that thread. So with many
+//! requests in flight the driver ran once per write: one packet, one
+//! `sendmsg`, one acknowledgement to process, per request.
+//!
+//! Here a driver that is woken first puts itself back at the end of its
+//! thread's queue, and does its work when it comes round again. The tasks
+//! queued meanwhile (other requests being written, answers being read) run
+//! first, and the driver then sends what they all wrote in as few packets
+//! and system calls as it can. Under load that is several requests per
+//! wake-up; when idle, the queue is empty and the driver runs at once.
+//!
+//! Measured with `outbox-bench --relay-only --no-ssh` (three runs each way,
+//! taking turns): CPU per message through the relay went from 89.4–92.7 to
+//! 59.1–76.7 µs for the daemon, the relay and the sink together.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// quinn's tokio runtime with deferred drivers; see the module docs.
+#[derive(Debug)]
+pub struct Runtime(quinn::TokioRuntime);
+
+impl Runtime {
+    pub fn new() -> Arc<Runtime> {
+        Arc::new(Runtime(quinn::TokioRuntime))
+    }
+}
+
+impl quinn::Runtime for Runtime {
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        self.0.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.0.spawn(Box::pin(Deferred {
+            driver: future,
+            deferred: false,
+        }))
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        self.0.wrap_udp_socket(socket)
+    }
+}
+
+/// A driver that, woken, first yields once.
+struct Deferred {
+    driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+    deferred: bool,
+}
+
+impl Future for Deferred {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.deferred {
+            // Woken during its own poll, a tokio task is queued behind the
+            // thread's other ready tasks, not run next.
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.deferred = false;
+        self.driver.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The driver runs after the tasks that were ready when it was woken,
+    /// and still runs to completion.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_woken_driver_runs_after_the_tasks_already_queued() {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let driver = {
+            let order = order.clone();
+            let polls = polls.clone();
+            async move {
+                polls.fetch_add(1, Ordering::Relaxed);
+                rx.await.unwrap();
+                order.lock().unwrap().push("driver");
+                done_tx.send(()).unwrap();
+            }
+        };
+        quinn::Runtime::spawn(&*Runtime::new(), Box::pin(driver));
+        tokio::task::yield_now().await;
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "the driver started");
+        // Wake the driver, then queue another task behind it.
+        tx.send(()).unwrap();
+        let other = {
+            let order = order.clone();
+            tokio::spawn(async move { order.lock().unwrap().push("other") })
+        };
+        done_rx.await.unwrap();
+        other.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["other", "driver"]);
+    }
+}
