@@ -31,6 +31,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a message waits before trying again for a MID server that has
 /// no relay connected (a relay connecting wakes the scheduler sooner).
 const MID_WAIT: Duration = Duration::from_secs(5);
+/// The same, once the message has waited before: the wait is already on
+/// record, and only a relay connecting (which wakes it at once) or a change
+/// of connection will move it.
+const MID_WAIT_AGAIN: Duration = Duration::from_secs(60);
 /// Pause before retrying a request whose relay dropped mid-request.
 const RELAY_DROP_PAUSE: Duration = Duration::from_millis(200);
 /// Pause before retrying a request a stopping relay turned away.
@@ -77,7 +81,13 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = app.queue.wake.notified() => {}
-            _ = app.catalog_changed.notified() => {}
+            _ = app.catalog_changed.notified() => {
+                // A connection activated or changed may no longer need the
+                // MID server a message waits for.
+                for name in app.catalog().integrations.keys() {
+                    app.queue.wake_waiting(name);
+                }
+            }
             _ = app.relay_connected.notified() => {
                 // Messages waiting for a MID server that now has a relay go
                 // at once instead of at their next retry.
@@ -231,20 +241,25 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             None => {
                 // Not the remote system's fault: the message stays queued
                 // without using up an attempt, and goes when a relay connects.
+                // The wait is recorded once: a message that was already
+                // waiting for this MID server adds nothing, so an outage
+                // does not grow the store.
+                let error = format!("MID server {mid} is not connected");
+                let again = rec.last_error.as_deref() == Some(error.as_str());
+                let wait = if again { MID_WAIT_AGAIN } else { MID_WAIT };
+                let disposition = Disposition::Retry {
+                    due_ms: now_ms() + wait.as_millis() as u64,
+                    counts: false,
+                };
+                if again {
+                    return Some((rec, None, disposition));
+                }
                 base.via = format!("mid:{mid}");
                 base.method = Some(prepared.method.to_string());
                 base.url = Some(prepared.url.clone());
-                base.error = Some(format!("MID server {mid} is not connected"));
+                base.error = Some(error);
                 base.outcome = format!("waiting for MID server {mid}");
-                let due = now_ms() + MID_WAIT.as_millis() as u64;
-                return Some((
-                    rec,
-                    Some(base),
-                    Disposition::Retry {
-                        due_ms: due,
-                        counts: false,
-                    },
-                ));
+                return Some((rec, Some(base), disposition));
             }
         },
     };

@@ -56,6 +56,9 @@ pub struct Session {
     /// the next heartbeat. A suspect session gets requests only when no
     /// other member of the cluster is left.
     suspect: std::sync::atomic::AtomicBool,
+    /// Set when the relay turned a request away because it is stopping: it
+    /// gets new requests only when no other member of the cluster is left.
+    stopping: std::sync::atomic::AtomicBool,
     conn: quinn::Connection,
 }
 
@@ -113,10 +116,12 @@ impl Relays {
             // A session whose connection is closed is on its way out of the
             // registry; never hand it a request.
             .filter(|s| s.conn.close_reason().is_none())
-            // Healthy before suspect, then the fewest in flight, then the
-            // newest session (a relay that just reconnected is alive).
+            // Healthy before suspect before stopping, then the fewest in
+            // flight, then the newest session (a relay that just reconnected
+            // is alive).
             .min_by_key(|s| {
                 (
+                    s.stopping.load(Ordering::Relaxed),
                     s.suspect.load(Ordering::Relaxed),
                     s.in_flight.load(Ordering::Relaxed),
                     std::cmp::Reverse(s.id),
@@ -298,8 +303,15 @@ impl Session {
                 Err(self.remote(ErrorKind::Timeout, message)),
             ),
             Ok(Err(e)) => {
-                if matches!(e, RelayError::Dropped { .. }) {
-                    self.suspect.store(true, Ordering::Relaxed);
+                match e {
+                    RelayError::Dropped { .. } => self.suspect.store(true, Ordering::Relaxed),
+                    // A relay refuses new requests this way only while it
+                    // drains before stopping.
+                    RelayError::Remote {
+                        kind: ErrorKind::Overloaded,
+                        ..
+                    } => self.stopping.store(true, Ordering::Relaxed),
+                    _ => {}
                 }
                 (Err(SendError::Failed(e.to_string())), Err(e))
             }
@@ -517,6 +529,7 @@ async fn session(
         via: format!("mid:{name} ({address})"),
         in_flight: AtomicUsize::new(0),
         suspect: std::sync::atomic::AtomicBool::new(false),
+        stopping: std::sync::atomic::AtomicBool::new(false),
         conn: conn.clone(),
     });
     relays.add(s.clone());
@@ -526,7 +539,7 @@ async fn session(
     // Control stream: answer heartbeats until the relay goes quiet or away.
     let reason = loop {
         match tokio::time::timeout(HEARTBEAT * 3, control.next()).await {
-            Err(_) => break "no heartbeat for 15s".to_string(),
+            Err(_) => break format!("no heartbeat for {:?}", HEARTBEAT * 3),
             Ok(Err(e)) => break e,
             Ok(Ok(None)) => break "control stream closed".to_string(),
             Ok(Ok(Some(Frame::Heartbeat { seq }))) => {
@@ -541,8 +554,21 @@ async fn session(
         }
     };
     relays.remove(&s);
-    conn.close(3u32.into(), reason.as_bytes());
-    tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+    // A session closed on purpose, by a relay that is stopping or by this
+    // daemon, is not news worth a warning; anything else is.
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let said = String::from_utf8_lossy(&close.reason);
+            tracing::info!(%address, mid_server = %name, session = id, reason = %said, "relay closed its session");
+        }
+        Some(quinn::ConnectionError::LocallyClosed) => {
+            tracing::info!(%address, mid_server = %name, session = id, "relay session closed: the daemon is stopping");
+        }
+        _ => {
+            conn.close(3u32.into(), reason.as_bytes());
+            tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+        }
+    }
 }
 
 /// Why a hello is refused, if it is: unknown name, wrong token (compared in

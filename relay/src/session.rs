@@ -95,24 +95,28 @@ pub async fn keep(
                 _ = stop.cancelled() => break,
                 r = connect(&relay, &endpoint, &daemon) => r,
             };
+            // Full backoff plus up to half again of jitter, so relays that
+            // lost a daemon together do not come back together.
+            let delay = backoff + backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
             match outcome {
                 Ok((conn, control)) => {
                     backoff = BACKOFF_START;
                     let reason = serve(&relay, conn.clone(), control, &stop).await;
-                    conn.close(0u32.into(), b"relay session ends");
                     if stop.is_cancelled() {
+                        conn.close(0u32.into(), b"relay stopping");
                         break;
                     }
+                    conn.close(0u32.into(), b"relay session ends");
                     tracing::warn!(%reason, "session lost; reconnecting");
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot open a session"),
+                Err(e) if e.starts_with(REFUSED) => {
+                    tracing::error!(error = %e, retry_in = ?delay, "refused")
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot open a session"),
             }
-            // Full backoff plus up to half again of jitter, so relays that
-            // lost a daemon together do not come back together.
-            let jitter = backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -122,6 +126,9 @@ pub async fn keep(
 }
 
 type Control = (SendStream, FrameReader<Stream>, Duration);
+
+/// How an error that is the daemon's refusal begins.
+const REFUSED: &str = "the daemon refused this relay";
 
 async fn connect(
     relay: &Relay,
@@ -144,7 +151,15 @@ async fn connect(
                 daemon.address
             )
         })?
-        .map_err(|e| format!("QUIC handshake with {}: {e}", daemon.address))?;
+        .map_err(|e| {
+            let hint = if e.to_string().contains("certificate") {
+                " (is server_ca the CA that signed the daemon's certificate, and does \
+                 the daemon's certificate name this address?)"
+            } else {
+                ""
+            };
+            format!("QUIC handshake with {}: {e}{hint}", daemon.address)
+        })?;
     let limits = Limits::default();
     let hello = async {
         let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -166,20 +181,13 @@ async fn connect(
                 let every = Duration::from_millis(heartbeat_interval_ms.clamp(500, 60_000));
                 Ok((send, control, every))
             }
-            Some(Frame::Reject { reason }) => {
-                Err(format!("the daemon refused this relay: {reason}"))
-            }
+            Some(Frame::Reject { reason }) => Err(format!("{REFUSED}: {reason}")),
             other => Err(format!("expected accept or reject, got {other:?}")),
         }
     };
     let control = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello)
         .await
-        .map_err(|_| "no answer to hello within 10s".to_string())?
-        .inspect_err(|e| {
-            if e.starts_with("the daemon refused") {
-                tracing::error!(error = %e, "refused");
-            }
-        })?;
+        .map_err(|_| format!("no answer to hello within {HANDSHAKE_TIMEOUT:?}"))??;
     Ok((conn, control))
 }
 
