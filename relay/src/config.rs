@@ -47,7 +47,27 @@ impl fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// Reads the value now. The relay's only secret is its token, and an
+    /// empty or whitespace-only one is refused whichever form gave it: it
+    /// is always a mistake (a variable exported empty), which the daemon
+    /// would only answer with a rejected hello.
     fn resolve(&self) -> Result<String, String> {
+        self.read().and_then(|value| self.non_blank(value))
+    }
+
+    /// `value`, read from this secret, unless it is blank.
+    fn non_blank(&self, value: String) -> Result<String, String> {
+        if !value.trim().is_empty() {
+            return Ok(value);
+        }
+        Err(match self {
+            Secret::Literal(_) => "is empty".to_string(),
+            Secret::Env { env } => format!("environment variable {env} is empty"),
+            Secret::File { file } => format!("secret file {} is empty", file.display()),
+        })
+    }
+
+    fn read(&self) -> Result<String, String> {
         match self {
             Secret::Literal(s) => Ok(s.clone()),
             Secret::Env { env } => {
@@ -63,7 +83,9 @@ impl Secret {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| format!("secret file {} cannot be read: {e}", path.display()))?;
                 let value = text.trim_end_matches(['\n', '\r']).to_string();
-                if value.is_empty() {
+                // Checked here too, to name the file where it was found
+                // (under $CREDENTIALS_DIRECTORY or not).
+                if value.trim().is_empty() {
                     return Err(format!("secret file {} is empty", path.display()));
                 }
                 Ok(value)
@@ -171,19 +193,16 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
-        Self::parse(&text)
+        Self::parse_from(&text, Some(path))
     }
 
+    /// Validates a configuration given as text; its errors name no file.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            let key = msg
-                .split('`')
-                .nth(1)
-                .map(str::to_string)
-                .unwrap_or_else(|| "config".to_string());
-            err(key, msg.replace('\n', " "))
-        })?;
+        Self::parse_from(text, None)
+    }
+
+    fn parse_from(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
         let name_ok = |n: &str| {
             !n.is_empty()
                 && n.len() <= 128
@@ -311,6 +330,251 @@ impl Config {
     }
 }
 
+/// A TOML error as a [`ConfigError`]: the key path where the parser stopped
+/// (`concurrency`, `protocol_profile[acme].client_crt`), and as the
+/// problem, the parser's message on one line, then the file, line and
+/// column. The parser gives only a byte span; the key path is found by
+/// reading the document again as a tree of spans ([`Node`]), or, when it
+/// is not even TOML, from the lines above the error.
+fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigError {
+    let message = e
+        .message()
+        .trim()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let at = e.span().map(|span| {
+        let mut at = span.start.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    });
+    let key = at
+        .and_then(|at| match toml::from_str::<Node>(text) {
+            Ok(root) => {
+                let mut path = String::new();
+                root.locate(at, &mut path);
+                // "missing field `x`" points at the table that lacks it.
+                if let Some(field) = message
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.split('`').next())
+                {
+                    push_key(&mut path, field);
+                }
+                Some(path)
+            }
+            Err(_) => key_above(text, at),
+        })
+        .filter(|key| !key.is_empty())
+        .unwrap_or_else(|| match file {
+            Some(f) => f.display().to_string(),
+            None => "config".to_string(),
+        });
+    let place = at.map(|at| {
+        // An error at the very end (an unclosed array) is placed at the
+        // end of the last line rather than on the empty line after it.
+        let before = match text[..at].strip_suffix('\n') {
+            Some(trimmed) if at == text.len() => trimmed,
+            _ => &text[..at],
+        };
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        format!("line {line}, column {column}")
+    });
+    let place = match (file, place) {
+        (Some(f), Some(p)) => format!(" ({}, {p})", f.display()),
+        (Some(f), None) => format!(" ({})", f.display()),
+        (None, Some(p)) => format!(" ({p})"),
+        (None, None) => String::new(),
+    };
+    err(key, format!("{message}{place}"))
+}
+
+/// A TOML document as the spans of its keys and values, to find the key
+/// path at a byte offset. String values are kept: an element of an array
+/// of tables is named by its `name`, as validation names it.
+enum Node {
+    Table(Vec<(toml::Spanned<String>, toml::Spanned<Node>)>),
+    Array(Vec<toml::Spanned<Node>>),
+    Str(String),
+    Other,
+}
+
+impl Node {
+    /// Appends to `path` the keys down to the narrowest key or value that
+    /// holds offset `at`.
+    fn locate(&self, at: usize, path: &mut String) {
+        let len = |span: std::ops::Range<usize>| span.end - span.start;
+        match self {
+            Node::Table(entries) => {
+                let hit = entries
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        [
+                            (k.span(), k.get_ref(), None),
+                            (v.span(), k.get_ref(), Some(v.get_ref())),
+                        ]
+                    })
+                    .filter(|(span, _, _)| span.contains(&at))
+                    .min_by_key(|(span, _, _)| len(span.clone()));
+                if let Some((_, key, value)) = hit {
+                    push_key(path, key);
+                    if let Some(value) = value {
+                        value.locate(at, path);
+                    }
+                }
+            }
+            Node::Array(items) => {
+                let hit = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, item)| item.span().contains(&at))
+                    .min_by_key(|(_, item)| len(item.span()));
+                if let Some((i, item)) = hit {
+                    path.push_str(&format!("[{}]", item.get_ref().label(i)));
+                    item.get_ref().locate(at, path);
+                }
+            }
+            Node::Str(_) | Node::Other => {}
+        }
+    }
+
+    /// How element `i` of an array is named: a table by its `name` (or
+    /// `#n`, counted from 1, as validation does), anything else by index.
+    fn label(&self, i: usize) -> String {
+        let Node::Table(entries) = self else {
+            return i.to_string();
+        };
+        entries
+            .iter()
+            .find_map(|(k, v)| match v.get_ref() {
+                Node::Str(name) if k.get_ref() == "name" && !name.is_empty() => Some(name.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("#{}", i + 1))
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Node, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Node, E> {
+                Ok(Node::Str(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Node::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Node::Table(entries))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn push_key(path: &mut String, key: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(key);
+}
+
+/// The key path at offset `at` of a text that is not valid TOML, as well as
+/// its lines tell: the last table header above it and the last key
+/// assigned there, skipping the lines of an array or inline table still
+/// open (its key is the one that opened it).
+fn key_above(text: &str, at: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut key = None;
+    let mut counts = BTreeMap::<String, usize>::new();
+    // Brackets and braces open across lines, outside strings and comments.
+    let mut depth = 0usize;
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        if start > at {
+            break;
+        }
+        start += line.len();
+        let line = line.trim();
+        let value = if depth > 0 {
+            line
+        } else if let Some(header) = line.strip_prefix("[[") {
+            let name = header.split("]]").next().unwrap_or(header).trim();
+            let n = counts.entry(name.to_string()).or_default();
+            *n += 1;
+            table = format!("{name}[#{n}]");
+            key = None;
+            continue;
+        } else if let Some(header) = line.strip_prefix('[') {
+            table = header
+                .split(']')
+                .next()
+                .unwrap_or(header)
+                .trim()
+                .to_string();
+            key = None;
+            continue;
+        } else if let Some((name, value)) = line.split_once('=') {
+            let name = name.trim();
+            let plausible = !name.is_empty()
+                && name.chars().all(|c| {
+                    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | '\'' | ' ')
+                });
+            if plausible {
+                key = Some(name.to_string());
+            }
+            value
+        } else {
+            continue;
+        };
+        let mut quote = None;
+        for c in value.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => depth += 1,
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    let mut path = table;
+    if let Some(key) = key {
+        push_key(&mut path, &key);
+    }
+    Some(path)
+}
+
 fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
     std::fs::metadata(path)
         .map(|_| ())
@@ -387,5 +651,107 @@ mod tests {
         let (_d, text) = with_ca("");
         let e = Config::parse(&text.replace("127.0.0.1:4433", "nowhere")).unwrap_err();
         assert_eq!(e.key, "daemons[0]");
+    }
+
+    #[test]
+    fn a_blank_token_is_refused_in_every_form() {
+        let (dir, text) = with_ca("");
+        let blank_file = dir.path().join("relay-token");
+        std::fs::write(&blank_file, " \n").unwrap();
+        let forms = [
+            ("\"\"".to_string(), "is empty".to_string()),
+            ("\" \t\"".to_string(), "is empty".to_string()),
+            (
+                format!("{{ file = {:?} }}", blank_file.display().to_string()),
+                format!("secret file {} is empty", blank_file.display()),
+            ),
+        ];
+        for (token, problem) in forms {
+            let text = text.replace("token = \"t\"", &format!("token = {token}"));
+            let e = Config::parse(&text).expect_err(&text);
+            assert_eq!(
+                (e.key.as_str(), e.problem.as_str()),
+                ("token", problem.as_str())
+            );
+        }
+        // An environment variable set but empty: checked on the value read,
+        // so the test need not change the process environment, which other
+        // tests running at the same time read.
+        let env = Secret::Env { env: "X".into() };
+        assert_eq!(
+            env.non_blank(String::new()),
+            Err("environment variable X is empty".to_string())
+        );
+        assert_eq!(env.non_blank("t".into()), Ok("t".to_string()));
+    }
+
+    #[test]
+    fn toml_errors_name_the_key_file_line_and_column() {
+        let (dir, text) = with_ca("");
+        let path = dir.path().join("relay.toml");
+        let cases = [
+            // Not TOML at all: an array left open, at the end and before
+            // other keys.
+            (
+                "name = \"dc1\"\ntoken = [\n".to_string(),
+                "token",
+                "invalid array, expected `]`",
+                "line 2, column 10",
+            ),
+            (
+                text.replace("token = \"t\"", "token = [ # open"),
+                "token",
+                "expected `]`",
+                "line 3, column 1",
+            ),
+            (
+                format!("{text}concurrency = \"64\"\n"),
+                "concurrency",
+                "invalid type: string \"64\", expected u32",
+                "line 5, column 15",
+            ),
+            (
+                format!(
+                    "{text}[[protocol_profile]]\nname = \"a\"\nca = \"/a\"\n\n\
+                     [[protocol_profile]]\nname = \"p\"\nclient_crt = \"x\"\n"
+                ),
+                "protocol_profile[p].client_crt",
+                "unknown field `client_crt`",
+                "line 11, column 1",
+            ),
+            (
+                format!("{text}[[protocol_profile]]\nclient_cert = \"x\"\n"),
+                "protocol_profile[#1].name",
+                "missing field `name`",
+                "line 5, column 1",
+            ),
+            (
+                format!("{text}[log]\nlevel = 5\n"),
+                "log.level",
+                "invalid type: integer `5`",
+                "line 6, column 9",
+            ),
+            (
+                format!("{text}allow = [\n  \"10.0.0.0/8\",\n  5,\n]\n"),
+                "allow[1]",
+                "invalid type: integer `5`",
+                "line 7, column 3",
+            ),
+            (
+                text.replace("token = \"t\"", "token = { env = 5 }"),
+                "token",
+                "untagged enum Secret",
+                "line 2, column 9",
+            ),
+        ];
+        for (text, key, message, place) in cases {
+            std::fs::write(&path, &text).unwrap();
+            let e = Config::load(&path).expect_err(&text);
+            assert_eq!(e.key, key, "{text}\n{e}");
+            assert!(e.problem.contains(message), "{e}");
+            let at = format!("({}, {place})", path.display());
+            assert!(e.problem.ends_with(&at), "{e}\nshould end with {at}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
     }
 }

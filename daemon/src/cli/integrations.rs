@@ -30,11 +30,11 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
     }
     let changed = v["changed"].as_array().cloned().unwrap_or_default();
     if changed.is_empty() {
-        println!("applied {file}: nothing changed");
+        outln!("applied {file}: nothing changed");
     } else {
-        println!("applied {file}:");
+        outln!("applied {file}:");
         for c in changed {
-            println!(
+            outln!(
                 "  {}: {}{}",
                 cell(&c, "integration"),
                 cell(&c, "state"),
@@ -49,7 +49,7 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
 }
 
 pub async fn export(api: &ApiClient) -> CliResult {
-    print!("{}", api.get_text("/v1/export").await?);
+    out!("{}", api.get_text("/v1/export").await?);
     Ok(())
 }
 
@@ -172,7 +172,7 @@ fn summary(json: bool, v: &Value) {
     if json {
         super::table::json(v);
     } else {
-        println!(
+        outln!(
             "{}: {}{}",
             cell(v, "name"),
             cell(v, "state"),
@@ -200,13 +200,13 @@ pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
         super::table::json(&v);
     } else {
         let ok = v["ok"].as_bool() == Some(true);
-        println!(
+        outln!(
             "{i}/{c} ({}): {}",
             cell(&v, "environment"),
             if ok { "reachable" } else { "FAILED" }
         );
         for a in v["attempts"].as_array().cloned().unwrap_or_default() {
-            println!(
+            outln!(
                 "  {} {} -> {} ({} ms)",
                 cell(&a, "method"),
                 cell(&a, "url"),
@@ -217,7 +217,7 @@ pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
                 cell(&a, "duration_ms")
             );
         }
-        println!(
+        outln!(
             "  instance guard: {} ({})",
             if v["guard"]["ok"].as_bool() == Some(true) {
                 "passes"
@@ -227,8 +227,8 @@ pub async fn test(api: &ApiClient, json: bool, target: &str) -> CliResult {
             v["guard"]["message"].as_str().unwrap_or("")
         );
         match (v["tls_days_left"].as_i64(), v["tls_error"].as_str()) {
-            (Some(d), _) => println!("  TLS certificate: {d} days left"),
-            (None, Some(e)) => println!("  TLS certificate: {e}"),
+            (Some(d), _) => outln!("  TLS certificate: {d} days left"),
+            (None, Some(e)) => outln!("  TLS certificate: {e}"),
             _ => {}
         }
     }
@@ -277,7 +277,7 @@ pub async fn status(api: &ApiClient, json: bool) -> CliResult {
         super::table::json(&v);
         return Ok(());
     }
-    println!(
+    outln!(
         "outboxd {} on {}: {} queued, {} sending, {} in error, store {} bytes",
         cell(&v, "version"),
         cell(&v, "instance_name"),
@@ -286,7 +286,7 @@ pub async fn status(api: &ApiClient, json: bool) -> CliResult {
         cell(&v, "errors"),
         cell(&v, "store_bytes"),
     );
-    println!();
+    outln!();
     let rows = rows(&v["integrations"], |i| {
         vec![
             cell(i, "name"),
@@ -318,9 +318,9 @@ pub async fn status(api: &ApiClient, json: bool) -> CliResult {
         &rows,
     );
     if let Some(mids) = v["mid_servers"].as_array() {
-        println!();
+        outln!();
         for m in mids {
-            println!(
+            outln!(
                 "MID server {}: {} relay(s) connected",
                 cell(m, "name"),
                 m["sessions"].as_array().map_or(0, |s| s.len())

@@ -72,12 +72,12 @@ pub async fn send(api: &ApiClient, json: bool, a: SendArgs) -> CliResult {
     if json {
         super::table::json(&v);
     } else if v["duplicate"].as_bool() == Some(true) {
-        println!(
+        outln!(
             "{} (already enqueued with this idempotency key)",
             cell(&v, "id")
         );
     } else {
-        println!("{} {}", cell(&v, "id"), cell(&v, "state"));
+        outln!("{} {}", cell(&v, "id"), cell(&v, "state"));
     }
     Ok(())
 }
@@ -135,7 +135,7 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
         super::table::json(&v);
         return Ok(());
     }
-    println!("message {}", cell(&v, "id"));
+    outln!("message {}", cell(&v, "id"));
     for k in [
         "integration",
         "message",
@@ -150,13 +150,13 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
         "last_error",
     ] {
         if !v[k].is_null() {
-            println!("  {k:<16}{}", cell(&v, k));
+            outln!("  {k:<16}{}", cell(&v, k));
         }
     }
     let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
-    println!("  attempts ({}):", attempts.len());
+    outln!("  attempts ({}):", attempts.len());
     for a in attempts {
-        println!(
+        outln!(
             "    #{} {} {} via {} [{} {}] -> {} in {} ms: {}",
             cell(&a, "n"),
             cell(&a, "method"),
@@ -185,9 +185,9 @@ pub async fn act(api: &ApiClient, json: bool, id: &str, action: &str) -> CliResu
     if json {
         super::table::json(&v);
     } else if action == "replay" {
-        println!("{id} replayed as {}", cell(&v, "id"));
+        outln!("{id} replayed as {}", cell(&v, "id"));
     } else {
-        println!("{id} {}", cell(&v, "state"));
+        outln!("{id} {}", cell(&v, "state"));
     }
     Ok(())
 }
@@ -202,7 +202,7 @@ pub async fn repair(api: &ApiClient, json: bool, integration: &str) -> CliResult
     if json {
         super::table::json(&v);
     } else {
-        println!(
+        outln!(
             "{integration}: replayed {} message(s) in error",
             cell(&v, "replayed")
         );

@@ -2,11 +2,31 @@
 //! never opens the store.
 //!
 //! Exit status: 0 on success, 1 when the daemon refuses the operation (or
-//! cannot be reached), 2 on bad usage.
+//! cannot be reached), 2 on bad usage. A reader that stops reading early
+//! changes none of these (see [`out`]).
+
+/// `print!` to standard output through [`out::write`], which ends the
+/// output quietly when the reader has gone (`outbox status | head -1`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::out::write(format_args!($($arg)*))
+    };
+}
+
+/// `println!` through [`out::write`].
+macro_rules! outln {
+    () => {
+        $crate::cli::out::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::out::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 mod client;
 mod integrations;
 mod messages;
+mod out;
 mod pki;
 mod table;
 
@@ -149,8 +169,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => Err(CliError::Refused(format!("cannot start: {e}"))),
     };
+    // After a write error other than a closed pipe, the output is
+    // incomplete: the command did not do all it was asked.
+    let written = out::finish();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) if written => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(1),
         Err(CliError::Refused(e)) => {
             eprintln!("outbox: {e}");
             ExitCode::from(1)
@@ -229,7 +253,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Status => integrations::status(&api, json).await,
         Command::Docs => {
             let text = api.get_text("/v1/docs").await?;
-            print!("{text}");
+            out!("{text}");
             Ok(())
         }
         Command::Pki { .. } => Ok(()),

@@ -99,11 +99,11 @@ pub fn init(dir: &Path, hosts: &[String], mid_server: &str) -> CliResult {
     );
     write(dir, "outboxd.toml", &daemon_toml, 0o644)?;
     write(dir, "relay.toml", &relay_toml, 0o644)?;
-    println!(
+    outln!(
         "wrote {d}: ca.crt, ca.key, daemon.crt, daemon.key, relay-token, outboxd.toml, relay.toml"
     );
-    println!("daemon certificate names: {}", hosts.join(", "));
-    println!("next: merge outboxd.toml into the daemon's config; copy ca.crt, relay-token and relay.toml to the relay host");
+    outln!("daemon certificate names: {}", hosts.join(", "));
+    outln!("next: merge outboxd.toml into the daemon's config; copy ca.crt, relay-token and relay.toml to the relay host");
     Ok(())
 }
 
