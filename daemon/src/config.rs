@@ -243,7 +243,7 @@ impl Config {
             raw.api.listen.as_deref().unwrap_or(defaults::API_LISTEN),
         )?;
         let token = match raw.api.token {
-            Some(secret) => Some(resolve("api.token", &secret)?),
+            Some(secret) => Some(resolve_token("api.token", &secret)?),
             None => None,
         };
         let max_body = parse_size(
@@ -266,7 +266,12 @@ impl Config {
                 )?;
                 let cert = readable_file("tunnel.cert", &t.cert)?;
                 let key = readable_file("tunnel.key", &t.key)?;
-                Some(TunnelConfig { listen, cert, key })
+                let tunnel = TunnelConfig { listen, cert, key };
+                // Built here only to be checked: a certificate and key that
+                // do not make a pair are a configuration error (exit 2),
+                // found before anything is bound.
+                tunnel_tls(&tunnel)?;
+                Some(tunnel)
             }
             None => None,
         };
@@ -278,8 +283,21 @@ impl Config {
                     "a MID server name uses letters, digits, '.', '_' and '-' only",
                 ));
             }
-            let token = resolve(&format!("mid_servers.{name}.token"), &mid.token)?;
+            let token = resolve_token(&format!("mid_servers.{name}.token"), &mid.token)?;
             mid_servers.insert(name, MidServerConfig { token });
+        }
+        // Relays reach the daemon only through the tunnel: without it, every
+        // message through a MID server would wait for a relay that cannot
+        // connect.
+        if let (None, Some(name)) = (&tunnel, mid_servers.keys().next()) {
+            return Err(err(
+                "tunnel",
+                format!(
+                    "is not configured, but mid_servers.{name} is: the tunnel must be configured \
+                     for MID servers to connect (a [tunnel] section with cert and key; \
+                     `outbox pki init DIR` writes both)"
+                ),
+            ));
         }
 
         let level = raw
@@ -402,11 +420,61 @@ fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn resolve(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError> {
+/// A token of the config (`api.token`, `mid_servers.NAME.token`): read now,
+/// and refused when blank (see [`Secret::resolve_token`]).
+fn resolve_token(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError> {
     secret
-        .resolve()
+        .resolve_token()
         .map(SecretValue::new)
         .map_err(|e| err(key, e.to_string()))
+}
+
+/// The TLS settings the tunnel listens with: TLS 1.3, the tunnel's ALPN,
+/// and the certificate chain of `tunnel.cert` with the private key of
+/// `tunnel.key`, checked to be a pair. [`Config::load`] builds it once to
+/// check the files, so a wrong one is a configuration error before any
+/// socket is bound; the tunnel builds it again when it listens.
+pub fn tunnel_tls(tunnel: &TunnelConfig) -> Result<rustls::ServerConfig, ConfigError> {
+    use rustls::pki_types::pem::{self, PemObject};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_path = tunnel.cert.display();
+    let key_path = tunnel.key.display();
+    let certs = CertificateDer::pem_file_iter(&tunnel.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err("tunnel.cert", format!("{cert_path}: {e}")))?;
+    if certs.is_empty() {
+        return Err(err(
+            "tunnel.cert",
+            format!("{cert_path} holds no PEM certificate"),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tunnel.key).map_err(|e| match e {
+        pem::Error::NoItemsFound => {
+            err("tunnel.key", format!("{key_path} holds no PEM private key"))
+        }
+        other => err("tunnel.key", format!("{key_path}: {other}")),
+    })?;
+    let provider = crate::client::provider();
+    // Loaded once on its own so that a key rustls cannot use is reported
+    // as the key's problem, not the pair's.
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| err("tunnel.key", format!("{key_path}: {e}")))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| err("tunnel", format!("TLS 1.3: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => err(
+                "tunnel.key",
+                format!("{key_path} is not the private key of the certificate in {cert_path} (tunnel.cert)"),
+            ),
+            other => err("tunnel.cert", format!("{cert_path}: {other}")),
+        })?;
+    tls.alpn_protocols = vec![outbox_proto::ALPN.to_vec()];
+    Ok(tls)
 }
 
 fn readable_file(key: &str, path: &str) -> Result<PathBuf, ConfigError> {
@@ -509,6 +577,110 @@ mod tests {
             assert_eq!(e.key, key, "{text}: {e}");
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+
+    /// A certificate and its key, and a second key that is not its, written
+    /// into `dir`: (cert, key, other key).
+    fn tunnel_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let files = (
+            dir.join("daemon.crt"),
+            dir.join("daemon.key"),
+            dir.join("other.key"),
+        );
+        std::fs::write(&files.0, pair.cert.pem()).unwrap();
+        std::fs::write(&files.1, pair.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&files.2, other.serialize_pem()).unwrap();
+        files
+    }
+
+    fn tunnel_section(cert: &Path, key: &Path) -> String {
+        format!(
+            "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    }
+
+    #[test]
+    fn blank_tokens_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = tunnel_files(dir.path());
+        let tunnel = tunnel_section(&cert, &key);
+        let blank_file = dir.path().join("blank-token");
+        std::fs::write(&blank_file, "  \n").unwrap();
+        let cases = [
+            (
+                "[mid_servers.dc1]\ntoken = \"\"".to_string(),
+                "mid_servers.dc1.token",
+            ),
+            (
+                "[mid_servers.dc1]\ntoken = \" \t\"".to_string(),
+                "mid_servers.dc1.token",
+            ),
+            (
+                format!(
+                    "[mid_servers.dc1]\ntoken = {{ file = {:?} }}",
+                    blank_file.display().to_string()
+                ),
+                "mid_servers.dc1.token",
+            ),
+            ("[api]\ntoken = \"\"".to_string(), "api.token"),
+        ];
+        for (section, key) in cases {
+            let text = format!("{tunnel}{section}");
+            let e = load_str(&text).expect_err(&text);
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.problem.contains("is empty"), "{e}");
+        }
+        let ok = load_str(&format!("{tunnel}[mid_servers.dc1]\ntoken = \"t\"")).unwrap();
+        assert_eq!(ok.mid_servers["dc1"].token.expose(), "t");
+    }
+
+    #[test]
+    fn the_tunnel_certificate_and_key_must_be_a_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, other) = tunnel_files(dir.path());
+        let c = load_str(&tunnel_section(&cert, &key)).unwrap();
+        let tls = tunnel_tls(c.tunnel.as_ref().unwrap()).unwrap();
+        assert_eq!(tls.alpn_protocols, [outbox_proto::ALPN.to_vec()]);
+        let cases = [
+            (
+                &cert,
+                &cert,
+                "tunnel.key",
+                &cert,
+                "holds no PEM private key",
+            ),
+            (
+                &cert,
+                &other,
+                "tunnel.key",
+                &other,
+                "is not the private key",
+            ),
+            (&key, &key, "tunnel.cert", &key, "holds no PEM certificate"),
+        ];
+        for (cert, key, name, path, problem) in cases {
+            let text = tunnel_section(cert, key);
+            let e = load_str(&text).expect_err(&text);
+            assert_eq!(e.key, name, "{text}: {e}");
+            assert!(e.problem.contains(&path.display().to_string()), "{e}");
+            assert!(e.problem.contains(problem), "{e}");
+        }
+    }
+
+    #[test]
+    fn mid_servers_need_the_tunnel() {
+        let e = load_str("[mid_servers.dc1]\ntoken = \"t\"").unwrap_err();
+        assert_eq!(e.key, "tunnel", "{e}");
+        assert!(e.problem.contains("mid_servers.dc1"), "{e}");
+        assert!(
+            e.problem
+                .contains("the tunnel must be configured for MID servers to connect"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub enum SecretError {
     FileUnreadable { path: String, reason: String },
     #[error("secret file {0} is empty")]
     FileEmpty(String),
+    #[error("environment variable {0} is empty")]
+    EnvEmpty(String),
+    #[error("is empty")]
+    LiteralEmpty,
     #[error("secret is masked (\"***\"): give the value or an env/file reference")]
     Masked,
 }
@@ -83,6 +87,32 @@ impl Secret {
                 Ok(value.to_string())
             }
         }
+    }
+
+    /// Reads a token the daemon compares with what a client presents (the
+    /// API token, a MID server's token): as [`Secret::resolve`], but a value
+    /// that is empty or only whitespace is refused, whichever form gave it.
+    ///
+    /// An empty token keeps nobody out who presents an empty one (for the
+    /// API, `Authorization: Bearer ` with nothing after it), and it is
+    /// always a mistake, such as a variable exported empty. Passwords and client
+    /// secrets keep [`Secret::resolve`]: an empty password is a real thing
+    /// (some services take an API key as the basic-auth user name and an
+    /// empty password), and those are the remote system's to judge.
+    pub fn resolve_token(&self) -> Result<String, SecretError> {
+        self.resolve().and_then(|value| self.non_blank(value))
+    }
+
+    /// `value`, read from this secret, unless it is blank.
+    fn non_blank(&self, value: String) -> Result<String, SecretError> {
+        if !value.trim().is_empty() {
+            return Ok(value);
+        }
+        Err(match self {
+            Secret::Literal(_) => SecretError::LiteralEmpty,
+            Secret::Env { env } => SecretError::EnvEmpty(env.clone()),
+            Secret::File { file } => SecretError::FileEmpty(locate(file).display().to_string()),
+        })
     }
 
     /// The same reference with a literal value replaced by the mask, for
@@ -166,6 +196,39 @@ mod tests {
         ));
         std::fs::write(&path, "\n").unwrap();
         assert!(matches!(s.resolve(), Err(SecretError::FileEmpty(_))));
+    }
+
+    #[test]
+    fn a_blank_token_is_refused_in_every_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, " \n").unwrap();
+        let cases = [
+            (Secret::Literal(String::new()), SecretError::LiteralEmpty),
+            (Secret::Literal("  ".into()), SecretError::LiteralEmpty),
+            (
+                Secret::File { file: path.clone() },
+                SecretError::FileEmpty(path.display().to_string()),
+            ),
+        ];
+        for (secret, expected) in cases {
+            assert_eq!(secret.resolve_token(), Err(expected), "{secret:?}");
+        }
+        // An environment variable set but empty: checked on the value read,
+        // so the test need not change the process environment, which other
+        // tests running at the same time read.
+        let env = Secret::Env { env: "X".into() };
+        assert_eq!(
+            env.non_blank(" ".into()),
+            Err(SecretError::EnvEmpty("X".into()))
+        );
+        assert_eq!(
+            SecretError::EnvEmpty("X".into()).to_string(),
+            "environment variable X is empty"
+        );
+        // Other secrets keep an empty literal: an empty password is valid.
+        assert_eq!(Secret::Literal(String::new()).resolve().unwrap(), "");
+        assert_eq!(Secret::Literal("t".into()).resolve_token().unwrap(), "t");
     }
 
     #[test]

@@ -390,20 +390,8 @@ impl ChunkSource for Stream {
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.
 pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
-        .with_context(|| format!("tunnel.cert {}", config.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("tunnel.cert {}", config.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&config.key)
-        .with_context(|| format!("tunnel.key {}", config.key.display()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(crate::client::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("tunnel.cert and tunnel.key do not form a valid pair")?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // The same check the config's validation made: one place loads the pair.
+    let tls = crate::config::tunnel_tls(config)?;
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("tunnel TLS settings")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

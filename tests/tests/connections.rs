@@ -70,11 +70,22 @@ name = "acme-inbound"
 password = { env = "ACME_INBOUND_PW" }
 "#;
 
+/// A daemon with MID server dc1 configured, and so its tunnel, whose
+/// certificate and key are written next to its config.
 async fn daemon() -> Daemon {
-    suite_daemon()
+    let mut d = suite_daemon()
         .config_toml("[mid_servers.dc1]\ntoken = \"relay-secret\"")
-        .start()
-        .await
+        .prepare();
+    let (cert, key) = outbox_tests::Pki::new()
+        .server()
+        .write_to(d.dir(), "daemon");
+    let mut text = std::fs::read_to_string(d.config_path()).unwrap();
+    text.push_str(&format!(
+        "\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\n"
+    ));
+    std::fs::write(d.config_path(), text).unwrap();
+    d.restart().await;
+    d
 }
 
 fn active_of(v: &Value) -> Option<String> {

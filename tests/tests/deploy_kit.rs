@@ -431,8 +431,11 @@ fn staged_config(tmp: &Path, integrations: &Path) -> (PathBuf, PathBuf) {
     let creds = tmp.join("credentials");
     write(creds.join("api-token"), "test-api-token\n");
     write(creds.join("mid-dc1-token"), "test-mid-token\n");
-    write(creds.join("tunnel-key"), "not a real key\n");
-    write(tmp.join("pki/daemon.crt"), "not a real certificate\n");
+    // The tunnel's certificate and key must be a real pair: the config
+    // check loads them.
+    let tunnel = outbox_tests::Pki::new().server().clone();
+    write(creds.join("tunnel-key"), &tunnel.key_pem);
+    write(tmp.join("pki/daemon.crt"), &tunnel.cert_pem);
     let text = read(root().join("deploy/outboxd.toml"));
     let text = rewrite(
         &text,

@@ -496,7 +496,10 @@ async fn messages_go_through_a_relay_set_up_with_pki_init() {
         !lines_with(&log, &["relay closed its session", "relay stopping"]).is_empty(),
         "{log}"
     );
-    assert!(lines_with(&log, &["relay disconnected"]).is_empty(), "{log}");
+    assert!(
+        lines_with(&log, &["relay disconnected"]).is_empty(),
+        "{log}"
+    );
     // No secret in either log.
     let token = pki.token();
     assert!(!d.log().contains(&token), "the daemon logs no token");
