@@ -44,10 +44,14 @@ pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(15))?));
-    // The daemon may open at most this many request streams at once: QUIC
-    // flow control makes it wait, so the relay never holds more than its
-    // concurrency per daemon.
-    transport.max_concurrent_bidi_streams((config.concurrency as u32).into());
+    // The daemon may open at most twice the relay's concurrency in request
+    // streams at once; QUIC makes it wait beyond that. A stream's credit
+    // returns to the daemon only a round trip after its answer is
+    // acknowledged, so a limit of exactly `concurrency` kept fewer requests
+    // than that in flight. The permits bound the HTTP requests themselves;
+    // the streams waiting for one hold at most `concurrency` more bodies,
+    // each within `max_body`.
+    transport.max_concurrent_bidi_streams((2 * config.concurrency as u32).into());
     client.transport_config(Arc::new(transport));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
