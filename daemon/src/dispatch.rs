@@ -35,6 +35,8 @@ const MID_WAIT: Duration = Duration::from_secs(5);
 /// record, and only a relay connecting (which wakes it at once) or a change
 /// of connection will move it.
 const MID_WAIT_AGAIN: Duration = Duration::from_secs(60);
+/// How the outcome of an attempt that found no relay begins.
+const WAITING_FOR_MID: &str = "waiting for MID server";
 /// Pause before retrying a request whose relay dropped mid-request.
 const RELAY_DROP_PAUSE: Duration = Duration::from_millis(200);
 /// Pause before retrying a request a stopping relay turned away.
@@ -122,6 +124,26 @@ pub async fn prune(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
+/// Whether a finished attempt left its message waiting for a MID server
+/// with no relay: the wait recorded, or (already recorded) nothing.
+fn waits_for_relay(record: &Option<Attempt>, disposition: &Disposition) -> bool {
+    matches!(disposition, Disposition::Retry { counts: false, .. })
+        && record
+            .as_ref()
+            .is_none_or(|a| a.outcome.starts_with(WAITING_FOR_MID))
+}
+
+/// Whether `integration`'s active connection goes through a MID server
+/// that has a relay connected now.
+fn relay_connected(app: &App, catalog: &crate::catalog::Catalog, integration: &str) -> bool {
+    catalog
+        .integrations
+        .get(integration)
+        .and_then(|e| e.spec.active_connection())
+        .and_then(|c| c.mid_server.as_deref())
+        .is_some_and(|mid| app.relays.pick(mid).is_some())
+}
+
 /// How many messages of `name` may be in flight, if it may send now.
 fn room(catalog: &crate::catalog::Catalog, name: &str) -> Option<usize> {
     let e = catalog.integrations.get(name)?;
@@ -147,8 +169,20 @@ async fn work(app: &App, integration: &str, mut seq: u64) {
         else {
             return;
         };
-        let room = room(&app.catalog(), integration);
+        let catalog = app.catalog();
+        let room = room(&catalog, integration);
+        let waits_for_relay = waits_for_relay(&record, &disposition);
         match app.queue.finish_and_take(rec, record, disposition, room) {
+            // A relay that connected while this message found none woke
+            // the messages waiting then, not this one (it was in flight):
+            // now that it waits, wake it if a relay is there.
+            Ok(next) if waits_for_relay && relay_connected(app, &catalog, integration) => {
+                app.queue.wake_waiting(integration);
+                match next {
+                    Some(next) => seq = next,
+                    None => return,
+                }
+            }
             Ok(Some(next)) => {
                 seq = next;
                 // An attempt that ends before it waits on anything (the
@@ -258,7 +292,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                 base.method = Some(prepared.method.to_string());
                 base.url = Some(prepared.url.clone());
                 base.error = Some(error);
-                base.outcome = format!("waiting for MID server {mid}");
+                base.outcome = format!("{WAITING_FOR_MID} {mid}");
                 return Some((rec, Some(base), disposition));
             }
         },

@@ -298,10 +298,16 @@ impl Session {
                 kind: ErrorKind::Timeout,
                 message,
                 ..
-            })) => (
-                Err(SendError::Timeout(timeout)),
-                Err(self.remote(ErrorKind::Timeout, message)),
-            ),
+            })) => {
+                // The relay says whether the request left: one that waited
+                // for a free slot until its time was up never did.
+                let e = if message.starts_with(outbox_proto::NOT_SENT) {
+                    SendError::Failed(format!("relay {}: {message}", self.via))
+                } else {
+                    SendError::Timeout(timeout)
+                };
+                (Err(e), Err(self.remote(ErrorKind::Timeout, message)))
+            }
             Ok(Err(e)) => {
                 match e {
                     RelayError::Dropped { .. } => self.suspect.store(true, Ordering::Relaxed),
@@ -545,7 +551,11 @@ async fn session(
     // A session closed on purpose, by a relay that is stopping or by this
     // daemon, is not news worth a warning; anything else is.
     match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+        // Code 0: the relay is stopping. Other codes are a relay giving up
+        // on a broken session, worth a warning.
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quinn::VarInt::from_u32(0) =>
+        {
             let said = String::from_utf8_lossy(&close.reason);
             tracing::info!(%address, mid_server = %name, session = id, reason = %said, "relay closed its session");
         }

@@ -83,6 +83,10 @@ pub enum Frame {
     },
 }
 
+/// How the message of a [`ErrorKind::Timeout`] begins when the relay never
+/// sent the request.
+pub const NOT_SENT: &str = "not sent:";
+
 /// Why a request failed on the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorKind {
@@ -90,13 +94,17 @@ pub enum ErrorKind {
     NotAllowed,
     /// The target could not be reached: DNS, refused, unreachable, reset.
     Connect,
-    /// No complete response within the request's timeout.
+    /// No complete response within the request's timeout. A message that
+    /// begins with [`NOT_SENT`] says the request never left the relay (it
+    /// waited for a free slot until its time was up).
     Timeout,
     /// The TLS handshake with the target failed (its certificate, or ours).
     Tls,
     /// The request or response body is over the relay's `max_body`.
     BodyTooLarge,
-    /// The relay is at its concurrency limit or shutting down.
+    /// The relay is stopping and takes no new request: the daemon sends it
+    /// through another relay, and prefers others for this session from then
+    /// on. (A relay at its concurrency limit makes requests wait instead.)
     Overloaded,
     /// The daemon sent something the relay cannot use: a bad head, an
     /// unknown protocol profile, frames out of order.

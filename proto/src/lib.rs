@@ -105,7 +105,7 @@ mod wire;
 
 pub use codec::{decode_one, decode_payload, encode, frame_len, DecodeError, EncodeError};
 pub use decoder::FrameDecoder;
-pub use frame::{ErrorKind, Frame};
+pub use frame::{ErrorKind, Frame, NOT_SENT};
 pub use handshake::{
     check_name, check_version, NameError, ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::{ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, PROTOCOL_VERSION};
+use outbox_proto::{
+    ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
+};
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +77,11 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
+        // Without it the socket reaches IPv6 daemons only, which is still
+        // of use; quinn's own client endpoint does the same.
+        if let Err(e) = socket.set_only_v6(false) {
+            tracing::debug!(error = %e, "the UDP socket cannot be made dual-stack");
+        }
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -99,24 +105,29 @@ pub async fn keep(
                 _ = stop.cancelled() => break,
                 r = connect(&relay, &endpoint, &daemon) => r,
             };
-            // Full backoff plus up to half again of jitter, so relays that
-            // lost a daemon together do not come back together.
-            let delay = backoff + backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
-            match outcome {
+            let failed = match outcome {
                 Ok((conn, control)) => {
                     backoff = BACKOFF_START;
                     let reason = serve(&relay, conn.clone(), control, &stop).await;
                     if stop.is_cancelled() {
-                        conn.close(0u32.into(), b"relay stopping");
+                        conn.close(CLOSE_STOPPING.into(), b"relay stopping");
                         break;
                     }
-                    conn.close(0u32.into(), b"relay session ends");
+                    conn.close(CLOSE_LOST.into(), reason.as_bytes());
                     tracing::warn!(%reason, "session lost; reconnecting");
+                    None
                 }
-                Err(e) if e.starts_with(REFUSED) => {
+                Err(e) => Some(e),
+            };
+            // Full backoff plus up to half again of jitter, so relays that
+            // lost a daemon together do not come back together.
+            let delay = backoff + backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
+            match failed {
+                Some(e) if e.starts_with(REFUSED) => {
                     tracing::error!(error = %e, retry_in = ?delay, "refused")
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot open a session"),
+                Some(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot open a session"),
+                None => {}
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -130,6 +141,11 @@ pub async fn keep(
 }
 
 type Control = (SendStream, FrameReader<Stream>, Duration);
+
+/// The code a session is closed with when the relay stops (the daemon logs
+/// it as news, not as a failure), and when it gives up on a broken session.
+const CLOSE_STOPPING: u32 = 0;
+const CLOSE_LOST: u32 = 1;
 
 /// How an error that is the daemon's refusal begins.
 const REFUSED: &str = "the daemon refused this relay";
@@ -282,6 +298,12 @@ async fn perform(
     if relay.draining.is_cancelled() {
         return Err(Failure::new(ErrorKind::Overloaded, "relay is stopping"));
     }
+    // The request's time runs from its head, as the daemon's runs from the
+    // stream's opening: reading the body and waiting for a permit count, so
+    // the relay gives up before the daemon does and never sends a request
+    // the daemon has already given up on (and will send again).
+    let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut body = BytesMut::new();
     loop {
         match frames.next().await.map_err(protocol)? {
@@ -305,12 +327,20 @@ async fn perform(
             }
         }
     }
-    let _permit = relay
-        .permits
-        .acquire()
-        .await
-        .map_err(|_| Failure::new(ErrorKind::Overloaded, "relay is stopping"))?;
-    let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
+    let _permit = match tokio::time::timeout_at(deadline, relay.permits.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err(Failure::new(ErrorKind::Overloaded, "relay is stopping")),
+        Err(_) => {
+            return Err(Failure::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{NOT_SENT} no free slot within {timeout:?} (the relay's concurrency is {})",
+                    relay.config.concurrency
+                ),
+            ))
+        }
+    };
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut resp = relay
         .performer
         .send(

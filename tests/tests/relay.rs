@@ -944,3 +944,44 @@ async fn a_body_over_the_relays_max_body_ends_in_error_promptly() {
     assert!(error.contains("max_body"), "{a}");
     assert_eq!(sink.count(), 0, "nothing reached the target");
 }
+
+/// A request waiting at the relay for a free slot counts that wait in its
+/// timeout: past it the relay answers without sending it, so the remote
+/// system never gets a request the daemon has given up on (and would send
+/// again).
+#[tokio::test]
+async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
+    let pki = Pki::init();
+    let port = udp_port();
+    // Every answer takes 3s: the first request holds the relay's one slot
+    // that long.
+    let sink = Sink::builder().delay(Duration::from_secs(3)).start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("slow", &sink.url(), 1)).await;
+    apply(
+        &d,
+        &relayed("quick", &sink.url(), 1).replace("timeout = \"5s\"", "timeout = \"1s\""),
+    )
+    .await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("concurrency".into(), toml::Value::Integer(1));
+    let _relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
+    sink.wait_for(1, WAIT).await;
+    let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 2}})).await;
+    let m = eventually_msg(WAIT, "a first attempt of the quick message", async || {
+        let m = d.message(&b).await;
+        (!attempts(&m).is_empty()).then_some(m)
+    })
+    .await;
+    let first = &attempts(&m)[0];
+    let error = first["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("not sent: no free slot within 1s"),
+        "the attempt says it was not sent: {m}"
+    );
+    let ids = sink.ids();
+    assert_eq!(ids, [a], "only the slow message reached the sink");
+}
