@@ -538,6 +538,16 @@ async fn messages_wait_for_an_absent_relay_and_go_when_it_connects() {
         let m = d.message(id).await;
         assert_eq!(m["state"], "queued", "{m}");
         assert_eq!(attempts(&m).len(), 1, "one record of the wait: {m}");
+        // The second look happened, and set the longer wait (a minute).
+        let due = humantime::parse_rfc3339(m["due_at"].as_str().expect("due_at"))
+            .expect("an RFC 3339 time");
+        let ahead = due
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        assert!(
+            ahead > Duration::from_secs(30),
+            "due {ahead:?} from now, not about a minute: {m}"
+        );
     }
 
     let relay_started_ms = std::time::SystemTime::now()
