@@ -57,7 +57,7 @@ pub struct Session {
     /// other member of the cluster is left.
     suspect: std::sync::atomic::AtomicBool,
     /// Set when the relay turned a request away because it is stopping: it
-    /// gets new requests only when no other member of the cluster is left.
+    /// gets no new requests from then on.
     stopping: std::sync::atomic::AtomicBool,
     conn: quinn::Connection,
 }
@@ -116,12 +116,15 @@ impl Relays {
             // A session whose connection is closed is on its way out of the
             // registry; never hand it a request.
             .filter(|s| s.conn.close_reason().is_none())
-            // Healthy before suspect before stopping, then the fewest in
-            // flight, then the newest session (a relay that just reconnected
-            // is alive).
+            // A relay that is stopping turns every new request away: with
+            // no other member, the message waits for a relay as if none
+            // were connected (recorded once), instead of being refused
+            // every second for the whole drain.
+            .filter(|s| !s.stopping.load(Ordering::Relaxed))
+            // Healthy before suspect, then the fewest in flight, then the
+            // newest session (a relay that just reconnected is alive).
             .min_by_key(|s| {
                 (
-                    s.stopping.load(Ordering::Relaxed),
                     s.suspect.load(Ordering::Relaxed),
                     s.in_flight.load(Ordering::Relaxed),
                     std::cmp::Reverse(s.id),

@@ -103,8 +103,8 @@ pub enum ErrorKind {
     /// The request or response body is over the relay's `max_body`.
     BodyTooLarge,
     /// The relay is stopping and takes no new request: the daemon sends it
-    /// through another relay, and prefers others for this session from then
-    /// on. (A relay at its concurrency limit makes requests wait instead.)
+    /// through another relay and sends this session no more. (A relay at
+    /// its concurrency limit makes requests wait instead.)
     Overloaded,
     /// The daemon sent something the relay cannot use: a bad head, an
     /// unknown protocol profile, frames out of order.

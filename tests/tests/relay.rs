@@ -220,6 +220,15 @@ impl Relay {
         let mut c = self.child.take().expect("running");
         process::terminate(&mut c, Duration::from_secs(20)).await
     }
+
+    /// Sends SIGTERM and returns at once: the relay drains meanwhile.
+    fn begin_stop(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        // kill(1) on our own child.
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
 }
 
 impl Drop for Relay {
@@ -994,4 +1003,46 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
     );
     let ids = sink.ids();
     assert_eq!(ids, [a], "only the slow message reached the sink");
+}
+
+/// A relay draining before it stops turns new requests away once; the
+/// daemon then sends it no more, and a message with no other relay waits
+/// for one (its wait recorded once) instead of being refused every second
+/// of the drain. It goes when the relay is back.
+#[tokio::test]
+async fn a_draining_relay_gets_no_new_requests() {
+    let pki = Pki::init();
+    let port = udp_port();
+    // Every answer takes 4s: the first message keeps the relay draining
+    // that long.
+    let sink = Sink::builder().delay(Duration::from_secs(4)).start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let config = pki.relay_config(&[port], &allow(&sink));
+    let mut relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    let a = send(&d, "acme", json!({"message": "Create", "body": {"n": 1}})).await;
+    sink.wait_for(1, WAIT).await;
+    relay.begin_stop();
+    eventually_msg(WAIT, "the relay draining", async || {
+        relay.log().contains("draining").then_some(())
+    })
+    .await;
+    let b = send(&d, "acme", json!({"message": "Create", "body": {"n": 2}})).await;
+    // Through the drain: the relay finishes the first message, then exits.
+    assert!(relay.terminate().await.success());
+    let m = d.message(&b).await;
+    let waits: Vec<&Value> = attempts(&m)
+        .iter()
+        .filter(|a| a["error"] == "MID server dc1 is not connected")
+        .collect();
+    assert!(
+        attempts(&m).len() <= 2 && waits.len() == 1,
+        "at most one refusal, then one recorded wait: {m}"
+    );
+    assert_eq!(m["state"], "queued", "{m}");
+
+    let _relay = Relay::start(&config);
+    all_sent(&d, "acme", &[a, b], WAIT).await;
 }
