@@ -94,7 +94,7 @@ pub enum RelayError {
         reason: String,
     },
     /// The relay answered with an error frame.
-    #[error("relay {name} ({address}): {kind:?}: {message}")]
+    #[error("relay {name} ({address}): {message}")]
     Remote {
         name: String,
         address: SocketAddr,
