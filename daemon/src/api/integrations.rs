@@ -82,7 +82,13 @@ pub async fn integration_action(app: &Arc<App>, name: &str, action: &str) -> Api
             _ => c.resume(name),
         })
         .await?;
-    tracing::info!(integration = name, action, state = change.state.as_str(), active_connection = ?change.active_connection, "integration changed");
+    tracing::info!(
+        integration = name,
+        action,
+        state = change.state.as_str(),
+        active_connection = change.active_connection.as_deref().unwrap_or("none"),
+        "integration changed"
+    );
     get(app, name)
 }
 
@@ -112,7 +118,7 @@ pub async fn apply(app: &Arc<App>, call: &Call) -> ApiResult {
     let text = call.text()?.to_string();
     let changes = app.apply_texts(&[("request".into(), text)]).await?;
     for c in &changes {
-        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = ?c.active_connection, "applied");
+        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), "applied");
     }
     ok(&serde_json::json!({ "changed": changes }))
 }
