@@ -123,10 +123,12 @@ pub async fn keep(
             // lost a daemon together do not come back together.
             let delay = backoff + backoff.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
             match failed {
-                Some(e) if e.starts_with(REFUSED) => {
+                Some(NoSession::Refused(e)) => {
                     tracing::error!(error = %e, retry_in = ?delay, "refused")
                 }
-                Some(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot open a session"),
+                Some(NoSession::Failed(e)) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot open a session")
+                }
                 None => {}
             }
             tokio::select! {
@@ -147,14 +149,25 @@ type Control = (SendStream, FrameReader<Stream>, Duration);
 const CLOSE_STOPPING: u32 = 0;
 const CLOSE_LOST: u32 = 1;
 
-/// How an error that is the daemon's refusal begins.
-const REFUSED: &str = "the daemon refused this relay";
+/// Why no session opened.
+enum NoSession {
+    /// The daemon refused this relay (name, token or protocol version).
+    Refused(String),
+    /// Anything else: resolution, network, handshake.
+    Failed(String),
+}
+
+impl From<String> for NoSession {
+    fn from(e: String) -> NoSession {
+        NoSession::Failed(e)
+    }
+}
 
 async fn connect(
     relay: &Relay,
     endpoint: &quinn::Endpoint,
     daemon: &Daemon,
-) -> Result<(quinn::Connection, Control), String> {
+) -> Result<(quinn::Connection, Control), NoSession> {
     let addr: SocketAddr = tokio::net::lookup_host((daemon.host.as_str(), daemon.port))
         .await
         .map_err(|e| format!("cannot resolve {}: {e}", daemon.address))?
@@ -201,8 +214,10 @@ async fn connect(
                 let every = Duration::from_millis(heartbeat_interval_ms.clamp(500, 60_000));
                 Ok((send, control, every))
             }
-            Some(Frame::Reject { reason }) => Err(format!("{REFUSED}: {reason}")),
-            other => Err(format!("expected accept or reject, got {other:?}")),
+            Some(Frame::Reject { reason }) => Err(NoSession::Refused(format!(
+                "the daemon refused this relay: {reason}"
+            ))),
+            other => Err(format!("expected accept or reject, got {other:?}").into()),
         }
     };
     let control = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello)
