@@ -222,12 +222,9 @@ impl Relay {
     }
 
     /// Sends SIGTERM and returns at once: the relay drains meanwhile.
-    fn begin_stop(&self) {
-        let pid = self.child.as_ref().expect("running").id();
-        // kill(1) on our own child.
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+    fn begin_stop(&mut self) {
+        let c = self.child.as_mut().expect("running");
+        process::signal_child(c, libc::SIGTERM).expect("SIGTERM to outbox-relay");
     }
 }
 
