@@ -94,9 +94,8 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken, workers: TaskTracke
                 // Messages waiting for a MID server that now has a relay go
                 // at once instead of at their next retry.
                 let catalog = app.catalog();
-                for (name, e) in &catalog.integrations {
-                    let mid = e.spec.active_connection().and_then(|c| c.mid_server.as_deref());
-                    if mid.is_some_and(|m| app.relays.pick(m).is_some()) {
+                for name in catalog.integrations.keys() {
+                    if relay_connected(&app, &catalog, name) {
                         app.queue.wake_waiting(name);
                     }
                 }
@@ -175,13 +174,10 @@ async fn work(app: &App, integration: &str, mut seq: u64) {
         match app.queue.finish_and_take(rec, record, disposition, room) {
             // A relay that connected while this message found none woke
             // the messages waiting then, not this one (it was in flight):
-            // now that it waits, wake it if a relay is there.
-            Ok(next) if waits_for_relay && relay_connected(app, &catalog, integration) => {
-                app.queue.wake_waiting(integration);
-                match next {
-                    Some(next) => seq = next,
-                    None => return,
-                }
+            // now that it waits, wake it if a relay is there. A waiting
+            // message is not done, so the worker took nothing next.
+            Ok(_) if waits_for_relay && relay_connected(app, &catalog, integration) => {
+                return app.queue.wake_waiting(integration);
             }
             Ok(Some(next)) => {
                 seq = next;
