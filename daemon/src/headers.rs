@@ -65,7 +65,7 @@ impl Headers {
     }
 
     /// Adds a header; a value for the name added last joins its value.
-    pub fn push(&mut self, name: &str, value: &str) {
+    fn push(&mut self, name: &str, value: &str) {
         self.start(name);
         self.text.push_str(value);
         self.end();
@@ -98,7 +98,8 @@ impl Headers {
     }
 
     /// The value recorded for `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    #[cfg(test)]
+    fn get(&self, name: &str) -> Option<&str> {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
@@ -114,18 +115,20 @@ impl Headers {
         })
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.ends.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.ends.is_empty()
     }
 }
 
 impl Serialize for Headers {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.len()))?;
+        let mut map = serializer.serialize_map(Some(self.ends.len()))?;
         for (name, value) in self.iter() {
             map.serialize_entry(name, value)?;
         }
