@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -134,6 +135,10 @@ pub struct TunnelConfig {
     pub listen: SocketAddr,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The TLS settings made from `cert` and `key` when the config was
+    /// checked: the endpoint is built from them, without reading the files
+    /// again.
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,12 +271,16 @@ impl Config {
                 )?;
                 let cert = readable_file("tunnel.cert", &t.cert)?;
                 let key = readable_file("tunnel.key", &t.key)?;
-                let tunnel = TunnelConfig { listen, cert, key };
-                // Built here only to be checked: a certificate and key that
-                // do not make a pair are a configuration error (exit 2),
-                // found before anything is bound.
-                tunnel_tls(&tunnel)?;
-                Some(tunnel)
+                // A certificate and key that do not make a pair are a
+                // configuration error (exit 2), found before anything is
+                // bound.
+                let tls = Arc::new(tunnel_tls(&cert, &key)?);
+                Some(TunnelConfig {
+                    listen,
+                    cert,
+                    key,
+                    tls,
+                })
             }
             None => None,
         };
@@ -431,15 +440,15 @@ fn resolve_token(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError>
 
 /// The TLS settings the tunnel listens with: TLS 1.3, the tunnel's ALPN,
 /// and the certificate chain of `tunnel.cert` with the private key of
-/// `tunnel.key`, checked to be a pair. [`Config::load`] builds it once to
-/// check the files, so a wrong one is a configuration error before any
-/// socket is bound; the tunnel builds it again when it listens.
-pub fn tunnel_tls(tunnel: &TunnelConfig) -> Result<rustls::ServerConfig, ConfigError> {
+/// `tunnel.key`, checked to be a pair. [`Config::load`] builds it, so a
+/// wrong pair is a configuration error before any socket is bound, and
+/// keeps it in [`TunnelConfig::tls`] for the listener.
+fn tunnel_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ConfigError> {
     use rustls::pki_types::pem::{self, PemObject};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let cert_path = tunnel.cert.display();
-    let key_path = tunnel.key.display();
-    let certs = CertificateDer::pem_file_iter(&tunnel.cert)
+    let cert_path = cert.display();
+    let key_path = key.display();
+    let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| err("tunnel.cert", format!("{cert_path}: {e}")))?;
     if certs.is_empty() {
@@ -448,7 +457,7 @@ pub fn tunnel_tls(tunnel: &TunnelConfig) -> Result<rustls::ServerConfig, ConfigE
             format!("{cert_path} holds no PEM certificate"),
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&tunnel.key).map_err(|e| match e {
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
         pem::Error::NoItemsFound => {
             err("tunnel.key", format!("{key_path} holds no PEM private key"))
         }
@@ -643,7 +652,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, other) = tunnel_files(dir.path());
         let c = load_str(&tunnel_section(&cert, &key)).unwrap();
-        let tls = tunnel_tls(c.tunnel.as_ref().unwrap()).unwrap();
+        let tls = &c.tunnel.as_ref().unwrap().tls;
         assert_eq!(tls.alpn_protocols, [outbox_proto::ALPN.to_vec()]);
         let cases = [
             (

@@ -399,10 +399,8 @@ impl ChunkSource for Stream {
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.
 pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
-    // The same check the config's validation made: one place loads the pair.
-    let tls = crate::config::tunnel_tls(config)?;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("tunnel TLS settings")?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config.tls.clone())
+        .context("tunnel TLS settings")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(HEARTBEAT));
