@@ -273,7 +273,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                 // without using up an attempt, and goes when a relay connects.
                 // The wait is recorded once: a message that was already
                 // waiting for this MID server adds nothing, so an outage
-                // does not grow the store.
+                // does not grow the store. Any attempt since would have
+                // replaced `last_error` (see `Queue::finish_and_take`), so a
+                // new outage after one is recorded again.
                 let error = format!("MID server {mid} is not connected");
                 let again = rec.last_error.as_deref() == Some(error.as_str());
                 let wait = if again { MID_WAIT_AGAIN } else { MID_WAIT };

@@ -945,9 +945,15 @@ impl Queue {
             disposition,
             Disposition::Sent | Disposition::Final(MessageState::Sent)
         );
+        let retry = matches!(disposition, Disposition::Retry { .. });
         if let Some(a) = attempt {
             rec.tries = rec.tries.max(a.n);
-            if a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
+            // The last error is what the latest failed attempt said: an
+            // attempt that ends in a retry failed whatever its status (a
+            // `response_action` may retry a 202), so an older error never
+            // stands for it. The MID-server wait relies on this: it adds a
+            // record only when `last_error` is not already its own.
+            if retry || a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
                 rec.last_error = Some(attempt_error(&a));
             }
             if sent {
@@ -1675,6 +1681,42 @@ mod tests {
         assert_eq!(first.id, again.id);
         assert!(again.duplicate && !first.duplicate);
         assert_eq!(q.stats("i").queue_depth, 1);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_ends_in_a_retry_replaces_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let m = enqueue(&q, None).await;
+        let retry = || Disposition::Retry {
+            due_ms: now_ms(),
+            counts: true,
+        };
+        let finish = |n: u32, error: Option<&str>, status: Option<u16>| {
+            let rec = q.record(m).unwrap().unwrap();
+            let a = Attempt {
+                n,
+                error: error.map(str::to_string),
+                status,
+                ..Default::default()
+            };
+            q.finish(rec, Some(a), retry()).unwrap();
+            q.record(m).unwrap().unwrap().last_error
+        };
+        assert_eq!(
+            finish(1, Some("MID server dc1 is not connected"), None).as_deref(),
+            Some("MID server dc1 is not connected")
+        );
+        // A 202 that the integration retries is the latest failure.
+        assert_eq!(finish(2, None, Some(202)).as_deref(), Some("HTTP 202"));
+        assert_eq!(finish(3, None, Some(503)).as_deref(), Some("HTTP 503"));
+        // A retry without an attempt (a repeated wait) leaves it.
+        let rec = q.record(m).unwrap().unwrap();
+        q.finish(rec, None, retry()).unwrap();
+        assert_eq!(
+            q.record(m).unwrap().unwrap().last_error.as_deref(),
+            Some("HTTP 503")
+        );
     }
 
     #[tokio::test]
