@@ -47,6 +47,11 @@ impl quinn::Runtime for Runtime {
         }))
     }
 
+    fn now(&self) -> Instant {
+        // tokio's clock, so quinn follows it when it is paused in tests.
+        self.0.now()
+    }
+
     fn wrap_udp_socket(
         &self,
         socket: std::net::UdpSocket,
