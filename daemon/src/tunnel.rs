@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outbox_proto::{ChunkSource, ErrorKind, Frame, FrameReader, Limits};
+use outbox_proto::quic::why_closed;
+use outbox_proto::{printable, ChunkSource, ErrorKind, Frame, FrameReader, Limits, ReadError};
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,14 @@ pub use outbox_proto::ALPN;
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A relay must say hello this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many connections may be between the QUIC handshake and
+/// an accepted hello at once; more are refused. Each may hold up to a
+/// stream's receive window of data, and anyone who can reach the port can
+/// open one, so this bounds what strangers cost.
+const MAX_UNGREETED: usize = 32;
+/// The most a relay may have sent that the daemon has not read yet, on
+/// all its streams together.
+const RECEIVE_WINDOW: u32 = 16 << 20;
 /// Body chunk size on request streams: well under the frame limit.
 const CHUNK: usize = 64 * 1024;
 
@@ -89,6 +98,16 @@ pub enum RelayError {
     /// The relay went away mid-request: retry through another.
     #[error("relay {name} ({address}) disconnected: {reason}")]
     Dropped {
+        name: String,
+        address: SocketAddr,
+        reason: String,
+    },
+    /// The relay answered with bytes that are no valid answer: a fault of
+    /// the relay, which QUIC delivered intact. The attempt counts, as one
+    /// with no response does, so a broken relay costs a message its
+    /// attempts with backoff rather than a record every moment.
+    #[error("relay {name} ({address}) answered badly: {reason}")]
+    BadAnswer {
         name: String,
         address: SocketAddr,
         reason: String,
@@ -251,29 +270,31 @@ impl Session {
                 let _ = send.finish();
             }
             let mut frames = FrameReader::new(Stream(recv), limits);
-            let (status, headers) = match frames.next().await.map_err(|e| self.dropped(e))? {
+            let (status, headers) = match frames.next().await.map_err(|e| self.read_failed(e))? {
                 Some(Frame::ResponseHead { status, headers }) => (status, headers),
                 Some(Frame::Error { kind, message }) => return Err(self.remote(kind, message)),
-                other => {
-                    return Err(self.dropped(format!("expected a response head, got {other:?}")))
+                Some(other) => {
+                    return Err(
+                        self.bad_answer(format!("expected a response head, got {}", other.name()))
+                    )
                 }
+                None => return Err(self.bad_answer("the answer ended before its response head")),
             };
             let mut excerpt = BytesMut::new();
             loop {
-                match frames.next().await.map_err(|e| self.dropped(e))? {
+                match frames.next().await.map_err(|e| self.read_failed(e))? {
                     Some(Frame::BodyChunk(data)) => {
                         let room = keep.saturating_sub(excerpt.len());
                         excerpt.extend_from_slice(&data[..data.len().min(room)]);
                     }
                     Some(Frame::End) => break,
-                    None => {
-                        return Err(self.dropped("the relay's answer ended before its end frame"))
-                    }
+                    None => return Err(self.bad_answer("the answer ended before its end frame")),
                     Some(Frame::Error { kind, message }) => return Err(self.remote(kind, message)),
                     Some(other) => {
-                        return Err(
-                            self.dropped(format!("unexpected frame in a response body: {other:?}"))
-                        )
+                        return Err(self.bad_answer(format!(
+                            "expected a body chunk or end in a response body, got {}",
+                            other.name()
+                        )))
                     }
                 }
             }
@@ -344,7 +365,8 @@ impl Session {
             name: self.name.clone(),
             address: self.address,
             kind,
-            message,
+            // The relay's words go into logs and attempt records.
+            message: printable(&message).into_owned(),
         }
     }
 
@@ -353,6 +375,28 @@ impl Session {
             name: self.name.clone(),
             address: self.address,
             reason: e.to_string(),
+        }
+    }
+
+    /// The relay's answer could not be read: it went away, or what it sent
+    /// is no valid frame.
+    fn read_failed(&self, e: ReadError<quinn::ReadError>) -> RelayError {
+        match e {
+            ReadError::Source(e) => self.dropped(e),
+            ReadError::Frame(e) => self.bad_answer(e),
+        }
+    }
+
+    /// The relay broke the protocol on a request stream: logged here, once
+    /// per answer, since the attempt record alone would not reach whoever
+    /// runs the relay.
+    fn bad_answer(&self, reason: impl Into<String>) -> RelayError {
+        let reason = printable(&reason.into()).into_owned();
+        tracing::warn!(address = %self.address, mid_server = %self.name, session = self.id, %reason, "relay answered a request badly");
+        RelayError::BadAnswer {
+            name: self.name.clone(),
+            address: self.address,
+            reason,
         }
     }
 
@@ -405,9 +449,12 @@ pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(HEARTBEAT));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(HEARTBEAT * 3)?));
-    // Requests are streams; allow plenty at once (relay concurrency caps
-    // what is really in flight).
-    transport.max_concurrent_bidi_streams(1024u32.into());
+    // A relay opens one stream, its control stream; the daemon opens the
+    // request streams. Any other stream a peer tries to open waits for
+    // credit it never gets, so nothing it sends on one is buffered here.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.receive_window(RECEIVE_WINDOW.into());
     server.transport_config(Arc::new(transport));
     let socket = std::net::UdpSocket::bind(config.listen)
         .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))?;
@@ -429,18 +476,26 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let tokens = Arc::new(tokens);
+    let ungreeted = Arc::new(tokio::sync::Semaphore::new(MAX_UNGREETED));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
+        let address = incoming.remote_address();
+        let Ok(greeting) = ungreeted.clone().try_acquire_owned() else {
+            // At debug: a flood of connections would flood the log too.
+            // Relays refused this way retry with backoff.
+            tracing::debug!(%address, "relay connection refused: {MAX_UNGREETED} others have not said hello yet");
+            incoming.refuse();
+            continue;
+        };
         let relays = relays.clone();
         let tokens = tokens.clone();
         let connected = connected.clone();
         tokio::spawn(async move {
-            let address = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => session(conn, address, relays, &tokens, connected).await,
+                Ok(conn) => session(conn, address, relays, &tokens, connected, greeting).await,
                 Err(e) => tracing::info!(%address, error = %e, "relay connection failed"),
             }
         });
@@ -454,6 +509,7 @@ async fn session(
     relays: Arc<Relays>,
     tokens: &HashMap<String, MidServerConfig>,
     connected: Arc<tokio::sync::Notify>,
+    greeting: tokio::sync::OwnedSemaphorePermit,
 ) {
     let limits = Limits::default();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -466,30 +522,41 @@ async fn session(
     let (mut send, mut control, frame) = match hello {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
+            let e = match conn.close_reason() {
+                Some(closed) => why_closed(&closed, "the relay"),
+                None => printable(&e).into_owned(),
+            };
             tracing::warn!(%address, error = %e, "relay refused: no valid hello");
-            conn.close(1u32.into(), b"no valid hello");
+            conn.close(1u32.into(), format!("no valid hello: {e}").as_bytes());
             return;
         }
         Err(_) => {
-            tracing::warn!(%address, "relay refused: no hello within 10s");
+            tracing::warn!(%address, "relay refused: no hello within {HELLO_TIMEOUT:?}");
             conn.close(1u32.into(), b"no hello");
             return;
         }
     };
-    let Some(Frame::Hello {
-        name,
-        token,
-        protocol_version,
-        relay_version,
-    }) = frame
-    else {
-        tracing::warn!(%address, "relay refused: first frame is not a hello");
-        conn.close(1u32.into(), b"expected hello");
-        return;
+    let hello = match frame {
+        Some(Frame::Hello {
+            name,
+            token,
+            protocol_version,
+            relay_version,
+        }) => Ok((name, token, protocol_version, relay_version)),
+        Some(other) => Err(format!("the first frame is {}, not hello", other.name())),
+        None => Err("the control stream ended before a hello".to_string()),
+    };
+    let (name, token, protocol_version, relay_version) = match hello {
+        Ok(hello) => hello,
+        Err(e) => {
+            tracing::warn!(%address, error = %e, "relay refused: no valid hello");
+            conn.close(1u32.into(), format!("no valid hello: {e}").as_bytes());
+            return;
+        }
     };
     let refusal = check_hello(tokens, &name, &token, protocol_version);
     if let Some(reason) = refusal {
-        tracing::warn!(%address, mid_server = %name, relay_version = %relay_version, %reason, "relay refused");
+        tracing::warn!(%address, mid_server = %printable(&name), relay_version = %printable(&relay_version), %reason, "relay refused");
         let _ = write_frame(
             &mut send,
             &Frame::Reject {
@@ -504,6 +571,9 @@ async fn session(
         conn.close(2u32.into(), reason.as_bytes());
         return;
     }
+    // From here `name` is a configured MID server's, safe to log as it is.
+    let relay_version = printable(&relay_version).into_owned();
+    drop(greeting);
     let id = relays.next_id.fetch_add(1, Ordering::Relaxed) + 1;
     let accept = Frame::Accept {
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -535,7 +605,7 @@ async fn session(
     let reason = loop {
         match tokio::time::timeout(HEARTBEAT * 3, control.next()).await {
             Err(_) => break format!("no heartbeat for {:?}", HEARTBEAT * 3),
-            Ok(Err(e)) => break e,
+            Ok(Err(e)) => break e.to_string(),
             Ok(Ok(None)) => break "control stream closed".to_string(),
             Ok(Ok(Some(Frame::Heartbeat { seq }))) => {
                 s.suspect.store(false, Ordering::Relaxed);
@@ -544,7 +614,7 @@ async fn session(
                 }
             }
             Ok(Ok(Some(other))) => {
-                break format!("unexpected frame on the control stream: {other:?}")
+                break format!("unexpected {} frame on the control stream", other.name())
             }
         }
     };
@@ -557,13 +627,18 @@ async fn session(
         Some(quinn::ConnectionError::ApplicationClosed(close))
             if close.error_code == quinn::VarInt::from_u32(0) =>
         {
-            let said = String::from_utf8_lossy(&close.reason);
+            let said = printable(&String::from_utf8_lossy(&close.reason)).into_owned();
             tracing::info!(%address, mid_server = %name, session = id, reason = %said, "relay closed its session");
         }
         Some(quinn::ConnectionError::LocallyClosed) => {
             tracing::info!(%address, mid_server = %name, session = id, "relay session closed: the daemon is stopping");
         }
-        _ => {
+        Some(closed) => {
+            let reason = why_closed(&closed, "the relay");
+            tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+        }
+        None => {
+            let reason = printable(&reason).into_owned();
             conn.close(3u32.into(), reason.as_bytes());
             tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
         }

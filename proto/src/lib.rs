@@ -101,6 +101,7 @@ mod limits;
 #[cfg(feature = "quic")]
 pub mod quic;
 mod reader;
+mod text;
 mod wire;
 
 pub use codec::{decode_one, decode_payload, encode, frame_len, DecodeError, EncodeError};
@@ -110,4 +111,5 @@ pub use handshake::{
     check_name, check_version, NameError, ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use limits::{LimitExceeded, Limits, FRAME_CEILING, HEADER_LEN};
-pub use reader::{ChunkSource, FrameReader};
+pub use reader::{ChunkSource, FrameReader, ReadError};
+pub use text::printable;

@@ -60,6 +60,19 @@ impl quinn::Runtime for Runtime {
     }
 }
 
+/// Why a connection ended, in words for the log: the reason the peer gave
+/// when it closed it (`peer` names it: "the relay"), else quinn's own.
+pub fn why_closed(e: &quinn::ConnectionError, peer: &str) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => format!(
+            "{peer} closed the session (code {}): {}",
+            close.error_code,
+            crate::printable(&String::from_utf8_lossy(&close.reason))
+        ),
+        other => crate::printable(&other.to_string()).into_owned(),
+    }
+}
+
 /// A driver that, woken, first yields once.
 struct Deferred {
     driver: Pin<Box<dyn Future<Output = ()> + Send>>,

@@ -47,24 +47,54 @@ impl<S: ChunkSource> FrameReader<S> {
     }
 
     /// The next frame; `None` when the stream ended cleanly between frames.
-    /// Errors name what was wrong: the source's error, a bad frame, or a
-    /// stream that ended inside a frame.
-    pub async fn next(&mut self) -> Result<Option<Frame>, String> {
+    /// Errors say whether the source failed (the peer went away) or its
+    /// bytes are no valid frame (the peer is wrong), and name what was
+    /// wrong.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ReadError<S::Error>> {
         loop {
-            if let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
+            if let Some(frame) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| ReadError::Frame(e.to_string()))?
+            {
                 return Ok(Some(frame));
             }
             match self.source.next_chunk(Self::PIECE).await {
                 Ok(Some(chunk)) => self.decoder.push(chunk.as_ref()),
                 Ok(None) => {
-                    self.decoder
-                        .end_of_stream()
-                        .map_err(|e| format!("the stream ended inside a frame: {e}"))?;
+                    self.decoder.end_of_stream().map_err(|e| {
+                        ReadError::Frame(format!("the stream ended inside a frame: {e}"))
+                    })?;
                     return Ok(None);
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(ReadError::Source(e)),
             }
         }
+    }
+}
+
+/// Why [`FrameReader::next`] gave no frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError<E> {
+    /// The source failed: for a QUIC stream, the connection was lost or
+    /// the stream reset.
+    Source(E),
+    /// The bytes are no valid frame, or the stream ended inside one.
+    Frame(String),
+}
+
+impl<E: Display> Display for ReadError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Source(e) => e.fmt(f),
+            ReadError::Frame(e) => f.write_str(e),
+        }
+    }
+}
+
+impl<E: Display> From<ReadError<E>> for String {
+    fn from(e: ReadError<E>) -> String {
+        e.to_string()
     }
 }
 
@@ -133,6 +163,9 @@ mod tests {
         bytes.pop();
         let mut reader = FrameReader::new(Pieces(vec![bytes]), limits);
         let e = block_on(reader.next()).unwrap_err();
-        assert!(e.contains("ended inside a frame"), "{e}");
+        assert!(
+            matches!(&e, ReadError::Frame(t) if t.contains("ended inside a frame")),
+            "{e}"
+        );
     }
 }

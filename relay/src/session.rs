@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use outbox_proto::quic::why_closed;
 use outbox_proto::{
-    ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
+    printable, ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
 };
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
@@ -23,6 +24,11 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 /// is found within a minute.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request stream must bring its head this soon after it opens.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most the daemon may have sent that this relay has not read yet, on
+/// all request streams together; bodies are read as they come.
+const RECEIVE_WINDOW: u32 = 16 << 20;
 const CHUNK: usize = 64 * 1024;
 
 /// The QUIC client endpoint shared by all sessions.
@@ -54,6 +60,9 @@ pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     // the streams waiting for one hold at most `concurrency` more bodies,
     // each within `max_body`.
     transport.max_concurrent_bidi_streams((2 * config.concurrency as u32).into());
+    // The daemon opens no one-way streams.
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.receive_window(RECEIVE_WINDOW.into());
     client.transport_config(Arc::new(transport));
     let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
@@ -113,7 +122,15 @@ pub async fn keep(
                         conn.close(CLOSE_STOPPING.into(), b"relay stopping");
                         break;
                     }
-                    conn.close(CLOSE_LOST.into(), reason.as_bytes());
+                    // A daemon that closed the session said why; else this
+                    // relay gives up on it and tells the daemon why.
+                    let reason = match conn.close_reason() {
+                        Some(closed) => why_closed(&closed, "the daemon"),
+                        None => {
+                            conn.close(CLOSE_LOST.into(), reason.as_bytes());
+                            reason
+                        }
+                    };
                     tracing::warn!(%reason, "session lost; reconnecting");
                     None
                 }
@@ -204,25 +221,37 @@ async fn connect(
             relay_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         write_frame(&mut send, &frame, &limits).await?;
-        match control.next().await? {
+        match control.next().await.map_err(String::from)? {
             Some(Frame::Accept {
                 heartbeat_interval_ms,
                 session_id,
                 daemon_version,
             }) => {
+                let daemon_version = printable(&daemon_version);
                 tracing::info!(session = session_id, %daemon_version, "session open");
                 let every = Duration::from_millis(heartbeat_interval_ms.clamp(500, 60_000));
                 Ok((send, control, every))
             }
             Some(Frame::Reject { reason }) => Err(NoSession::Refused(format!(
-                "the daemon refused this relay: {reason}"
+                "the daemon refused this relay: {}",
+                printable(&reason)
             ))),
-            other => Err(format!("expected accept or reject, got {other:?}").into()),
+            Some(other) => Err(format!("expected accept or reject, got {}", other.name()).into()),
+            None => Err("the daemon ended the control stream without an answer"
+                .to_string()
+                .into()),
         }
     };
     let control = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello)
         .await
-        .map_err(|_| format!("no answer to hello within {HANDSHAKE_TIMEOUT:?}"))??;
+        .map_err(|_| format!("no answer to hello within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| match (e, conn.close_reason()) {
+            // A daemon that closed the connection said why.
+            (NoSession::Failed(_), Some(closed)) => {
+                NoSession::Failed(why_closed(&closed, "the daemon"))
+            }
+            (e, _) => e,
+        })?;
     Ok((conn, control))
 }
 
@@ -243,13 +272,22 @@ async fn serve(
             let answered = tokio::time::timeout(every * 3, control.next()).await;
             match answered {
                 Err(_) => return Err::<(), String>("no heartbeat answer".into()),
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => return Err(e.to_string()),
                 Ok(Ok(Some(Frame::Heartbeat { .. }))) => {}
-                Ok(Ok(other)) => return Err(format!("unexpected control frame {other:?}")),
+                Ok(Ok(Some(other))) => {
+                    return Err(format!(
+                        "unexpected {} frame on the control stream",
+                        other.name()
+                    ))
+                }
+                Ok(Ok(None)) => return Err("the daemon ended the control stream".into()),
             }
             tokio::time::sleep(every).await;
         }
     };
+    // Request tasks log within the session's span, so a relay serving
+    // several daemons says which one a request came from.
+    let span = tracing::Span::current();
     let accept = async {
         loop {
             let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
@@ -257,7 +295,7 @@ async fn serve(
             relay
                 .requests
                 .clone()
-                .spawn(async move { request(&relay, s, r).await });
+                .spawn(async move { request(&relay, s, r).await }.instrument(span.clone()));
         }
         #[allow(unreachable_code)]
         Ok::<(), String>(())
@@ -275,7 +313,7 @@ async fn request(relay: &Relay, mut send: SendStream, recv: RecvStream) {
     let mut frames = FrameReader::new(Stream(recv), limits);
     let result = perform(relay, &mut send, &mut frames, &limits).await;
     if let Err(f) = result {
-        tracing::info!(kind = ?f.kind, error = %f.message, "request refused or failed");
+        tracing::info!(kind = ?f.kind, error = %printable(&f.message), "request refused or failed");
         // The daemon may still be writing a body this relay will not read:
         // stop it, so it turns to reading the error below.
         let _ = frames.source_mut().0.stop(0u32.into());
@@ -300,15 +338,25 @@ async fn perform(
     limits: &Limits,
 ) -> Result<(), Failure> {
     let protocol = |e: String| Failure::new(ErrorKind::Protocol, e);
-    let Some(Frame::RequestHead {
-        method,
-        url,
-        headers,
-        protocol_profile,
-        timeout_ms,
-    }) = frames.next().await.map_err(protocol)?
-    else {
-        return Err(protocol("expected a request head".into()));
+    let head = tokio::time::timeout(HEAD_TIMEOUT, frames.next())
+        .await
+        .map_err(|_| protocol(format!("no request head within {HEAD_TIMEOUT:?}")))?
+        .map_err(|e| protocol(e.to_string()))?;
+    let (method, url, headers, protocol_profile, timeout_ms) = match head {
+        Some(Frame::RequestHead {
+            method,
+            url,
+            headers,
+            protocol_profile,
+            timeout_ms,
+        }) => (method, url, headers, protocol_profile, timeout_ms),
+        Some(other) => {
+            return Err(protocol(format!(
+                "expected a request head, got {}",
+                other.name()
+            )))
+        }
+        None => return Err(protocol("the stream ended before a request head".into())),
     };
     if relay.draining.is_cancelled() {
         return Err(Failure::new(ErrorKind::Overloaded, "relay is stopping"));
@@ -321,7 +369,16 @@ async fn perform(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut body = BytesMut::new();
     loop {
-        match frames.next().await.map_err(protocol)? {
+        let frame = tokio::time::timeout_at(deadline, frames.next())
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorKind::Timeout,
+                    format!("{NOT_SENT} the request's body did not arrive within {timeout:?}"),
+                )
+            })?
+            .map_err(|e| protocol(e.to_string()))?;
+        match frame {
             Some(Frame::BodyChunk(data)) => {
                 if (body.len() + data.len()) as u64 > relay.config.max_body {
                     return Err(Failure::new(
@@ -335,11 +392,13 @@ async fn perform(
                 body.extend_from_slice(&data);
             }
             Some(Frame::End) => break,
-            other => {
+            Some(other) => {
                 return Err(protocol(format!(
-                    "expected a body chunk or end, got {other:?}"
+                    "expected a body chunk or end, got {}",
+                    other.name()
                 )))
             }
+            None => return Err(protocol("the stream ended before the body's end".into())),
         }
     }
     let _permit = match tokio::time::timeout_at(deadline, relay.permits.acquire()).await {
