@@ -224,9 +224,31 @@ impl Session {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
         let started = Instant::now();
+        // The request's time runs from here: waiting for the relay to take
+        // it counts, and the relay gets what is left.
+        let deadline = started + timeout;
         let limits = Limits::default();
         let work = async {
-            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.dropped(e))?;
+            // A relay takes at most twice its concurrency in requests at
+            // once (QUIC stream credit); one that takes none within the
+            // request's time has not sent it.
+            let opened = tokio::time::timeout_at(deadline.into(), self.conn.open_bi()).await;
+            let (mut send, recv) = match opened {
+                Ok(opened) => opened.map_err(|e| self.dropped(e))?,
+                Err(_) => {
+                    return Err(self.remote(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{} the relay took no new request within {timeout:?} (it takes \
+                             at most twice its concurrency at once)",
+                            outbox_proto::NOT_SENT
+                        ),
+                    ))
+                }
+            };
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let head = Frame::RequestHead {
                 method: method.to_string(),
                 url: url.to_string(),
@@ -235,7 +257,7 @@ impl Session {
                     .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
                     .collect(),
                 protocol_profile: protocol_profile.map(str::to_string),
-                timeout_ms: timeout.as_millis() as u64,
+                timeout_ms: left.as_millis() as u64,
             };
             // Frames are gathered and written a chunk at a time: a request
             // whose body fits one chunk (the usual case) is one write, one

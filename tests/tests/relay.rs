@@ -995,11 +995,61 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
     let first = &attempts(&m)[0];
     let error = first["error"].as_str().unwrap_or("");
     assert!(
-        error.contains("not sent: no free slot within 1s"),
+        error.contains("not sent: no free slot within "),
         "the attempt says it was not sent: {m}"
     );
     let ids = sink.ids();
     assert_eq!(ids, [a], "only the slow message reached the sink");
+}
+
+/// A relay takes at most twice its concurrency in requests at once; a
+/// request that waits past its timeout for the relay to take it is not
+/// sent either, and says so within its timeout, rather than being taken
+/// for a relay that went away.
+#[tokio::test]
+async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
+    let pki = Pki::init();
+    let port = udp_port();
+    let sink = Sink::builder().delay(Duration::from_secs(3)).start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("slow", &sink.url(), 2)).await;
+    apply(
+        &d,
+        &relayed("quick", &sink.url(), 1).replace("timeout = \"5s\"", "timeout = \"1s\""),
+    )
+    .await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("concurrency".into(), toml::Value::Integer(1));
+    let _relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    // The relay's two streams: one request at the sink, one waiting for
+    // the relay's one slot.
+    let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
+    let a2 = send(&d, "slow", json!({"message": "Create", "body": {"n": 2}})).await;
+    sink.wait_for(1, WAIT).await;
+    let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 3}})).await;
+    let m = eventually_msg(WAIT, "a first attempt of the quick message", async || {
+        let m = d.message(&b).await;
+        (!attempts(&m).is_empty()).then_some(m)
+    })
+    .await;
+    let first = &attempts(&m)[0];
+    let error = first["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("not sent: the relay took no new request within 1s"),
+        "the attempt says it was not sent: {m}"
+    );
+    assert!(!error.contains("disconnected"), "{m}");
+    let took = first["duration_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(took < 2_000, "it ends within its timeout: {took} ms: {m}");
+    assert!(
+        !sink.ids().contains(&b),
+        "the quick message did not reach the sink"
+    );
+    for id in [&a, &a2] {
+        d.wait_for_state(id, "sent", WAIT).await;
+    }
 }
 
 /// A relay draining before it stops turns new requests away once; the
