@@ -193,7 +193,27 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
-        Self::parse_from(&text, Some(path))
+        let config = Self::parse_from(&text, Some(path))?;
+        config.check_tls_files()?;
+        Ok(config)
+    }
+
+    /// Reads the certificates and keys the file names, as the relay will
+    /// when it connects and when a request uses a protocol profile, so
+    /// `--check-config` finds a `server_ca` that holds no certificate, or
+    /// a profile's key that does not load, before anything is started.
+    fn check_tls_files(&self) -> Result<(), ConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::perform::read_certs(&self.server_ca).map_err(|e| err("server_ca", e))? {
+            roots
+                .add(cert)
+                .map_err(|e| err("server_ca", format!("{}: {e}", self.server_ca.display())))?;
+        }
+        for profile in self.protocol_profiles.values() {
+            crate::perform::tls_config(Some(profile))
+                .map_err(|e| err(format!("protocol_profile[{}]", profile.name), e))?;
+        }
+        Ok(())
     }
 
     /// Validates a configuration given as text; its errors name no file.
@@ -254,8 +274,13 @@ impl Config {
         }
         let max_body = parse_size(raw.max_body.as_deref().unwrap_or(defaults::MAX_BODY))
             .map_err(|p| err("max_body", p))?;
-        let drain = humantime::parse_duration(raw.drain.as_deref().unwrap_or(defaults::DRAIN))
-            .map_err(|e| err("drain", e.to_string()))?;
+        let drain_text = raw.drain.as_deref().unwrap_or(defaults::DRAIN);
+        let drain = humantime::parse_duration(drain_text).map_err(|e| {
+            err(
+                "drain",
+                format!("{drain_text:?} is not a duration such as \"30s\" or \"2m\" ({e})"),
+            )
+        })?;
         let mut protocol_profiles = BTreeMap::new();
         for (i, p) in raw.protocol_profile.into_iter().enumerate() {
             let at = format!(

@@ -74,14 +74,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     shutdown.await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    tracing::info!(drain = ?relay.config.drain, "stopping: refusing new requests, draining those in flight");
+    tracing::info!(drain = ?relay.config.drain, in_flight = relay.requests.len(), "stopping: refusing new requests, draining those in flight");
     relay.draining.cancel();
     relay.requests.close();
     if tokio::time::timeout(relay.config.drain, relay.requests.wait())
         .await
         .is_err()
     {
-        tracing::warn!("drain period over with requests still in flight");
+        // The daemon sends them again: through another relay, or through
+        // this one when it is back.
+        tracing::warn!(
+            in_flight = relay.requests.len(),
+            "drain period over with requests still in flight; the daemon will send them again"
+        );
     }
     stop.cancel();
     sessions.close();

@@ -254,7 +254,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// rustls settings for targets: webpki and system roots plus the profile's
 /// CA, and its client certificate for mutual TLS.
-fn tls_config(profile: Option<&Profile>) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config(profile: Option<&Profile>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Ok(iter) = CertificateDer::pem_file_iter("/etc/ssl/certs/ca-certificates.crt") {

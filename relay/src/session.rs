@@ -124,14 +124,25 @@ pub async fn keep(
                     }
                     // A daemon that closed the session said why; else this
                     // relay gives up on it and tells the daemon why.
-                    let reason = match conn.close_reason() {
-                        Some(closed) => why_closed(&closed, "the daemon"),
+                    match conn.close_reason() {
+                        // Code 0: the daemon is stopping (a restart, an
+                        // upgrade), which is news, not a failure.
+                        Some(quinn::ConnectionError::ApplicationClosed(close))
+                            if close.error_code == quinn::VarInt::from_u32(0) =>
+                        {
+                            let reason =
+                                printable(&String::from_utf8_lossy(&close.reason)).into_owned();
+                            tracing::info!(%reason, "the daemon closed the session; reconnecting");
+                        }
+                        Some(closed) => {
+                            let reason = why_closed(&closed, "the daemon");
+                            tracing::warn!(%reason, "session lost; reconnecting");
+                        }
                         None => {
                             conn.close(CLOSE_LOST.into(), reason.as_bytes());
-                            reason
+                            tracing::warn!(%reason, "session lost; reconnecting");
                         }
-                    };
-                    tracing::warn!(%reason, "session lost; reconnecting");
+                    }
                     None
                 }
                 Err(e) => Some(e),

@@ -136,6 +136,18 @@ fn the_relay_refuses_blank_tokens_and_places_toml_errors() {
             "token: environment variable E2E_BLANK_TOKEN is empty".to_string(),
         ),
         (
+            base.replace("ca.crt", "relay-token"),
+            format!(
+                "server_ca: {} holds no PEM certificate",
+                dir.join("relay-token").display()
+            ),
+        ),
+        (
+            format!("{base}drain = \"forever\"\n"),
+            "drain: \"forever\" is not a duration such as \"30s\" or \"2m\" (expected number at 0)"
+                .to_string(),
+        ),
+        (
             format!("{base}concurrency = \"64\"\n"),
             format!(
                 "concurrency: invalid type: string \"64\", expected u32 ({path}, line 5, column 15)"

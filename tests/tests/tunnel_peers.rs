@@ -1813,9 +1813,30 @@ async fn the_reason_a_daemon_closes_a_session_with_is_in_the_relay_log() {
         other => panic!("expected heartbeat 1, got {other:?}"),
     }
     peer.conn.close(3u32.into(), b"no heartbeat for 6s");
-    let _again = daemon.next().await;
+    let mut again = daemon.next().await;
     let line = logged("relay", || relay.log(), &["session lost; reconnecting"]).await;
     assert!(line.contains("no heartbeat for 6s"), "{line}");
+    assert!(line.contains("WARN"), "{line}");
+
+    // Code 0 is a daemon stopping: news, not a failure.
+    again
+        .send
+        .write_all(&wire(&accept_frame(1000)))
+        .await
+        .expect("accept");
+    let _ = next_frame(&mut again.frames, "the first heartbeat").await;
+    again.conn.close(0u32.into(), b"daemon stopping");
+    let _third = daemon.next().await;
+    let line = logged(
+        "relay",
+        || relay.log(),
+        &[
+            "the daemon closed the session; reconnecting",
+            "daemon stopping",
+        ],
+    )
+    .await;
+    assert!(line.contains("INFO"), "{line}");
 }
 
 /// B, the log: a refused request is logged with the daemon it came from,
