@@ -388,7 +388,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
         Outcome::Retry(_) => m.retried.increment(1),
         Outcome::Final(_) => m.failed.increment(1),
     }
-    let status = record.status.map(i64::from).unwrap_or(-1);
+    // No field at all when there was no response, rather than a made-up
+    // status.
+    let status = record.status;
     match &outcome {
         // A delivery is a debug line: each one is in its message's attempt
         // record and in `outbox_messages_sent_total`, and at the rates the

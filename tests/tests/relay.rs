@@ -598,6 +598,14 @@ async fn messages_wait_for_an_absent_relay_and_go_when_it_connects() {
             "the waiting attempt is missing from the history: {m}"
         );
     }
+    // `outbox message` says which of them max_attempts counts.
+    let id = messages[0]["id"].as_str().unwrap();
+    let out = d.cli(&["message", id]).await;
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("attempts (2, 1 counted toward max_attempts):"),
+        "{screen}"
+    );
 }
 
 /// A wrong token: the daemon refuses the hello, both sides log it, nothing

@@ -154,7 +154,18 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
         }
     }
     let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
-    outln!("  attempts ({}):", attempts.len());
+    // Waits for a MID server and goes through another relay are on record
+    // but use no attempt; the list's ATTEMPTS column is the count that
+    // max_attempts sees.
+    let counted = v["attempt_count"].as_u64().unwrap_or(0);
+    if counted == attempts.len() as u64 {
+        outln!("  attempts ({}):", attempts.len());
+    } else {
+        outln!(
+            "  attempts ({}, {counted} counted toward max_attempts):",
+            attempts.len()
+        );
+    }
     for a in attempts {
         outln!(
             "    #{} {} {} via {} [{} {}] -> {} in {} ms: {}",
