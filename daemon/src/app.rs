@@ -144,7 +144,7 @@ impl App {
 
 /// Applies each `(label, text)` in turn to `catalog`, so later files may
 /// refer to profiles of earlier ones; problems are prefixed with the label
-/// when there are several files.
+/// (a file's path; an API request has none).
 pub fn apply_all(
     catalog: &mut Catalog,
     texts: &[(String, String)],
@@ -162,7 +162,7 @@ pub fn apply_all(
         );
         match parsed {
             Ok(doc) => changes.extend(catalog.apply(&doc)),
-            Err(p) if texts.len() == 1 => problems.extend(p),
+            Err(p) if label.is_empty() => problems.extend(p),
             Err(p) => problems.extend(p.into_iter().map(|p| format!("{label}: {p}"))),
         }
     }
@@ -175,11 +175,10 @@ pub fn apply_all(
 
 /// The configured `apply` files with their contents.
 pub fn read_apply_files(config: &Config) -> anyhow::Result<Vec<(String, String)>> {
-    use anyhow::Context as _;
     let mut texts = Vec::new();
     for path in config.apply_files()? {
         let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("apply file {} cannot be read", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("apply file {} cannot be read: {e}", path.display()))?;
         texts.push((path.display().to_string(), text));
     }
     Ok(texts)
@@ -229,4 +228,33 @@ pub fn check_apply_files(config: &Config) -> anyhow::Result<usize> {
     let mids = config.mid_servers.keys().cloned().collect();
     apply_all(&mut Catalog::default(), &texts, &mids)?;
     Ok(texts.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_name_their_file_even_when_it_is_the_only_one() {
+        let bad = "[[integration]]\nname = \"x y\"\n".to_string();
+        let problems = |texts: &[(String, String)]| match apply_all(
+            &mut Catalog::default(),
+            texts,
+            &BTreeSet::new(),
+        ) {
+            Err(ChangeError::Invalid(p)) => p,
+            other => panic!("expected problems, got {other:?}"),
+        };
+        let one = problems(&[("ints/a.toml".into(), bad.clone())]);
+        assert!(
+            !one.is_empty() && one.iter().all(|p| p.starts_with("ints/a.toml: ")),
+            "{one:?}"
+        );
+        // An API request has no file to name.
+        let request = problems(&[(String::new(), bad)]);
+        assert!(
+            request.iter().all(|p| p.starts_with("integration[")),
+            "{request:?}"
+        );
+    }
 }

@@ -417,7 +417,38 @@ fn from_config_error(e: config::ConfigError, file: Option<&Path>) -> ConfigError
         file.map(|f| f.display().to_string())
             .unwrap_or_else(|| "config".into())
     });
-    err(key, text.replace('\n', " "))
+    let mut problem = one_line(&text);
+    // A parse error's key is the file, which the crate also names last.
+    // (The crate may name it by a relative path.)
+    if let Some(f) = file.filter(|f| key == f.display().to_string()) {
+        if let Some((kept, named)) = problem.rsplit_once(" in ") {
+            if Path::new(named).file_name() == f.file_name() {
+                problem = kept.to_string();
+            }
+        }
+    }
+    err(key, problem)
+}
+
+/// A config error on one line. A TOML parse error's picture of the line
+/// with a caret under the column (lines that start with `|`) is left out:
+/// the first line says where, the rest what.
+fn one_line(text: &str) -> String {
+    let mut parts = text.lines().filter(|l| {
+        let l = l
+            .trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit());
+        !l.trim_start().starts_with('|')
+    });
+    let first = parts.next().unwrap_or_default().trim().to_string();
+    let rest: Vec<&str> = parts.map(str::trim).filter(|l| !l.is_empty()).collect();
+    if rest.is_empty() {
+        first
+    } else if first.starts_with("TOML parse error at") {
+        format!("{first}: {}", rest.join(" "))
+    } else {
+        format!("{first} {}", rest.join(" "))
+    }
 }
 
 fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -512,6 +543,19 @@ mod tests {
         let path = dir.path().join("outboxd.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path), Vec::new())
+    }
+
+    #[test]
+    fn a_toml_parse_error_is_one_readable_line() {
+        let e = load_str("instance_name = \"walk\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outboxd.toml: TOML parse error at line 1, column 22: invalid basic string"),
+            "{e}"
+        );
+        assert!(!e.contains('|') && !e.contains('\n'), "{e}");
+        assert!(!e.ends_with("outboxd.toml"), "the file is named once: {e}");
     }
 
     #[test]
