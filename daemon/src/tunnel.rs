@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outbox_proto::quic::why_closed;
-use outbox_proto::{printable, ChunkSource, ErrorKind, Frame, FrameReader, Limits, ReadError};
-use quinn::{RecvStream, SendStream};
+use outbox_proto::quic::{ended, why_closed, Ended, Stream, RECEIVE_WINDOW};
+use outbox_proto::{printable, ErrorKind, Frame, FrameReader, Limits, ReadError};
+use quinn::SendStream;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -36,16 +36,20 @@ pub use outbox_proto::ALPN;
 /// so a relay that died without a word is dropped (and its requests go
 /// through another) within about six seconds.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A relay must say hello this soon after connecting.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many connections may be between the QUIC handshake and
-/// an accepted hello at once; more are refused. Each may hold up to a
-/// stream's receive window of data, and anyone who can reach the port can
-/// open one, so this bounds what strangers cost.
-const MAX_UNGREETED: usize = 32;
-/// The most a relay may have sent that the daemon has not read yet, on
-/// all its streams together.
-const RECEIVE_WINDOW: u32 = 16 << 20;
+/// A relay must say hello this soon after its QUIC handshake: a real one
+/// does within a round trip or two.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections that finished the QUIC handshake but have not said hello
+/// yet, at most, in all and from one address. Anyone who reaches the port
+/// can hold one for [`HELLO_TIMEOUT`], each with up to a stream's receive
+/// window buffered (about 1.2 MiB): so at most about 80 MiB and 5 s, and
+/// one address cannot take the room of all others. A relay refused for
+/// it tries again with its backoff. (Addresses are validated with a QUIC
+/// retry first, so they cannot be forged.)
+const MAX_UNGREETED: usize = 64;
+const MAX_UNGREETED_PER_ADDRESS: usize = 4;
+/// Refusals for want of room are logged at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Body chunk size on request streams: well under the frame limit.
 const CHUNK: usize = 64 * 1024;
 
@@ -68,6 +72,9 @@ pub struct Session {
     /// Set when the relay turned a request away because it is stopping: it
     /// gets no new requests from then on.
     stopping: std::sync::atomic::AtomicBool,
+    /// Why this daemon closed the session, when it did: an answer that
+    /// broke the protocol.
+    broken: std::sync::OnceLock<String>,
     conn: quinn::Connection,
 }
 
@@ -102,15 +109,25 @@ pub enum RelayError {
         address: SocketAddr,
         reason: String,
     },
-    /// The relay answered with bytes that are no valid answer: a fault of
-    /// the relay, which QUIC delivered intact. The attempt counts, as one
-    /// with no response does, so a broken relay costs a message its
-    /// attempts with backoff rather than a record every moment.
+    /// The relay answered with bytes that are no valid answer, or reset
+    /// the stream: a fault of the relay, which QUIC delivered intact. The
+    /// daemon closes the session, so the rest of a cluster carries on, and
+    /// the attempt counts, as one with no response does, so a broken relay
+    /// costs a message its attempts with backoff rather than a record
+    /// every moment.
     #[error("relay {name} ({address}) answered badly: {reason}")]
     BadAnswer {
         name: String,
         address: SocketAddr,
         reason: String,
+    },
+    /// The relay took no new request (gave no stream) within the
+    /// request's time: the request was not sent.
+    #[error("relay {name} ({address}): {} the relay took no new request within {waited:?} (all the requests it takes at once are in flight)", outbox_proto::NOT_SENT)]
+    NotTaken {
+        name: String,
+        address: SocketAddr,
+        waited: Duration,
     },
     /// The relay answered with an error frame.
     #[error("relay {name} ({address}): {message}")]
@@ -225,8 +242,11 @@ impl Session {
         let _guard = InFlight(&self.in_flight);
         let started = Instant::now();
         // The request's time runs from here: waiting for the relay to take
-        // it counts, and the relay gets what is left.
-        let deadline = started + timeout;
+        // it counts, and the relay gets what is left. (An integration may
+        // give a timeout too large to add; the relay caps it anyway.)
+        let deadline = started
+            .checked_add(timeout)
+            .unwrap_or(started + Duration::from_secs(24 * 3600));
         let limits = Limits::default();
         let work = async {
             // A relay takes at most twice its concurrency in requests at
@@ -236,14 +256,11 @@ impl Session {
             let (mut send, recv) = match opened {
                 Ok(opened) => opened.map_err(|e| self.dropped(e))?,
                 Err(_) => {
-                    return Err(self.remote(
-                        ErrorKind::Timeout,
-                        format!(
-                            "{} the relay took no new request within {timeout:?} (it takes \
-                             at most twice its concurrency at once)",
-                            outbox_proto::NOT_SENT
-                        ),
-                    ))
+                    return Err(RelayError::NotTaken {
+                        name: self.name.clone(),
+                        address: self.address,
+                        waited: timeout,
+                    })
                 }
             };
             let left = deadline
@@ -338,7 +355,8 @@ impl Session {
         };
         // The relay enforces the timeout on its request; this bound covers a
         // relay that stops answering altogether.
-        match tokio::time::timeout(timeout + Duration::from_secs(5), work).await {
+        let bound = timeout.saturating_add(Duration::from_secs(5));
+        match tokio::time::timeout(bound, work).await {
             Ok(Ok(reply)) => (Ok(reply), Ok(())),
             Ok(Err(RelayError::Remote {
                 kind: ErrorKind::Timeout,
@@ -372,10 +390,7 @@ impl Session {
             // system, failed: retry elsewhere without using an attempt.
             Err(_) => {
                 self.suspect.store(true, Ordering::Relaxed);
-                let e = self.dropped(format!(
-                    "no answer from the relay within {:?}",
-                    timeout + Duration::from_secs(5)
-                ));
+                let e = self.dropped(format!("no answer from the relay within {bound:?}"));
                 (Err(SendError::Failed(e.to_string())), Err(e))
             }
         }
@@ -396,25 +411,32 @@ impl Session {
         RelayError::Dropped {
             name: self.name.clone(),
             address: self.address,
-            reason: e.to_string(),
+            // quinn's words may carry the relay's close reason.
+            reason: printable(&e.to_string()).into_owned(),
         }
     }
 
-    /// The relay's answer could not be read: it went away, or what it sent
-    /// is no valid frame.
+    /// The relay's answer could not be read: the connection is gone, or
+    /// the relay reset the stream (which a relay never does: it finishes
+    /// every stream) or sent what is no valid frame.
     fn read_failed(&self, e: ReadError<quinn::ReadError>) -> RelayError {
         match e {
-            ReadError::Source(e) => self.dropped(e),
+            ReadError::Source(e @ quinn::ReadError::ConnectionLost(_)) => self.dropped(e),
+            ReadError::Source(e) => self.bad_answer(e.to_string()),
             ReadError::Frame(e) => self.bad_answer(e),
         }
     }
 
-    /// The relay broke the protocol on a request stream: logged here, once
-    /// per answer, since the attempt record alone would not reach whoever
-    /// runs the relay.
+    /// The relay broke the protocol on a request stream: logged here, since
+    /// the attempt record alone would not reach whoever runs the relay, and
+    /// the session is closed with the reason, which the relay logs. Its
+    /// other requests go through another member, and it may connect again.
     fn bad_answer(&self, reason: impl Into<String>) -> RelayError {
         let reason = printable(&reason.into()).into_owned();
         tracing::warn!(address = %self.address, mid_server = %self.name, session = self.id, %reason, "relay answered a request badly");
+        let why = format!("answered a request badly: {reason}");
+        self.conn.close(4u32.into(), why.as_bytes());
+        let _ = self.broken.set(why);
         RelayError::BadAnswer {
             name: self.name.clone(),
             address: self.address,
@@ -446,20 +468,6 @@ pub async fn write_frame(
     let mut buf = Vec::new();
     outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())
-}
-
-/// A QUIC receive stream as the source of a [`FrameReader`]. Every stream
-/// is read through one reader for its whole life, so nothing read ahead is
-/// lost.
-struct Stream(RecvStream);
-
-impl ChunkSource for Stream {
-    type Chunk = Bytes;
-    type Error = quinn::ReadError;
-
-    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
-        Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
-    }
 }
 
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.
@@ -498,27 +506,39 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let tokens = Arc::new(tokens);
-    let ungreeted = Arc::new(tokio::sync::Semaphore::new(MAX_UNGREETED));
+    let ungreeted = Arc::new(Ungreeted::default());
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        let address = incoming.remote_address();
-        let Ok(greeting) = ungreeted.clone().try_acquire_owned() else {
-            // At debug: a flood of connections would flood the log too.
-            // Relays refused this way retry with backoff.
-            tracing::debug!(%address, "relay connection refused: {MAX_UNGREETED} others have not said hello yet");
-            incoming.refuse();
+        // A QUIC retry first proves the address is the sender's: it costs
+        // a round trip and keeps no state, so forged packets hold nothing.
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
             continue;
-        };
+        }
+        let address = incoming.remote_address();
         let relays = relays.clone();
         let tokens = tokens.clone();
         let connected = connected.clone();
+        let ungreeted = ungreeted.clone();
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => session(conn, address, relays, &tokens, connected, greeting).await,
-                Err(e) => tracing::info!(%address, error = %e, "relay connection failed"),
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let error = printable(&e.to_string()).into_owned();
+                    return tracing::info!(%address, %error, "relay connection failed");
+                }
+            };
+            match ungreeted.enter(address) {
+                Some(greeting) => {
+                    session(conn, address, relays, &tokens, connected, greeting).await
+                }
+                None => conn.close(
+                    1u32.into(),
+                    b"too many connections are waiting to say hello; try again",
+                ),
             }
         });
     }
@@ -531,7 +551,7 @@ async fn session(
     relays: Arc<Relays>,
     tokens: &HashMap<String, MidServerConfig>,
     connected: Arc<tokio::sync::Notify>,
-    greeting: tokio::sync::OwnedSemaphorePermit,
+    greeting: Greeting,
 ) {
     let limits = Limits::default();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -603,7 +623,8 @@ async fn session(
         session_id: id,
     };
     if let Err(e) = write_frame(&mut send, &accept, &limits).await {
-        tracing::warn!(%address, mid_server = %name, error = %e, "relay dropped during hello");
+        let error = printable(&e).into_owned();
+        tracing::warn!(%address, mid_server = %name, %error, "relay dropped during hello");
         return;
     }
     let s = Arc::new(Session {
@@ -617,6 +638,7 @@ async fn session(
         in_flight: AtomicUsize::new(0),
         suspect: std::sync::atomic::AtomicBool::new(false),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        broken: std::sync::OnceLock::new(),
         conn: conn.clone(),
     });
     relays.add(s.clone());
@@ -642,27 +664,77 @@ async fn session(
     };
     relays.remove(&s);
     // A session closed on purpose, by a relay that is stopping or by this
-    // daemon, is not news worth a warning; anything else is.
-    match conn.close_reason() {
-        // Code 0: the relay is stopping. Other codes are a relay giving up
-        // on a broken session, worth a warning.
-        Some(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == quinn::VarInt::from_u32(0) =>
-        {
-            let said = printable(&String::from_utf8_lossy(&close.reason)).into_owned();
-            tracing::info!(%address, mid_server = %name, session = id, reason = %said, "relay closed its session");
-        }
-        Some(quinn::ConnectionError::LocallyClosed) => {
-            tracing::info!(%address, mid_server = %name, session = id, "relay session closed: the daemon is stopping");
-        }
-        Some(closed) => {
-            let reason = why_closed(&closed, "the relay");
-            tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
-        }
+    // daemon stopping, is not news worth a warning; anything else is.
+    let reason = match conn.close_reason() {
+        Some(quinn::ConnectionError::LocallyClosed) => match s.broken.get() {
+            Some(why) => why.clone(),
+            None => {
+                return tracing::info!(%address, mid_server = %name, session = id, "relay session closed: the daemon is stopping");
+            }
+        },
+        Some(closed) => match ended(&closed, "the relay") {
+            Ended::Stopping(reason) => {
+                return tracing::info!(%address, mid_server = %name, session = id, %reason, "relay closed its session");
+            }
+            Ended::Failed(reason) => reason,
+        },
         None => {
             let reason = printable(&reason).into_owned();
             conn.close(3u32.into(), reason.as_bytes());
-            tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+            reason
+        }
+    };
+    tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
+}
+
+/// Connections between their QUIC handshake and an accepted hello, in all
+/// and by address (see [`MAX_UNGREETED`]).
+#[derive(Default)]
+struct Ungreeted {
+    by_address: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// When a refusal was last logged, in ms since the epoch.
+    logged_ms: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A place among the ungreeted, given back when dropped.
+struct Greeting(Arc<Ungreeted>, std::net::IpAddr);
+
+impl Ungreeted {
+    fn enter(self: &Arc<Self>, address: SocketAddr) -> Option<Greeting> {
+        let ip = address.ip();
+        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = by.values().sum();
+        let here = by.get(&ip).copied().unwrap_or(0);
+        if total >= MAX_UNGREETED || here >= MAX_UNGREETED_PER_ADDRESS {
+            drop(by);
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = crate::queue::now_ms();
+            let last = self.logged_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= REFUSAL_LOG_EVERY.as_millis() as u64
+                && self
+                    .logged_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.refused.store(0, Ordering::Relaxed);
+                tracing::warn!(%address, refused, "relay connections refused: too many have not said hello yet ({here} from this address, {total} in all)");
+            }
+            return None;
+        }
+        *by.entry(ip).or_default() += 1;
+        Some(Greeting(self.clone(), ip))
+    }
+}
+
+impl Drop for Greeting {
+    fn drop(&mut self) {
+        let mut by = self.0.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.1);
+            }
         }
     }
 }

@@ -1,5 +1,9 @@
-//! The QUIC runtime both sides give quinn (feature `quic`): tokio's, with
-//! each quinn driver deferred once after a wake-up.
+//! What the daemon and the relay share over quinn (feature `quic`): the
+//! runtime both give quinn, receive streams as frame sources, the receive
+//! window, and how a connection ended.
+//!
+//! The runtime is tokio's, with each quinn driver deferred once after a
+//! wake-up.
 //!
 //! quinn runs one driver task per endpoint (receiving datagrams) and one per
 //! connection (building and sending packets, timers). Every stream write
@@ -60,16 +64,62 @@ impl quinn::Runtime for Runtime {
     }
 }
 
-/// Why a connection ended, in words for the log: the reason the peer gave
-/// when it closed it (`peer` names it: "the relay"), else quinn's own.
-pub fn why_closed(e: &quinn::ConnectionError, peer: &str) -> String {
+/// The most a peer may have sent on a connection that its reader has not
+/// taken yet, all streams together. Both sides read as data comes (the
+/// daemon keeps an answer's excerpt and drops the rest; the relay gathers
+/// a body up to its `max_body`), so this bounds only a peer that writes
+/// what is never read; at a 100 ms round trip it still allows 160 MiB/s.
+pub const RECEIVE_WINDOW: u32 = 16 << 20;
+
+/// A QUIC receive stream as the source of a [`crate::FrameReader`]. Every
+/// stream is read through one reader for its whole life, so nothing read
+/// ahead is lost.
+pub struct Stream(pub quinn::RecvStream);
+
+impl crate::ChunkSource for Stream {
+    type Chunk = bytes::Bytes;
+    type Error = quinn::ReadError;
+
+    async fn next_chunk(&mut self, max: usize) -> Result<Option<bytes::Bytes>, quinn::ReadError> {
+        Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
+    }
+}
+
+/// How a connection ended, in words for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed it with code 0: it is stopping (a restart, an
+    /// upgrade), which is news, not a failure. The peer's reason.
+    Stopping(String),
+    /// Anything else: the peer gave up on it (its code and reason), the
+    /// network, a timeout.
+    Failed(String),
+}
+
+/// How `e` ended a connection; `peer` names the other side ("the relay").
+/// The peer's reason is escaped, as all text from a peer is.
+pub fn ended(e: &quinn::ConnectionError, peer: &str) -> Ended {
     match e {
-        quinn::ConnectionError::ApplicationClosed(close) => format!(
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(0) =>
+        {
+            Ended::Stopping(crate::printable(&String::from_utf8_lossy(&close.reason)).into_owned())
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => Ended::Failed(format!(
             "{peer} closed the session (code {}): {}",
             close.error_code,
             crate::printable(&String::from_utf8_lossy(&close.reason))
-        ),
-        other => crate::printable(&other.to_string()).into_owned(),
+        )),
+        // quinn's own words may carry the peer's reason raw.
+        other => Ended::Failed(crate::printable(&other.to_string()).into_owned()),
+    }
+}
+
+/// [`ended`] as one text, for errors.
+pub fn why_closed(e: &quinn::ConnectionError, peer: &str) -> String {
+    match ended(e, peer) {
+        Ended::Stopping(reason) => format!("{peer} closed the session: {reason}"),
+        Ended::Failed(reason) => reason,
     }
 }
 

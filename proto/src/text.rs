@@ -2,23 +2,34 @@
 
 use std::borrow::Cow;
 
-/// `text` with control characters escaped (`\n`, `\u{1b}`), so text a
-/// peer sent (a relay's name, a close reason, a reject reason) cannot
-/// start a log line of its own or drive a terminal. Text without them is
-/// returned as it is.
+/// `text` with control characters, line and paragraph separators and
+/// bidirectional overrides escaped (`\n`, `\u{1b}`, `\u{202e}`), so text
+/// a peer sent (a relay's name, a close reason, a reject reason) cannot
+/// start a log line of its own, drive a terminal, or reorder what is shown.
+/// Text without them is returned as it is.
 pub fn printable(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(unsafe_char) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if unsafe_char(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     Cow::Owned(out)
+}
+
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+        )
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 #[cfg(test)]
@@ -30,5 +41,9 @@ mod tests {
         assert!(matches!(printable("dc1 café"), Cow::Borrowed("dc1 café")));
         assert_eq!(printable("dc1\nFORGED line"), "dc1\\nFORGED line");
         assert_eq!(printable("a\r\u{1b}[31mb\u{85}"), "a\\r\\u{1b}[31mb\\u{85}");
+        assert_eq!(
+            printable("x\u{2028}y\u{202e}z\u{2066}"),
+            "x\\u{2028}y\\u{202e}z\\u{2066}"
+        );
     }
 }

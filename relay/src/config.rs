@@ -203,12 +203,7 @@ impl Config {
     /// `--check-config` finds a `server_ca` that holds no certificate, or
     /// a profile's key that does not load, before anything is started.
     fn check_tls_files(&self) -> Result<(), ConfigError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in crate::perform::read_certs(&self.server_ca).map_err(|e| err("server_ca", e))? {
-            roots
-                .add(cert)
-                .map_err(|e| err("server_ca", format!("{}: {e}", self.server_ca.display())))?;
-        }
+        crate::perform::server_roots(&self.server_ca).map_err(|e| err("server_ca", e))?;
         for profile in self.protocol_profiles.values() {
             crate::perform::tls_config(Some(profile))
                 .map_err(|e| err(format!("protocol_profile[{}]", profile.name), e))?;

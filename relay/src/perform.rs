@@ -287,6 +287,17 @@ pub(crate) fn tls_config(profile: Option<&Profile>) -> Result<rustls::ClientConf
     }
 }
 
+/// The roots a relay trusts the daemon's certificate with: `server_ca`.
+pub fn server_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
 pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::quic::why_closed;
+use outbox_proto::quic::{ended, why_closed, Ended, Stream, RECEIVE_WINDOW};
 use outbox_proto::{
-    printable, ChunkSource, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
+    printable, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
 };
 use quinn::{RecvStream, SendStream};
 use rand::Rng;
@@ -26,20 +26,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request stream must bring its head this soon after it opens.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most the daemon may have sent that this relay has not read yet, on
-/// all request streams together; bodies are read as they come.
-const RECEIVE_WINDOW: u32 = 16 << 20;
 const CHUNK: usize = 64 * 1024;
 
 /// The QUIC client endpoint shared by all sessions.
 pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::perform::read_certs(&config.server_ca).map_err(anyhow::Error::msg)? {
-        roots
-            .add(cert)
-            .with_context(|| format!("server_ca {}", config.server_ca.display()))?;
-    }
+    let roots = crate::perform::server_roots(&config.server_ca)
+        .map_err(|e| anyhow::anyhow!("server_ca: {e}"))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -124,23 +117,21 @@ pub async fn keep(
                     }
                     // A daemon that closed the session said why; else this
                     // relay gives up on it and tells the daemon why.
-                    match conn.close_reason() {
-                        // Code 0: the daemon is stopping (a restart, an
-                        // upgrade), which is news, not a failure.
-                        Some(quinn::ConnectionError::ApplicationClosed(close))
-                            if close.error_code == quinn::VarInt::from_u32(0) =>
-                        {
-                            let reason =
-                                printable(&String::from_utf8_lossy(&close.reason)).into_owned();
-                            tracing::info!(%reason, "the daemon closed the session; reconnecting");
-                        }
-                        Some(closed) => {
-                            let reason = why_closed(&closed, "the daemon");
-                            tracing::warn!(%reason, "session lost; reconnecting");
-                        }
+                    let reason = match conn.close_reason() {
+                        Some(closed) => ended(&closed, "the daemon"),
                         None => {
                             conn.close(CLOSE_LOST.into(), reason.as_bytes());
-                            tracing::warn!(%reason, "session lost; reconnecting");
+                            Ended::Failed(printable(&reason).into_owned())
+                        }
+                    };
+                    match reason {
+                        // The daemon is stopping (a restart, an upgrade):
+                        // news, not a failure.
+                        Ended::Stopping(reason) => {
+                            tracing::info!(%reason, "the daemon closed the session; reconnecting")
+                        }
+                        Ended::Failed(reason) => {
+                            tracing::warn!(%reason, "session lost; reconnecting")
                         }
                     }
                     None
@@ -219,6 +210,8 @@ async fn connect(
             } else {
                 ""
             };
+            // quinn's words may carry the daemon's close reason.
+            let e = printable(&e.to_string()).into_owned();
             format!("QUIC handshake with {}: {e}{hint}", daemon.address)
         })?;
     let limits = Limits::default();
@@ -495,18 +488,4 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> R
     let mut buf = Vec::new();
     outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())
-}
-
-/// A QUIC receive stream as the source of a [`FrameReader`]. Every stream
-/// is read through one reader for its whole life, so nothing read ahead is
-/// lost.
-struct Stream(RecvStream);
-
-impl ChunkSource for Stream {
-    type Chunk = Bytes;
-    type Error = quinn::ReadError;
-
-    async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, quinn::ReadError> {
-        Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
-    }
 }

@@ -1031,8 +1031,8 @@ async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
     let _relay = Relay::start(&config);
     wait_sessions(&d, 1, WAIT).await;
 
-    // The relay's two streams: one request at the sink, one waiting for
-    // the relay's one slot.
+    // The relay's two streams: a at the sink, a2 waiting for the relay's
+    // one slot (its first attempt runs out of time; it goes again later).
     let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
     let a2 = send(&d, "slow", json!({"message": "Create", "body": {"n": 2}})).await;
     sink.wait_for(1, WAIT).await;

@@ -157,15 +157,14 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
     // Waits for a MID server and goes through another relay are on record
     // but use no attempt; the list's ATTEMPTS column is the count that
     // max_attempts sees.
-    let counted = v["attempt_count"].as_u64().unwrap_or(0);
-    if counted == attempts.len() as u64 {
-        outln!("  attempts ({}):", attempts.len());
-    } else {
-        outln!(
+    match v["attempt_count"].as_u64() {
+        Some(counted) if counted != attempts.len() as u64 => outln!(
             "  attempts ({}, {counted} counted toward max_attempts):",
             attempts.len()
-        );
+        ),
+        _ => outln!("  attempts ({}):", attempts.len()),
     }
+
     for a in attempts {
         outln!(
             "    #{} {} {} via {} [{} {}] -> {} in {} ms: {}",
