@@ -1925,7 +1925,7 @@ async fn the_reason_a_daemon_closes_a_session_with_is_in_the_relay_log() {
 }
 
 /// B, the log: a refused request is logged with the daemon it came from,
-/// as everything else of a session is (`daemon{address=...}`): a relay
+/// (`daemon=ADDRESS`), as everything else of a session is: a relay
 /// serving several daemons must say which one sent a bad request.
 #[tokio::test]
 async fn a_refused_request_is_logged_with_the_daemon_it_came_from() {
