@@ -14,6 +14,7 @@
 //!   ([`OAuthServer`]);
 //! - [`client`] is an HTTPS client trusting a [`Pki`], to test the servers
 //!   themselves;
+//! - [`relay`] runs `outbox-relay` ([`Relay`]);
 //! - [`wait`] holds [`eventually`], the bounded poll tests use instead of
 //!   sleeping, and [`free_port`].
 //!
@@ -31,6 +32,7 @@ pub mod oauth;
 pub mod pki;
 pub mod process;
 mod random;
+pub mod relay;
 mod server;
 pub mod sink;
 pub mod wait;
@@ -38,6 +40,7 @@ pub mod wait;
 pub use daemon::{ApiClient, ApiReply, Daemon, DaemonBuilder};
 pub use oauth::{OAuthServer, OAuthServerBuilder};
 pub use pki::{Identity, Pki, PkiFiles};
+pub use relay::{free_udp_port, Relay};
 pub use sink::{Received, Reply, Sink, SinkBuilder};
 pub use wait::{eventually, eventually_msg, free_port};
 

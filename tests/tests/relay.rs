@@ -9,22 +9,15 @@ mod common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use outbox_tests::{free_udp_port, Relay};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A free UDP port on loopback for the daemon's QUIC listener.
-fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
 
 /// What `outbox pki init` wrote, in a temporary directory.
 struct Pki {
@@ -147,97 +140,6 @@ impl Pki {
         log.insert("level".into(), "info,outbox_relay=debug".into());
         t.insert("log".into(), toml::Value::Table(log));
         t
-    }
-}
-
-/// A running `outbox-relay` with its config and log in a temporary dir.
-struct Relay {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Relay {
-    fn start(config: &toml::Table) -> Relay {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = write(
-            dir.path(),
-            "relay.toml",
-            &toml::to_string(config).expect("relay.toml"),
-        );
-        let mut r = Relay {
-            dir,
-            config: path,
-            child: None,
-        };
-        r.spawn();
-        r
-    }
-
-    /// Starts (or restarts) the process on the same config, appending to
-    /// the same log.
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log file");
-        let child = Command::new(bin("outbox-relay"))
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .env("NO_COLOR", "1")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .spawn()
-            .expect("outbox-relay starts");
-        self.child = Some(child);
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("relay.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// True while the process has not exited.
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            process::kill9(&mut c);
-        }
-    }
-
-    async fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        process::terminate(&mut c, Duration::from_secs(20)).await
-    }
-
-    /// Sends SIGTERM and returns at once: the relay drains meanwhile.
-    fn begin_stop(&mut self) {
-        let c = self.child.as_mut().expect("running");
-        process::signal_child(c, libc::SIGTERM).expect("SIGTERM to outbox-relay");
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- outbox-relay log ({}) ---\n{}",
-                self.log_path().display(),
-                self.log()
-            );
-        }
-        self.kill9();
     }
 }
 
@@ -409,7 +311,7 @@ fn lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
 async fn messages_go_through_a_relay_set_up_with_pki_init() {
     const MESSAGES: usize = 200;
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     let d = daemon(&pki, port).await;
     apply(&d, &relayed("acme", &sink.url(), 16)).await;
@@ -518,7 +420,7 @@ async fn messages_go_through_a_relay_set_up_with_pki_init() {
 async fn messages_wait_for_an_absent_relay_and_go_when_it_connects() {
     const MESSAGES: usize = 20;
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     let d = daemon(&pki, port).await;
     apply(&d, &relayed("acme", &sink.url(), 8)).await;
@@ -614,7 +516,7 @@ async fn messages_wait_for_an_absent_relay_and_go_when_it_connects() {
 async fn a_relay_with_a_wrong_token_is_refused_and_keeps_retrying() {
     const WRONG: &str = "not-the-relay-token-0123456789";
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     let d = daemon(&pki, port).await;
     apply(&d, &relayed("acme", &sink.url(), 4)).await;
@@ -658,7 +560,7 @@ async fn a_relay_with_a_wrong_token_is_refused_and_keeps_retrying() {
 #[tokio::test]
 async fn a_target_outside_the_allow_list_ends_in_error() {
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let allowed = Sink::start().await;
     let denied = Sink::start().await;
     let d = daemon(&pki, port).await;
@@ -716,7 +618,7 @@ async fn a_target_outside_the_allow_list_ends_in_error() {
 async fn a_relay_killed_mid_run_and_restarted_loses_nothing() {
     const MESSAGES: usize = 500;
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     sink.set_delay(Duration::from_millis(20));
     let d = daemon(&pki, port).await;
@@ -767,7 +669,7 @@ async fn a_relay_killed_mid_run_and_restarted_loses_nothing() {
 async fn a_cluster_of_two_relays_survives_the_loss_of_one() {
     const MESSAGES: usize = 400;
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     sink.set_delay(Duration::from_millis(20));
     let d = daemon(&pki, port).await;
@@ -845,7 +747,7 @@ async fn a_cluster_of_two_relays_survives_the_loss_of_one() {
 #[tokio::test]
 async fn a_relay_started_before_the_daemon_connects_when_it_comes_up() {
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     let started = Instant::now();
     let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
@@ -915,7 +817,7 @@ async fn bodies_over_one_chunk_cross_the_relay_whole() {
         .start()
         .await;
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let d = daemon(&pki, port).await;
     apply(&d, &relayed("acme", &sink.url(), 4)).await;
     let allow = vec![sink.addr().to_string()];
@@ -949,7 +851,7 @@ async fn bodies_over_one_chunk_cross_the_relay_whole() {
 #[tokio::test]
 async fn a_body_over_the_relays_max_body_ends_in_error_promptly() {
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     let sink = Sink::start().await;
     let d = daemon(&pki, port).await;
     apply(&d, &relayed("acme", &sink.url(), 4)).await;
@@ -969,19 +871,15 @@ async fn a_body_over_the_relays_max_body_ends_in_error_promptly() {
     assert_eq!(sink.count(), 0, "nothing reached the target");
 }
 
-/// A request waiting at the relay for a free slot counts that wait in its
-/// timeout: past it the relay answers without sending it, so the remote
-/// system never gets a request the daemon has given up on (and would send
-/// again).
-#[tokio::test]
-async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
+/// A relay of concurrency 1 (two streams) to a sink that answers after
+/// 3 s, so one request holds the relay's slot that long; integrations
+/// "slow" (timeout 5s, concurrency `slow`) and "quick" (timeout 1s).
+async fn one_slot_relay(slow: u32) -> (Pki, Sink, Daemon, Relay) {
     let pki = Pki::init();
-    let port = udp_port();
-    // Every answer takes 3s: the first request holds the relay's one slot
-    // that long.
+    let port = free_udp_port();
     let sink = Sink::builder().delay(Duration::from_secs(3)).start().await;
     let d = daemon(&pki, port).await;
-    apply(&d, &relayed("slow", &sink.url(), 1)).await;
+    apply(&d, &relayed("slow", &sink.url(), slow)).await;
     apply(
         &d,
         &relayed("quick", &sink.url(), 1).replace("timeout = \"5s\"", "timeout = \"1s\""),
@@ -989,18 +887,33 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
     .await;
     let mut config = pki.relay_config(&[port], &allow(&sink));
     config.insert("concurrency".into(), toml::Value::Integer(1));
-    let _relay = Relay::start(&config);
+    let relay = Relay::start(&config);
     wait_sessions(&d, 1, WAIT).await;
+    (pki, sink, d, relay)
+}
 
-    let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
-    sink.wait_for(1, WAIT).await;
-    let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 2}})).await;
-    let m = eventually_msg(WAIT, "a first attempt of the quick message", async || {
-        let m = d.message(&b).await;
+/// Message `id` once it has an attempt, and its first attempt.
+async fn first_attempt(d: &Daemon, id: &str) -> (Value, Value) {
+    let m = eventually_msg(WAIT, format!("a first attempt of {id}"), async || {
+        let m = d.message(id).await;
         (!attempts(&m).is_empty()).then_some(m)
     })
     .await;
-    let first = &attempts(&m)[0];
+    let first = attempts(&m)[0].clone();
+    (m, first)
+}
+
+/// A request waiting at the relay for a free slot counts that wait in its
+/// timeout: past it the relay answers without sending it, so the remote
+/// system never gets a request the daemon has given up on (and would send
+/// again).
+#[tokio::test]
+async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
+    let (_pki, sink, d, _relay) = one_slot_relay(1).await;
+    let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
+    sink.wait_for(1, WAIT).await;
+    let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 2}})).await;
+    let (m, first) = first_attempt(&d, &b).await;
     let error = first["error"].as_str().unwrap_or("");
     assert!(
         error.contains("not sent: no free slot within "),
@@ -1016,33 +929,14 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
 /// for a relay that went away.
 #[tokio::test]
 async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
-    let pki = Pki::init();
-    let port = udp_port();
-    let sink = Sink::builder().delay(Duration::from_secs(3)).start().await;
-    let d = daemon(&pki, port).await;
-    apply(&d, &relayed("slow", &sink.url(), 2)).await;
-    apply(
-        &d,
-        &relayed("quick", &sink.url(), 1).replace("timeout = \"5s\"", "timeout = \"1s\""),
-    )
-    .await;
-    let mut config = pki.relay_config(&[port], &allow(&sink));
-    config.insert("concurrency".into(), toml::Value::Integer(1));
-    let _relay = Relay::start(&config);
-    wait_sessions(&d, 1, WAIT).await;
-
+    let (_pki, sink, d, _relay) = one_slot_relay(2).await;
     // The relay's two streams: a at the sink, a2 waiting for the relay's
     // one slot (its first attempt runs out of time; it goes again later).
     let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
     let a2 = send(&d, "slow", json!({"message": "Create", "body": {"n": 2}})).await;
     sink.wait_for(1, WAIT).await;
     let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 3}})).await;
-    let m = eventually_msg(WAIT, "a first attempt of the quick message", async || {
-        let m = d.message(&b).await;
-        (!attempts(&m).is_empty()).then_some(m)
-    })
-    .await;
-    let first = &attempts(&m)[0];
+    let (m, first) = first_attempt(&d, &b).await;
     let error = first["error"].as_str().unwrap_or("");
     assert!(
         error.contains("not sent: the relay took no new request within 1s"),
@@ -1067,7 +961,7 @@ async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
 #[tokio::test]
 async fn a_draining_relay_gets_no_new_requests() {
     let pki = Pki::init();
-    let port = udp_port();
+    let port = free_udp_port();
     // Every answer takes 4s: the first message keeps the relay draining
     // that long.
     let sink = Sink::builder().delay(Duration::from_secs(4)).start().await;

@@ -20,7 +20,6 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use common::*;
 use http::StatusCode;
 use outbox_proto::quic::Stream;
 use outbox_proto::{ErrorKind, Frame, FrameReader, Limits, ALPN, PROTOCOL_VERSION};
-use outbox_tests::{Pki, PkiFiles};
+use outbox_tests::{free_udp_port, Pki, PkiFiles, Relay};
 use serde_json::{json, Value};
 
 /// A bound on every wait: generous for 2 loaded cores, far above what a
@@ -132,13 +131,6 @@ async fn closed_by_peer(conn: &quinn::Connection, what: &str) -> (u64, String) {
     }
 }
 
-fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
-
 fn toml_path(p: &Path) -> String {
     toml::Value::String(p.display().to_string()).to_string()
 }
@@ -181,7 +173,7 @@ impl Tunnel {
         let pki = Pki::new();
         let certs = tempfile::tempdir().expect("temp dir");
         let files = pki.write_to(certs.path());
-        let port = udp_port();
+        let port = free_udp_port();
         let sink = Sink::start().await;
         let daemon = suite_daemon()
             .config_toml(&format!(
@@ -218,8 +210,8 @@ impl Tunnel {
 
     /// A real `outbox-relay` for MID server `name`, allowed to reach the
     /// sink.
-    fn relay(&self, name: &str, token: &str) -> RelayProcess {
-        RelayProcess::start(&relay_config(
+    fn relay(&self, name: &str, token: &str) -> Relay {
+        Relay::start(&relay_config(
             name,
             token,
             &[self.port],
@@ -280,7 +272,7 @@ impl Tunnel {
     /// delivers; message `waiting` (of `acme`, through dc1) was neither
     /// lost nor marked sent nor charged an attempt, and a real dc1 relay
     /// delivers it to the sink.
-    async fn unharmed(&self, dc2_before: &Value, waiting: &str) -> RelayProcess {
+    async fn unharmed(&self, dc2_before: &Value, waiting: &str) -> Relay {
         let health = self
             .daemon
             .try_request(http::Method::GET, "/healthz", None, None, &[])
@@ -492,73 +484,6 @@ fn relay_config(
     log.insert("level".into(), "info,outbox_relay=debug".into());
     t.insert("log".into(), log.into());
     t
-}
-
-/// A running `outbox-relay`, its config and log in a temporary directory;
-/// killed when dropped, its log printed if the test is failing.
-struct RelayProcess {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RelayProcess {
-    fn start(config: &toml::Table) -> RelayProcess {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = write(
-            dir.path(),
-            "relay.toml",
-            &toml::to_string(config).expect("relay.toml"),
-        );
-        let log = std::fs::File::create(dir.path().join("relay.log")).expect("relay.log");
-        let child = Command::new(bin("outbox-relay"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .env("NO_COLOR", "1")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .spawn()
-            .expect("outbox-relay starts");
-        RelayProcess {
-            dir,
-            child: Some(child),
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("relay.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        let exited = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
-        assert!(
-            exited.is_none() && self.child.is_some(),
-            "outbox-relay exited ({exited:?}):\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- outbox-relay log ({}) ---\n{}",
-                self.log_path().display(),
-                self.log()
-            );
-        }
-        if let Some(mut c) = self.child.take() {
-            process::kill9(&mut c);
-        }
-    }
 }
 
 /// A hostile daemon: a raw QUIC server on loopback presenting a server
@@ -956,12 +881,7 @@ async fn text_from_a_relay_cannot_forge_daemon_log_lines() {
     drop(control);
     logged("daemon", || t.log(), &["relay closed its session"]).await;
 
-    let log = t.log();
-    let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("FORGED-")).collect();
-    assert!(
-        forged.is_empty(),
-        "lines a relay wrote into the log: {forged:?}"
-    );
+    assert_no_forged_lines(&t.log(), "a relay");
 }
 
 /// A3. Bad answers on request streams — frames out of order, over the
@@ -1421,9 +1341,9 @@ async fn bad_answers_to_hello_are_logged_and_retried() {
             }
         }
     });
-    let mut relays: Vec<RelayProcess> = cases
+    let mut relays: Vec<Relay> = cases
         .iter()
-        .map(|(name, _, _)| RelayProcess::start(&daemon.relay_config(name, &[], &[])))
+        .map(|(name, _, _)| Relay::start(&daemon.relay_config(name, &[], &[])))
         .collect();
 
     let address = format!("127.0.0.1:{}", daemon.port());
@@ -1505,9 +1425,9 @@ async fn garbage_on_the_control_stream_ends_the_session_and_the_relay_reconnects
                 Some((code, reason, Instant::now()));
         }
     });
-    let mut relays: Vec<RelayProcess> = cases
+    let mut relays: Vec<Relay> = cases
         .iter()
-        .map(|(name, ..)| RelayProcess::start(&daemon.relay_config(name, &[], &[])))
+        .map(|(name, ..)| Relay::start(&daemon.relay_config(name, &[], &[])))
         .collect();
 
     let address = format!("127.0.0.1:{}", daemon.port());
@@ -1563,7 +1483,7 @@ async fn request_streams_a_relay_must_refuse_get_an_error_frame() {
         t.sink.addr().to_string(),
         "10.0.0.0/8".to_string(),
     ];
-    let mut relay = RelayProcess::start(&relay_config(
+    let mut relay = Relay::start(&relay_config(
         "dc1",
         DC1_TOKEN,
         &[hostile.port(), t.port],
@@ -1711,8 +1631,7 @@ async fn request_streams_a_relay_must_refuse_get_an_error_frame() {
 async fn a_body_that_never_ends_is_answered_when_its_time_is_up() {
     let allowed = Sink::start().await;
     let daemon = HostileDaemon::start();
-    let _relay =
-        RelayProcess::start(&daemon.relay_config("dc1", &[], &[allowed.addr().to_string()]));
+    let _relay = Relay::start(&daemon.relay_config("dc1", &[], &[allowed.addr().to_string()]));
     let peer = daemon.next().await;
     let conn = peer.conn.clone();
     let echo = tokio::spawn(peer.accept_and_echo(1000));
@@ -1760,7 +1679,7 @@ async fn a_body_that_never_ends_is_answered_when_its_time_is_up() {
 #[tokio::test]
 async fn the_relay_backs_off_between_refusals_and_reconnects_after_a_broken_session() {
     let daemon = HostileDaemon::start();
-    let relay = RelayProcess::start(&daemon.relay_config("dc1", &[], &[]));
+    let relay = Relay::start(&daemon.relay_config("dc1", &[], &[]));
     let reject = wire(&Frame::Reject {
         reason: "not today".into(),
     });
@@ -1833,6 +1752,16 @@ async fn the_relay_backs_off_between_refusals_and_reconnects_after_a_broken_sess
     drop(again);
 }
 
+/// Fails if `log` has lines that text from `peer` started: the forging
+/// tests put "\nFORGED-..." into what the peer says.
+fn assert_no_forged_lines(log: &str, peer: &str) {
+    let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("FORGED-")).collect();
+    assert!(
+        forged.is_empty(),
+        "lines {peer} wrote into the log: {forged:?}"
+    );
+}
+
 /// The `retry_in` of a relay log line, in seconds (`retry_in=667.2ms`).
 fn retry_in(line: &str) -> f64 {
     let value = line
@@ -1857,7 +1786,7 @@ fn retry_in(line: &str) -> f64 {
 #[tokio::test]
 async fn text_from_a_daemon_cannot_forge_relay_log_lines() {
     let daemon = HostileDaemon::start();
-    let relay = RelayProcess::start(&daemon.relay_config("dc1", &[], &[]));
+    let relay = Relay::start(&daemon.relay_config("dc1", &[], &[]));
     let mut peer = daemon.next().await;
     let reason = "no\nFORGED-REJECT outbox_relay::session: session open";
     peer.send
@@ -1873,12 +1802,7 @@ async fn text_from_a_daemon_cannot_forge_relay_log_lines() {
         &["the daemon refused this relay: no"],
     )
     .await;
-    let log = relay.log();
-    let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("FORGED-")).collect();
-    assert!(
-        forged.is_empty(),
-        "lines a daemon wrote into the log: {forged:?}"
-    );
+    assert_no_forged_lines(&relay.log(), "a daemon");
 }
 
 /// B, the log: a daemon that closes a session says why in its close
@@ -1887,7 +1811,7 @@ async fn text_from_a_daemon_cannot_forge_relay_log_lines() {
 #[tokio::test]
 async fn the_reason_a_daemon_closes_a_session_with_is_in_the_relay_log() {
     let daemon = HostileDaemon::start();
-    let relay = RelayProcess::start(&daemon.relay_config("dc1", &[], &[]));
+    let relay = Relay::start(&daemon.relay_config("dc1", &[], &[]));
     let mut peer = daemon.next().await;
     peer.send
         .write_all(&wire(&accept_frame(1000)))
@@ -1930,7 +1854,7 @@ async fn the_reason_a_daemon_closes_a_session_with_is_in_the_relay_log() {
 #[tokio::test]
 async fn a_refused_request_is_logged_with_the_daemon_it_came_from() {
     let daemon = HostileDaemon::start();
-    let relay = RelayProcess::start(&daemon.relay_config("dc1", &[], &[]));
+    let relay = Relay::start(&daemon.relay_config("dc1", &[], &[]));
     let peer = daemon.next().await;
     let conn = peer.conn.clone();
     let echo = tokio::spawn(peer.accept_and_echo(1000));
