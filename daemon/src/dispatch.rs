@@ -35,8 +35,6 @@ const MID_WAIT: Duration = Duration::from_secs(5);
 /// record, and only a relay connecting (which wakes it at once) or a change
 /// of connection will move it.
 const MID_WAIT_AGAIN: Duration = Duration::from_secs(60);
-/// How the outcome of an attempt that found no relay begins.
-const WAITING_FOR_MID: &str = "waiting for MID server";
 /// Pause before retrying a request whose relay dropped mid-request.
 const RELAY_DROP_PAUSE: Duration = Duration::from_millis(200);
 /// Pause before retrying a request a stopping relay turned away.
@@ -123,15 +121,6 @@ pub async fn prune(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// Whether a finished attempt left its message waiting for a MID server
-/// with no relay: the wait recorded, or (already recorded) nothing.
-fn waits_for_relay(record: &Option<Attempt>, disposition: &Disposition) -> bool {
-    matches!(disposition, Disposition::Retry { counts: false, .. })
-        && record
-            .as_ref()
-            .is_none_or(|a| a.outcome.starts_with(WAITING_FOR_MID))
-}
-
 /// Whether `integration`'s active connection goes through a MID server
 /// that has a relay connected now.
 fn relay_connected(app: &App, catalog: &crate::catalog::Catalog, integration: &str) -> bool {
@@ -163,14 +152,17 @@ async fn work(app: &App, integration: &str, mut seq: u64) {
         // writes at info and above name the integration and the message
         // themselves.
         let span = tracing::debug_span!("deliver", %integration, id = %MessageId(seq));
-        let Some((rec, record, disposition)) =
-            attempt(app, integration, seq).instrument(span).await
+        let Some(Finished {
+            rec,
+            record,
+            disposition,
+            waits_for_relay,
+        }) = attempt(app, integration, seq).instrument(span).await
         else {
             return;
         };
         let catalog = app.catalog();
         let room = room(&catalog, integration);
-        let waits_for_relay = waits_for_relay(&record, &disposition);
         match app.queue.finish_and_take(rec, record, disposition, room) {
             // A relay that connected while this message found none woke
             // the messages waiting then, not this one (it was in flight):
@@ -202,7 +194,27 @@ async fn work(app: &App, integration: &str, mut seq: u64) {
 
 /// What an attempt leaves to record: the message, the attempt made (if
 /// one was), and where the message goes.
-type Finished = (crate::queue::MessageRecord, Option<Attempt>, Disposition);
+struct Finished {
+    rec: crate::queue::MessageRecord,
+    record: Option<Attempt>,
+    disposition: Disposition,
+    /// The message found no relay of its MID server and waits for one.
+    waits_for_relay: bool,
+}
+
+/// A [`Finished`] attempt that found what it needed to go.
+fn finished(
+    rec: crate::queue::MessageRecord,
+    record: Option<Attempt>,
+    disposition: Disposition,
+) -> Option<Finished> {
+    Some(Finished {
+        rec,
+        record,
+        disposition,
+        waits_for_relay: false,
+    })
+}
 
 /// One attempt for message `seq` of `integration`; `None` when there is
 /// nothing to record (the message vanished or cannot be read, and was
@@ -222,12 +234,12 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
     };
     let catalog = app.catalog();
     let Some(entry) = catalog.integrations.get(integration) else {
-        return Some((rec, None, Disposition::PutBack));
+        return finished(rec, None, Disposition::PutBack);
     };
     let spec = &entry.spec;
     let (true, Some(connection)) = (entry.state() == State::Active, spec.active_connection())
     else {
-        return Some((rec, None, Disposition::PutBack));
+        return finished(rec, None, Disposition::PutBack);
     };
     // `n` numbers the attempt record; `counted` is what max_attempts sees.
     let n = rec.tries.max(rec.attempts) + 1;
@@ -244,7 +256,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
         tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
         base.error = Some(e);
         base.outcome = "error".into();
-        return Some((rec, Some(base), Disposition::Final(MessageState::Error)));
+        return finished(rec, Some(base), Disposition::Final(MessageState::Error));
     }
     let prepared = spec
         .message_type(&rec.message)
@@ -261,7 +273,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "request cannot be built");
             base.error = Some(e);
             base.outcome = "error".into();
-            return Some((rec, Some(base), Disposition::Final(MessageState::Error)));
+            return finished(rec, Some(base), Disposition::Final(MessageState::Error));
         }
     };
     let via = match &connection.mid_server {
@@ -283,15 +295,20 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                     due_ms: now_ms() + wait.as_millis() as u64,
                     counts: false,
                 };
-                if again {
-                    return Some((rec, None, disposition));
-                }
-                base.via = format!("mid:{mid}");
-                base.method = Some(prepared.method.to_string());
-                base.url = Some(prepared.url.clone());
-                base.error = Some(error);
-                base.outcome = format!("{WAITING_FOR_MID} {mid}");
-                return Some((rec, Some(base), disposition));
+                let record = (!again).then(|| Attempt {
+                    via: format!("mid:{mid}"),
+                    method: Some(prepared.method.to_string()),
+                    url: Some(prepared.url.clone()),
+                    error: Some(error),
+                    outcome: format!("waiting for MID server {mid}"),
+                    ..base
+                });
+                return Some(Finished {
+                    rec,
+                    record,
+                    disposition,
+                    waits_for_relay: true,
+                });
             }
         },
     };
@@ -334,14 +351,14 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                         RelayError::Dropped { .. } => RELAY_DROP_PAUSE,
                         _ => RELAY_BUSY_PAUSE,
                     };
-                    return Some((
+                    return finished(
                         rec,
                         Some(record),
                         Disposition::Retry {
                             due_ms: now_ms() + pause.as_millis() as u64,
                             counts: false,
                         },
-                    ));
+                    );
                 }
                 // A target outside the relay's allow-list or a body over its
                 // limit will not change by retrying: fix and replay.
@@ -419,5 +436,5 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             "not delivered"
         ),
     }
-    Some((rec, Some(record), disposition))
+    finished(rec, Some(record), disposition)
 }
