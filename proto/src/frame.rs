@@ -95,8 +95,9 @@ pub enum ErrorKind {
     /// The target could not be reached: DNS, refused, unreachable, reset.
     Connect,
     /// No complete response within the request's timeout. A message that
-    /// begins with [`NOT_SENT`] says the request never left the relay (it
-    /// waited for a free slot until its time was up).
+    /// begins with [`NOT_SENT`] says the request never left the relay: its
+    /// time was up while its body was still arriving or while it waited
+    /// for a free slot.
     Timeout,
     /// The TLS handshake with the target failed (its certificate, or ours).
     Tls,
