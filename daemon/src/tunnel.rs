@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outbox_proto::quic::{ended, why_closed, Ended, Stream, RECEIVE_WINDOW};
+use outbox_proto::quic::{end, why_closed, Ended, Stream, RECEIVE_WINDOW};
 use outbox_proto::{printable, ErrorKind, Frame, FrameReader, Limits, ReadError};
 use quinn::SendStream;
 use serde::Serialize;
@@ -672,17 +672,12 @@ async fn session(
                 return tracing::info!(%address, mid_server = %name, session = id, "relay session closed: the daemon is stopping");
             }
         },
-        Some(closed) => match ended(&closed, "the relay") {
+        _ => match end(&conn, "the relay", 3, &reason) {
             Ended::Stopping(reason) => {
                 return tracing::info!(%address, mid_server = %name, session = id, %reason, "relay closed its session");
             }
             Ended::Failed(reason) => reason,
         },
-        None => {
-            let reason = printable(&reason).into_owned();
-            conn.close(3u32.into(), reason.as_bytes());
-            reason
-        }
     };
     tracing::warn!(%address, mid_server = %name, session = id, %reason, "relay disconnected");
 }

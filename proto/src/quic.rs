@@ -115,6 +115,19 @@ pub fn ended(e: &quinn::ConnectionError, peer: &str) -> Ended {
     }
 }
 
+/// How `conn` ended: as the peer said ([`ended`]) if it closed it, else
+/// this side closes it now, with `code` and `reason`, and that is why.
+pub fn end(conn: &quinn::Connection, peer: &str, code: u32, reason: &str) -> Ended {
+    match conn.close_reason() {
+        Some(closed) => ended(&closed, peer),
+        None => {
+            let reason = crate::printable(reason).into_owned();
+            conn.close(code.into(), reason.as_bytes());
+            Ended::Failed(reason)
+        }
+    }
+}
+
 /// [`ended`] as one text, for errors.
 pub fn why_closed(e: &quinn::ConnectionError, peer: &str) -> String {
     match ended(e, peer) {

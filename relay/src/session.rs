@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::quic::{ended, why_closed, Ended, Stream, RECEIVE_WINDOW};
+use outbox_proto::quic::{end, why_closed, Ended, Stream, RECEIVE_WINDOW};
 use outbox_proto::{
     printable, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
 };
@@ -117,14 +117,7 @@ pub async fn keep(
                     }
                     // A daemon that closed the session said why; else this
                     // relay gives up on it and tells the daemon why.
-                    let reason = match conn.close_reason() {
-                        Some(closed) => ended(&closed, "the daemon"),
-                        None => {
-                            conn.close(CLOSE_LOST.into(), reason.as_bytes());
-                            Ended::Failed(printable(&reason).into_owned())
-                        }
-                    };
-                    match reason {
+                    match end(&conn, "the daemon", CLOSE_LOST, &reason) {
                         // The daemon is stopping (a restart, an upgrade):
                         // news, not a failure.
                         Ended::Stopping(reason) => {
