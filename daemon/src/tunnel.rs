@@ -435,8 +435,10 @@ impl Session {
         let reason = printable(&reason.into()).into_owned();
         tracing::warn!(address = %self.address, mid_server = %self.name, session = self.id, %reason, "relay answered a request badly");
         let why = format!("answered a request badly: {reason}");
+        // Said before the close: the session's end reads it as soon as the
+        // connection is closed.
+        let why = self.broken.get_or_init(|| why);
         self.conn.close(4u32.into(), why.as_bytes());
-        let _ = self.broken.set(why);
         RelayError::BadAnswer {
             name: self.name.clone(),
             address: self.address,
