@@ -8,18 +8,72 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// What a masked literal looks like in every output.
 pub const MASK: &str = "***";
 
-/// A secret value, kept as the reference the user wrote.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A secret value, kept as the reference the user wrote. Read from a
+/// config or integration file, anything but one of the three forms is
+/// refused with what is wrong: another type, an unknown key, an empty
+/// table, or both `env` and `file`.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Secret {
     Literal(String),
     Env { env: String },
     File { file: PathBuf },
+}
+
+/// What a secret may be, as errors say it.
+const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+struct SecretVisitor;
+
+impl<'de> Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a secret: {FORMS}")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Secret, E> {
+        Ok(Secret::Literal(value.to_string()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
+        let mut secret = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let read = match key.as_str() {
+                "env" => Secret::Env {
+                    env: map.next_value()?,
+                },
+                "file" => Secret::File {
+                    file: map.next_value()?,
+                },
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown key `{other}` in a secret: it is {FORMS}"
+                    )))
+                }
+            };
+            if secret.is_some() {
+                return Err(de::Error::custom(
+                    "a secret takes one of `env` and `file`, not both",
+                ));
+            }
+            secret = Some(read);
+        }
+        secret
+            .ok_or_else(|| de::Error::custom(format!("an empty table is no secret: it is {FORMS}")))
+    }
 }
 
 /// A secret's value once read. Only [`SecretValue::expose`] shows it; `Debug`
@@ -251,5 +305,36 @@ mod tests {
         assert_eq!(t.a, Secret::Literal("lit".into()));
         assert_eq!(t.b, Secret::Env { env: "E".into() });
         assert_eq!(t.c, Secret::File { file: "f".into() });
+    }
+
+    #[test]
+    fn anything_but_the_three_forms_is_refused_with_what_is_wrong() {
+        #[derive(Debug, Deserialize)]
+        struct T {
+            #[allow(dead_code)]
+            a: Secret,
+        }
+        let cases = [
+            ("a = { env = \"E\", file = \"f\" }", "not both"),
+            ("a = { envv = \"E\" }", "unknown key `envv` in a secret"),
+            ("a = {}", "an empty table is no secret"),
+            (
+                "a = 5",
+                "invalid type: integer `5`, expected a secret: a string",
+            ),
+            (
+                "a = { env = 5 }",
+                "invalid type: integer `5`, expected a string",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = toml::from_str::<T>(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        // The API takes integration files as JSON.
+        let e = serde_json::from_str::<T>(r#"{"a": {"env": "E", "file": "f"}}"#).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let t: T = serde_json::from_str(r#"{"a": {"file": "f"}}"#).unwrap();
+        assert_eq!(t.a, Secret::File { file: "f".into() });
     }
 }

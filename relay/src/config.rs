@@ -27,13 +27,64 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 }
 
 /// A secret: a literal, `{ env = "NAME" }` or `{ file = "PATH" }` (a relative
-/// file is looked up under `$CREDENTIALS_DIRECTORY` first).
-#[derive(Clone, Deserialize)]
-#[serde(untagged)]
+/// file is looked up under `$CREDENTIALS_DIRECTORY` first). Anything else is
+/// refused with what is wrong, as the daemon refuses it in its files.
+#[derive(Clone)]
 enum Secret {
     Literal(String),
     Env { env: String },
     File { file: PathBuf },
+}
+
+/// What a secret may be, as errors say it.
+const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+struct SecretVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a secret: {FORMS}")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Secret, E> {
+        Ok(Secret::Literal(value.to_string()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
+        use serde::de::Error;
+        let mut secret = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let read = match key.as_str() {
+                "env" => Secret::Env {
+                    env: map.next_value()?,
+                },
+                "file" => Secret::File {
+                    file: map.next_value()?,
+                },
+                other => {
+                    return Err(A::Error::custom(format!(
+                        "unknown key `{other}` in a secret: it is {FORMS}"
+                    )))
+                }
+            };
+            if secret.is_some() {
+                return Err(A::Error::custom(
+                    "a secret takes one of `env` and `file`, not both",
+                ));
+            }
+            secret = Some(read);
+        }
+        secret
+            .ok_or_else(|| A::Error::custom(format!("an empty table is no secret: it is {FORMS}")))
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -759,8 +810,20 @@ mod tests {
             ),
             (
                 text.replace("token = \"t\"", "token = { env = 5 }"),
+                "token.env",
+                "invalid type: integer `5`, expected a string",
+                "line 2, column 17",
+            ),
+            (
+                text.replace("token = \"t\"", "token = { env = \"T\", file = \"t\" }"),
                 "token",
-                "untagged enum Secret",
+                "a secret takes one of `env` and `file`, not both",
+                "line 2, column 9",
+            ),
+            (
+                text.replace("token = \"t\"", "token = { enb = \"T\" }"),
+                "token",
+                "unknown key `enb` in a secret",
                 "line 2, column 9",
             ),
         ];
