@@ -417,7 +417,7 @@ async fn perform(
             ))
         }
     };
-    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut resp = relay
         .performer
         .send(
@@ -426,10 +426,24 @@ async fn perform(
             &headers,
             protocol_profile.as_deref(),
             body.freeze(),
-            timeout,
+            left,
         )
         .await?;
     tracing::debug!(%daemon, %method, %url, status = resp.status, "performed");
+    // From here the target has answered, and the daemon gets its status
+    // whatever the rest holds, as it would delivering directly: headers
+    // the tunnel cannot carry and a body past max_body are left out (and
+    // said so), a body that breaks off ends the answer. Only a body still
+    // coming when the request's time is up fails it, as it does directly.
+    let (carried, dropped) = carried_headers(resp.headers, limits);
+    if dropped > 0 {
+        tracing::warn!(
+            %daemon, %url, status = resp.status, dropped,
+            "response headers over the tunnel's limits ({} headers, names of {} bytes, \
+             values of {} bytes) were left out of the answer",
+            limits.max_headers, limits.max_header_name, limits.max_header_value
+        );
+    }
     let io = |e: String| Failure::new(ErrorKind::Other, e);
     // Frames are gathered and written a CHUNK at a time: a small answer
     // (the usual case) is one write, head, body and end together.
@@ -437,25 +451,37 @@ async fn perform(
     encode(
         &Frame::ResponseHead {
             status: resp.status,
-            headers: resp.headers.into_iter().take(limits.max_headers).collect(),
+            headers: carried,
         },
         limits,
         &mut out,
     )
     .map_err(io)?;
     let mut total = 0u64;
-    while let Some(chunk) = next_chunk(&mut resp.body).await {
-        let chunk: Bytes = chunk.map_err(io)?;
-        total += chunk.len() as u64;
-        if total > relay.config.max_body {
-            return Err(Failure::new(
-                ErrorKind::BodyTooLarge,
-                format!(
-                    "response body is over this relay's max_body of {} bytes",
-                    relay.config.max_body
-                ),
-            ));
+    loop {
+        let next = tokio::time::timeout_at(deadline, next_chunk(&mut resp.body))
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorKind::Timeout,
+                    format!("the response body did not end within {timeout:?}"),
+                )
+            })?;
+        let mut chunk: Bytes = match next {
+            None => break,
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                tracing::info!(%daemon, %url, status = resp.status, error = %printable(&e),
+                    "the response body broke off; the answer ends with what came");
+                break;
+            }
+        };
+        let room = relay.config.max_body - total;
+        let over = chunk.len() as u64 > room;
+        if over {
+            chunk.truncate(room as usize);
         }
+        total += chunk.len() as u64;
         for piece in chunk.chunks(CHUNK) {
             encode(&Frame::BodyChunk(piece.to_vec()), limits, &mut out).map_err(io)?;
             if out.len() >= CHUNK {
@@ -463,9 +489,45 @@ async fn perform(
                 out.clear();
             }
         }
+        if over {
+            tracing::warn!(%daemon, %url, status = resp.status,
+                "the response body is over this relay's max_body of {} bytes; the answer \
+                 carries its first {} bytes", relay.config.max_body, relay.config.max_body);
+            break;
+        }
     }
     encode(&Frame::End, limits, &mut out).map_err(io)?;
     send.write_all(&out).await.map_err(|e| io(e.to_string()))
+}
+
+/// The response headers a head frame can carry — each name and value within
+/// the limits, at most `max_headers`, all within `max_head_frame` — and how
+/// many were left out.
+fn carried_headers(
+    headers: Vec<(String, Vec<u8>)>,
+    limits: &Limits,
+) -> (Vec<(String, Vec<u8>)>, usize) {
+    // A head's own fields take a few bytes, each header its two lengths.
+    const HEAD: usize = 16;
+    const PER_HEADER: usize = 10;
+    let given = headers.len();
+    let mut room = limits.max_head_frame.saturating_sub(HEAD);
+    let carried: Vec<_> = headers
+        .into_iter()
+        .filter(|(name, value)| {
+            let size = name.len() + value.len() + PER_HEADER;
+            let fits = name.len() <= limits.max_header_name
+                && value.len() <= limits.max_header_value
+                && size <= room;
+            if fits {
+                room -= size;
+            }
+            fits
+        })
+        .take(limits.max_headers)
+        .collect();
+    let dropped = given - carried.len();
+    (carried, dropped)
 }
 
 fn encode(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) -> Result<(), String> {
@@ -487,4 +549,56 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> R
     let mut buf = Vec::new();
     outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
     send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever a target answers with, the head frame that carries it
+    /// encodes, and what is left out is counted.
+    #[test]
+    fn response_headers_are_cut_to_what_a_head_frame_carries() {
+        let limits = Limits::default();
+        let header = |name: &str, len: usize| (name.to_string(), vec![b'v'; len]);
+        let fits = |headers: &Vec<(String, Vec<u8>)>| {
+            let head = Frame::ResponseHead {
+                status: 200,
+                headers: headers.clone(),
+            };
+            outbox_proto::encode(&head, &limits, &mut Vec::new()).is_ok()
+        };
+        let cases = [
+            // Too many.
+            (
+                (0..150).map(|i| header(&format!("x-{i}"), 10)).collect(),
+                100,
+                50,
+            ),
+            // A value and a name over their limits, among good ones.
+            (
+                vec![
+                    header("a", 10),
+                    header("big", limits.max_header_value + 1),
+                    header(&"n".repeat(limits.max_header_name + 1), 1),
+                    header("b", 10),
+                ],
+                2,
+                2,
+            ),
+            // Each within its limits, together over the frame.
+            (
+                (0..20)
+                    .map(|i| header(&format!("x-{i}"), limits.max_header_value))
+                    .collect(),
+                7,
+                13,
+            ),
+        ];
+        for (headers, kept, dropped) in cases {
+            let (carried, left_out) = carried_headers(headers, &limits);
+            assert_eq!((carried.len(), left_out), (kept, dropped));
+            assert!(fits(&carried));
+        }
+    }
 }

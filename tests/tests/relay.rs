@@ -844,6 +844,52 @@ async fn bodies_over_one_chunk_cross_the_relay_whole() {
     assert_eq!(v["big"].as_str().map(str::len), Some(150 * 1024));
 }
 
+/// A target that answers with more than the tunnel carries — a header value
+/// over its limit, headers together over a head frame, a body over the
+/// relay's `max_body` — has still answered: the message is sent on its first
+/// attempt with the target's status, and the relay says what it left out.
+#[tokio::test]
+async fn an_answer_larger_than_the_tunnel_carries_still_delivers_the_message() {
+    let mut reply = outbox_tests::Reply::new(201)
+        .header("x-keep", "yes")
+        .header("x-big", &"v".repeat(9 * 1024))
+        .body(format!("answer:{}", "a".repeat(200 * 1024)));
+    for i in 0..9 {
+        reply = reply.header(&format!("x-wide-{i}"), &"w".repeat(8000));
+    }
+    let sink = outbox_tests::Sink::builder().reply(reply).start().await;
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("max_body".into(), toml::Value::String("64KiB".into()));
+    let relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
+    let a = attempts(&m);
+    assert_eq!(a.len(), 1, "{m}");
+    assert_eq!(a[0]["status"], 201, "{m}");
+    assert_eq!(a[0]["response_headers"]["x-keep"], "yes", "{m}");
+    assert!(a[0]["response_headers"].get("x-big").is_none(), "{m}");
+    let excerpt = a[0]["response_excerpt"].as_str().unwrap_or("");
+    assert!(excerpt.starts_with("answer:aaa"), "{excerpt}");
+    assert_eq!(sink.count(), 1);
+    let log = relay.log();
+    assert_eq!(
+        lines_with(&log, &["WARN", "were left out", "dropped=2"]).len(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        lines_with(&log, &["WARN", "over this relay's max_body of 65536 bytes"]).len(),
+        1,
+        "{log}"
+    );
+}
+
 /// A body over the relay's `max_body`, larger than the stream's flow
 /// control window: the relay stops the stream and says why, the daemon
 /// stops writing and reads it, and the message ends in `error` at once
