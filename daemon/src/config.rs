@@ -30,6 +30,24 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+impl ConfigError {
+    /// The error, saying so when its key was set by an environment
+    /// variable among `env`: the file a user would look in may not have it.
+    fn naming_its_variable(mut self, env: &config::Map<String, String>) -> ConfigError {
+        let variable = format!(
+            "{ENV_PREFIX}_{}",
+            self.key.replace('.', "__").to_ascii_uppercase()
+        );
+        if env.contains_key(&variable) {
+            self.problem = format!(
+                "{} (set by the environment variable {variable})",
+                self.problem
+            );
+        }
+        self
+    }
+}
+
 fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
@@ -183,13 +201,15 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let raw = Self::read(file, env)?;
-        Self::validate(raw)
+        let env = overrides(env);
+        Self::read(file, env.clone())
+            .and_then(Self::validate)
+            .map_err(|e| e.naming_its_variable(&env))
     }
 
     fn read(
         file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
+        env: config::Map<String, String>,
     ) -> Result<RawConfig, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
@@ -212,7 +232,7 @@ impl Config {
                 // List parsing only happens with try_parsing on; numbers and
                 // booleans it produces still deserialize into string keys.
                 .try_parsing(true)
-                .source(Some(overrides(env))),
+                .source(Some(env)),
         );
         let merged = builder.build().map_err(|e| from_config_error(e, file))?;
         merged
@@ -567,6 +587,28 @@ mod tests {
         assert!(c.api.token.is_none());
         assert!(!c.instance_name.is_empty());
         assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn an_error_in_a_key_set_by_the_environment_names_the_variable() {
+        let cases = [
+            ("OUTBOX_LOG__LEVL", "debug", "log.levl"),
+            ("OUTBOX_API__LISTEN", "nonsense", "api.listen"),
+            ("OUTBOX_RETENTION", "forever", "retention"),
+        ];
+        for (variable, value, key) in cases {
+            let env = vec![(variable.to_string(), value.to_string())];
+            let e = Config::load(None, env).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(
+                e.problem
+                    .ends_with(&format!("(set by the environment variable {variable})")),
+                "{e}"
+            );
+        }
+        // A key from the file is not said to come from the environment.
+        let e = load_str("retention = \"forever\"").unwrap_err();
+        assert!(!e.problem.contains("environment"), "{e}");
     }
 
     #[test]
