@@ -89,15 +89,6 @@ impl AllowList {
         }
     }
 
-    /// True when a `host:port` entry names `host` (with any port; the port
-    /// was checked by [`AllowList::check`]).
-    pub fn names_host(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
-        self.entries
-            .iter()
-            .any(|e| matches!(e, Entry::HostPort { host: h, .. } if *h == host))
-    }
-
     /// True when `ip` is inside a CIDR entry.
     pub fn allows_addr(&self, ip: IpAddr) -> bool {
         self.entries.iter().any(|e| match e {

@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::allow::{AllowList, Verdict};
 use crate::config::Profile;
 
-type HttpClient = Client<HttpsConnector<HttpConnector<AllowResolver>>, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<AllowConnector>, Full<Bytes>>;
 
 /// A failed request, as the error frame the daemon gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +57,81 @@ pub struct Performer {
     clients: Mutex<HashMap<Option<String>, HttpClient>>,
 }
 
-/// A DNS resolver that hands out only addresses the allow-list permits, so
-/// a name checked against a CIDR block cannot resolve elsewhere when the
-/// connection is made.
+/// The connector under every client: it connects only where the allow-list
+/// lets it, judging each connection by its host *and* port ([`Verdict`]).
+/// A name listed with this port by a `host:port` entry resolves as usual;
+/// any other name resolves only into addresses inside a CIDR block, and
+/// the connection goes only to those checked addresses, so a name cannot be
+/// re-pointed between the check and the connection.
 #[derive(Clone)]
-struct AllowResolver {
+struct AllowConnector {
+    allow: Arc<AllowList>,
+    /// For targets the list allows as they are.
+    listed: HttpConnector,
+    /// For names that must resolve into a CIDR block.
+    checked: HttpConnector<CidrResolver>,
+}
+
+type Connecting<T> =
+    Pin<Box<dyn Future<Output = Result<T, Box<dyn std::error::Error + Send + Sync>>> + Send>>;
+
+impl AllowConnector {
+    fn new(allow: Arc<AllowList>) -> AllowConnector {
+        fn tune<R>(http: &mut HttpConnector<R>) {
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(Duration::from_secs(10)));
+        }
+        let mut listed = HttpConnector::new();
+        tune(&mut listed);
+        let mut checked = HttpConnector::new_with_resolver(CidrResolver {
+            allow: allow.clone(),
+        });
+        tune(&mut checked);
+        AllowConnector {
+            allow,
+            listed,
+            checked,
+        }
+    }
+}
+
+impl tower_service::Service<http::Uri> for AllowConnector {
+    type Response = <HttpConnector as tower_service::Service<http::Uri>>::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Connecting<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Both connectors are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default().to_string();
+        let port = target_port(&uri);
+        match self.allow.check(&host, port) {
+            Verdict::Allowed => {
+                let mut listed = self.listed.clone();
+                Box::pin(async move { Ok(listed.call(uri).await?) })
+            }
+            Verdict::ResolveAndCheck => {
+                let mut checked = self.checked.clone();
+                Box::pin(async move { Ok(checked.call(uri).await?) })
+            }
+            Verdict::Denied => Box::pin(async move {
+                Err(format!("{host}:{port} is not in this relay's allow list").into())
+            }),
+        }
+    }
+}
+
+/// A DNS resolver that hands out a name's addresses only when every one of
+/// them is inside a CIDR block of the allow-list.
+#[derive(Clone)]
+struct CidrResolver {
     allow: Arc<AllowList>,
 }
 
-impl tower_service::Service<Name> for AllowResolver {
+impl tower_service::Service<Name> for CidrResolver {
     type Response = std::vec::IntoIter<SocketAddr>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
@@ -80,10 +146,7 @@ impl tower_service::Service<Name> for AllowResolver {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            // Names allowed by a host:port entry were checked with their
-            // port before the request; anything else must resolve only into
-            // CIDR blocks.
-            if allow.names_host(&host) || addrs.iter().all(|a| allow.allows_addr(a.ip())) {
+            if addrs.iter().all(|a| allow.allows_addr(a.ip())) {
                 Ok(addrs.into_iter())
             } else {
                 Err(std::io::Error::new(
@@ -93,6 +156,14 @@ impl tower_service::Service<Name> for AllowResolver {
             }
         })
     }
+}
+
+/// The port a request to `uri` goes to.
+fn target_port(uri: &http::Uri) -> u16 {
+    uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    })
 }
 
 impl Performer {
@@ -110,10 +181,7 @@ impl Performer {
         let host = url
             .host()
             .ok_or_else(|| Failure::new(ErrorKind::Protocol, format!("{url} has no host")))?;
-        let port = url.port_u16().unwrap_or(match url.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        });
+        let port = target_port(url);
         match self.allow.check(host, port) {
             Verdict::Allowed | Verdict::ResolveAndCheck => Ok(()),
             Verdict::Denied => Err(Failure::new(
@@ -139,11 +207,7 @@ impl Performer {
             })?),
         };
         let tls = tls_config(profile).map_err(|e| Failure::new(ErrorKind::Tls, e))?;
-        let mut http = HttpConnector::new_with_resolver(AllowResolver {
-            allow: self.allow.clone(),
-        });
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let http = AllowConnector::new(self.allow.clone());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -227,7 +291,7 @@ pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Result<Bytes
 
 fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
     let text = chain(e);
-    let kind = if text.contains("outside the allow-list") {
+    let kind = if text.contains("outside the allow-list") || text.contains("allow list") {
         ErrorKind::NotAllowed
     } else if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
         ErrorKind::Tls
@@ -307,4 +371,71 @@ pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>
         return Err(format!("{} holds no PEM certificate", path.display()));
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target on loopback that answers every request with 204 and closes.
+    async fn target() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    async fn get(allow: &[String], url: &str) -> Result<u16, Failure> {
+        let performer = Performer::new(AllowList::parse(allow).unwrap(), []);
+        let r = performer
+            .send("GET", url, &[], None, Bytes::new(), Duration::from_secs(5))
+            .await?;
+        Ok(r.status)
+    }
+
+    /// A `host:port` entry allows its name on that port only: on another
+    /// port the name must resolve into a CIDR block like any other.
+    #[tokio::test]
+    async fn a_name_listed_with_one_port_is_not_allowed_on_another() {
+        let port = target().await;
+        let url = format!("http://localhost:{port}/");
+        let listed = format!("localhost:{port}");
+        let other_port = format!("localhost:{}", port.wrapping_add(1).max(1));
+        // Listed with this port: resolved as usual.
+        assert_eq!(get(&[listed], &url).await, Ok(204));
+        // Listed with another port, and a CIDR block it does not resolve
+        // into: refused when resolving, before any connection.
+        let e = get(&[other_port.clone(), "10.20.0.0/16".into()], &url)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotAllowed, "{e:?}");
+        assert!(
+            e.message.contains("resolves outside the allow-list"),
+            "{e:?}"
+        );
+        // Listed with another port and a block it resolves into: allowed.
+        let loopback = ["127.0.0.0/8".to_string(), "::1/128".to_string()];
+        let mut allow = vec![other_port];
+        allow.extend(loopback);
+        assert_eq!(get(&allow, &url).await, Ok(204));
+        // Not listed at all, and no block: refused before anything.
+        let e = get(
+            &["10.20.0.0/16".into()],
+            &format!("http://127.0.0.1:{port}/"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotAllowed, "{e:?}");
+    }
 }
