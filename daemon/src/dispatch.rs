@@ -360,12 +360,16 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                         },
                     );
                 }
-                // A target outside the relay's allow-list or a body over its
-                // limit will not change by retrying: fix and replay.
+                // A target outside the relay's allow-list, a body over its
+                // limit or a head over the tunnel's will not change by
+                // retrying: fix and replay.
                 Some(RelayError::Remote {
                     kind: ErrorKind::NotAllowed | ErrorKind::BodyTooLarge,
                     ..
-                }) => (record, Outcome::Final(FinalState::Error)),
+                })
+                | Some(RelayError::Unsendable { .. }) => {
+                    (record, Outcome::Final(FinalState::Error))
+                }
                 _ => (
                     record,
                     deliver::classify(spec, counted, status, ra, &mut rng),

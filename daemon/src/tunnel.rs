@@ -129,6 +129,27 @@ pub enum RelayError {
         address: SocketAddr,
         waited: Duration,
     },
+    /// The request is over what a request head may carry (URL, headers):
+    /// it can never cross the tunnel, so it was not sent, and retrying
+    /// will not change that.
+    #[error("relay {name} ({address}): not sent: the request cannot cross the tunnel: {reason}")]
+    Unsendable {
+        name: String,
+        address: SocketAddr,
+        reason: String,
+    },
+    /// A live relay said nothing about a request well past its timeout,
+    /// which the relay enforces itself: the attempt counts, as one with no
+    /// response does, so a relay that loses requests cannot keep a message
+    /// going round for ever.
+    #[error(
+        "relay {name} ({address}) gave no answer within {waited:?}, past the request's timeout"
+    )]
+    NoAnswer {
+        name: String,
+        address: SocketAddr,
+        waited: Duration,
+    },
     /// The relay answered with an error frame.
     #[error("relay {name} ({address}): {message}")]
     Remote {
@@ -288,7 +309,16 @@ impl Session {
             // max_body, draining) stops the stream and answers with an
             // error frame: stop writing and read it.
             let mut refused = false;
-            encode(&head, &mut buf)?;
+            // A head over the limits (a URL or headers too long, too many)
+            // can never cross; the stream opened for it is given up.
+            if let Err(e) = outbox_proto::encode(&head, &limits, &mut buf) {
+                let _ = send.reset(0u32.into());
+                return Err(RelayError::Unsendable {
+                    name: self.name.clone(),
+                    address: self.address,
+                    reason: e.to_string(),
+                });
+            }
             for chunk in body.chunks(CHUNK) {
                 encode(&Frame::BodyChunk(chunk.to_vec()), &mut buf)?;
                 if buf.len() >= CHUNK {
@@ -387,10 +417,14 @@ impl Session {
             }
             // The relay enforces the request's timeout and answers with a
             // timeout error; silence past it means the relay, not the remote
-            // system, failed: retry elsewhere without using an attempt.
+            // system, failed. Picks prefer its healthy peers from now on.
             Err(_) => {
                 self.suspect.store(true, Ordering::Relaxed);
-                let e = self.dropped(format!("no answer from the relay within {bound:?}"));
+                let e = RelayError::NoAnswer {
+                    name: self.name.clone(),
+                    address: self.address,
+                    waited: bound,
+                };
                 (Err(SendError::Failed(e.to_string())), Err(e))
             }
         }

@@ -58,8 +58,10 @@ pub enum Frame {
         headers: Vec<(String, Vec<u8>)>,
         /// The relay's protocol profile (client certificate) to use, by name.
         protocol_profile: Option<String>,
-        /// The whole request, connect to last body byte, must finish within
-        /// this.
+        /// The whole request must finish within this, from the head's
+        /// arrival at the relay to the response body's last byte: the
+        /// request's body, the wait for a free slot, connecting, the
+        /// response head and body.
         timeout_ms: u64,
     },
     /// Relay → daemon, first frame of a successful answer.

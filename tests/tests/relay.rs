@@ -890,6 +890,41 @@ async fn an_answer_larger_than_the_tunnel_carries_still_delivers_the_message() {
     );
 }
 
+/// A request whose head the tunnel cannot carry (here a header value over
+/// 8 KiB) ends in `error` on its first attempt, saying why, with nothing
+/// sent; the relay stays in service.
+#[tokio::test]
+async fn a_request_the_tunnel_cannot_carry_ends_in_error_at_once() {
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let sink = Sink::start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let _relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    wait_sessions(&d, 1, WAIT).await;
+
+    let wide = "w".repeat(9 * 1024);
+    let id = send(
+        &d,
+        "acme",
+        json!({"message": "Create", "body": {}, "headers": {"X-Context": wide}}),
+    )
+    .await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
+    let a = attempts(&m);
+    assert_eq!(a.len(), 1, "{m}");
+    let error = a[0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("not sent: the request cannot cross the tunnel")
+            && error.contains("header value length is 9216, expected at most 8192"),
+        "{m}"
+    );
+    assert_eq!(sink.count(), 0, "nothing reached the target");
+    // The next message goes through the same relay.
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+}
+
 /// A body over the relay's `max_body`, larger than the stream's flow
 /// control window: the relay stops the stream and says why, the daemon
 /// stops writing and reads it, and the message ends in `error` at once

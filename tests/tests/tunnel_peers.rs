@@ -1015,6 +1015,48 @@ async fn bad_answers_on_request_streams_fail_the_attempt_and_close_the_session()
     let _dc1 = t.unharmed(&dc2, &later).await;
 }
 
+/// A relay that takes a request and never answers it, while its session
+/// stays alive: past the request's timeout (5 s) and the daemon's margin
+/// of 5 s the attempt counts, as one with no response does, instead of
+/// going round for free; the session is kept.
+#[tokio::test]
+async fn a_request_a_live_relay_never_answers_costs_an_attempt() {
+    let t = Tunnel::start().await;
+    let relay = t.hostile().await;
+    let beating = relay.hello("dc1", DC1_TOKEN).await.beat();
+    let address = relay.address();
+    t.session("dc1", Some(address)).await;
+    let id = t.send("acme").await;
+    // Take the request, hold its stream open and say nothing.
+    let (_send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
+        .await
+        .expect("the daemon sends the message")
+        .expect("a request stream");
+    let mut request = frames(recv);
+    read_request(&mut request).await;
+    let m = eventually_msg(
+        Duration::from_secs(30),
+        "an attempt counted for the silence",
+        async || {
+            let m = t.daemon.message(&id).await;
+            (m["attempt_count"].as_u64() >= Some(1)).then_some(m)
+        },
+    )
+    .await;
+    let a = &m["attempts"][0];
+    let error = a["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains(&format!("relay dc1 ({address}) gave no answer within 10s")),
+        "{m}"
+    );
+    assert!(
+        a["outcome"].as_str().unwrap_or("").starts_with("retry in"),
+        "{m}"
+    );
+    beating.assert_alive();
+    t.session("dc1", Some(address)).await;
+}
+
 /// A3. Garbage on the control stream after a good hello — an unknown
 /// kind, an oversized prefix, a second hello, a request head, a truncated
 /// frame, the stream ended — drops that session: the daemon closes it
@@ -1669,6 +1711,53 @@ async fn a_body_that_never_ends_is_answered_when_its_time_is_up() {
         assert!(message.starts_with(outbox_proto::NOT_SENT), "{message}");
     }
     assert_eq!(allowed.count(), 0);
+    echo.abort();
+}
+
+/// B, time: a target that sends its status and headers and then stalls its
+/// body is given up on when the request's time is up: the relay answers
+/// with a timeout instead of holding the request (and its slot) for as
+/// long as the target holds the connection.
+#[tokio::test]
+async fn a_response_body_that_stalls_is_answered_when_its_time_is_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a target");
+    let addr = target.local_addr().expect("its address");
+    let stall = tokio::spawn(async move {
+        let (mut tcp, _) = target.accept().await.expect("the relay connects");
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await;
+        let _ = tcp
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.")
+            .await;
+        // Hold the connection, and the rest of the body, for good.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tcp);
+    });
+    let daemon = HostileDaemon::start();
+    let _relay = Relay::start(&daemon.relay_config("dc1", &[], &[addr.to_string()]));
+    let peer = daemon.next().await;
+    let conn = peer.conn.clone();
+    let echo = tokio::spawn(peer.accept_and_echo(1000));
+    let request = concat(&[
+        &wire(&Frame::RequestHead {
+            method: "GET".into(),
+            url: format!("http://{addr}/stalls"),
+            headers: vec![],
+            protocol_profile: None,
+            timeout_ms: 1000,
+        }),
+        &wire(&Frame::End),
+    ]);
+    let answer = tokio::time::timeout(Duration::from_secs(5), relay_answer(&conn, &request, true))
+        .await
+        .expect("an answer within 5s to a request whose timeout is 1s");
+    let (kind, message) = error_of(&answer, "a stalled response body");
+    assert_eq!(kind, ErrorKind::Timeout, "{message}");
+    assert_eq!(message, "the response body did not end within 1s");
+    stall.abort();
     echo.abort();
 }
 
