@@ -185,3 +185,38 @@ fn the_cli_ends_quietly_when_its_reader_is_gone() {
     // The command still did its work.
     assert!(tmp.path().join("pki/daemon.key").exists());
 }
+
+/// `pki init` into a directory that already holds one of the files it
+/// writes refuses before writing anything, so it can be run again once the
+/// file is moved away.
+#[test]
+fn pki_init_refuses_before_writing_anything() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path().join("pki");
+    std::fs::create_dir(&dir).expect("the directory");
+    std::fs::write(dir.join("relay.toml"), "# mine\n").expect("a relay.toml");
+    let init = || {
+        Command::new(bin("outbox"))
+            .args(["pki", "init"])
+            .arg(&dir)
+            .output()
+            .expect("outbox runs")
+    };
+    let out = init();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("relay.toml already exists"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the directory")
+        .map(|e| e.expect("an entry").file_name())
+        .collect();
+    assert_eq!(left, ["relay.toml"], "nothing else written");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("relay.toml")).unwrap(),
+        "# mine\n"
+    );
+    std::fs::remove_file(dir.join("relay.toml")).expect("moved away");
+    let out = init();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(dir.join("relay.toml").exists() && dir.join("ca.key").exists());
+}

@@ -26,12 +26,16 @@ pub fn init(dir: &Path, hosts: &[String], mid_server: &str) -> CliResult {
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::Refused(format!("{}: {e}", dir.display())))?;
+    // Every file it writes is checked first, so a refusal leaves nothing
+    // half written.
     let files = [
         "ca.crt",
         "ca.key",
         "daemon.crt",
         "daemon.key",
         "relay-token",
+        "outboxd.toml",
+        "relay.toml",
     ];
     for f in files {
         if dir.join(f).exists() {
@@ -99,9 +103,7 @@ pub fn init(dir: &Path, hosts: &[String], mid_server: &str) -> CliResult {
     );
     write(dir, "outboxd.toml", &daemon_toml, 0o644)?;
     write(dir, "relay.toml", &relay_toml, 0o644)?;
-    outln!(
-        "wrote {d}: ca.crt, ca.key, daemon.crt, daemon.key, relay-token, outboxd.toml, relay.toml"
-    );
+    outln!("wrote {d}: {}", files.join(", "));
     outln!("daemon certificate names: {}", hosts.join(", "));
     outln!("next: merge outboxd.toml into the daemon's config; copy ca.crt, relay-token and relay.toml to the relay host");
     Ok(())
