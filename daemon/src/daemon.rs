@@ -112,10 +112,10 @@ pub async fn run(
     tasks.spawn(crate::api::serve(listener, app.clone(), stop.clone()));
     if let Some(endpoint) = tunnel {
         tracing::info!(tunnel = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel listening for relays");
+        app.relays.set_tokens(app.config.mid_servers.clone());
         tasks.spawn(crate::tunnel::serve(
             endpoint,
             app.relays.clone(),
-            app.config.mid_servers.clone().into_iter().collect(),
             app.relay_connected.clone(),
             stop.clone(),
         ));
@@ -213,10 +213,39 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
         restart.push("instance_name");
     }
     if new.mid_servers.keys().ne(old.mid_servers.keys()) {
-        restart.push("mid_servers");
+        restart.push("mid_servers (names)");
+    }
+    if new.tunnel.as_ref().map(|t| t.listen) != old.tunnel.as_ref().map(|t| t.listen) {
+        restart.push("tunnel");
     }
     if !restart.is_empty() {
         tracing::warn!(keys = ?restart, "these settings changed and take effect at the next restart");
+    }
+    // A rotated token and a renewed certificate take effect now, for the
+    // relays that connect from here on; relays connected already stay. The
+    // names stay those of the start (a name removed keeps its token).
+    if let Some(tunnel) = new.tunnel.as_ref().filter(|_| old.tunnel.is_some()) {
+        let tokens = old.mid_servers.iter().map(|(name, mid)| {
+            let mid = new.mid_servers.get(name).unwrap_or(mid);
+            (name.clone(), mid.clone())
+        });
+        let rotated: Vec<&String> = old
+            .mid_servers
+            .iter()
+            .filter(|(name, mid)| {
+                new.mid_servers
+                    .get(*name)
+                    .is_some_and(|m| m.token != mid.token)
+            })
+            .map(|(name, _)| name)
+            .collect();
+        if !rotated.is_empty() {
+            tracing::info!(mid_servers = ?rotated, "new token(s): relays connecting from now on must present them; relays connected already stay");
+        }
+        app.relays.set_tokens(tokens);
+        if let Err(e) = app.relays.set_tls(tunnel) {
+            tracing::error!(error = %format!("{e:#}"), "the tunnel keeps its certificate: the new one cannot be used");
+        }
     }
     let texts = match app::read_apply_files(&new) {
         Ok(t) => t,

@@ -90,11 +90,15 @@ pub struct SessionView {
     pub relay_version: String,
 }
 
-/// The relays connected now, by MID server name.
+/// The relays connected now, by MID server name, and what admits one: the
+/// tokens of the configured MID servers and the tunnel's endpoint, both
+/// replaced by a reload (a rotated token, a renewed certificate).
 #[derive(Default)]
 pub struct Relays {
     sessions: Mutex<HashMap<String, Vec<Arc<Session>>>>,
     next_id: AtomicU64,
+    tokens: std::sync::RwLock<Arc<HashMap<String, MidServerConfig>>>,
+    endpoint: std::sync::OnceLock<quinn::Endpoint>,
 }
 
 /// Why a request through a relay did not get a response.
@@ -161,6 +165,30 @@ pub enum RelayError {
 }
 
 impl Relays {
+    /// The tokens hellos are checked against from now on. Sessions open
+    /// already stay: they proved themselves with the token of their time.
+    pub fn set_tokens(&self, tokens: impl IntoIterator<Item = (String, MidServerConfig)>) {
+        let tokens = Arc::new(tokens.into_iter().collect());
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens;
+    }
+
+    fn tokens(&self) -> Arc<HashMap<String, MidServerConfig>> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The tunnel's certificate and key for connections from now on (a
+    /// renewed certificate); connections open already keep theirs. Does
+    /// nothing before the tunnel listens.
+    pub fn set_tls(&self, config: &TunnelConfig) -> anyhow::Result<()> {
+        if let Some(endpoint) = self.endpoint.get() {
+            endpoint.set_server_config(Some(server_config(config)?));
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -509,6 +537,21 @@ pub async fn write_frame(
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.
 pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
+    let socket = std::net::UdpSocket::bind(config.listen)
+        .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(config)?),
+        socket,
+        outbox_proto::quic::Runtime::new(),
+    )
+    .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))
+}
+
+/// What the tunnel's endpoint accepts connections with: its certificate and
+/// key, and the transport limits below.
+fn server_config(config: &TunnelConfig) -> anyhow::Result<quinn::ServerConfig> {
+    use anyhow::Context;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config.tls.clone())
         .context("tunnel TLS settings")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -522,26 +565,18 @@ pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
     transport.max_concurrent_uni_streams(0u32.into());
     transport.receive_window(RECEIVE_WINDOW.into());
     server.transport_config(Arc::new(transport));
-    let socket = std::net::UdpSocket::bind(config.listen)
-        .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        outbox_proto::quic::Runtime::new(),
-    )
-    .with_context(|| format!("tunnel.listen {}: cannot listen", config.listen))
+    Ok(server)
 }
 
-/// Accepts relays until `shutdown`.
+/// Accepts relays until `shutdown`, checking hellos against the tokens
+/// `relays` holds at the time.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     relays: Arc<Relays>,
-    tokens: HashMap<String, MidServerConfig>,
     connected: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    let tokens = Arc::new(tokens);
+    let _ = relays.endpoint.set(endpoint.clone());
     let ungreeted = Arc::new(Ungreeted::default());
     loop {
         let incoming = tokio::select! {
@@ -555,8 +590,8 @@ pub async fn serve(
             continue;
         }
         let address = incoming.remote_address();
+        let tokens = relays.tokens();
         let relays = relays.clone();
-        let tokens = tokens.clone();
         let connected = connected.clone();
         let ungreeted = ungreeted.clone();
         tokio::spawn(async move {

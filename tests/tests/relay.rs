@@ -925,6 +925,68 @@ async fn a_request_the_tunnel_cannot_carry_ends_in_error_at_once() {
     d.wait_for_state(&id, "sent", WAIT).await;
 }
 
+/// A reload takes a rotated token and a renewed certificate, rewritten in
+/// place and followed by SIGHUP: relays that connect from then on must
+/// present the new token and are shown the new certificate, and the relay
+/// connected before stays.
+#[tokio::test]
+async fn a_reload_takes_a_rotated_token_and_a_renewed_certificate() {
+    let old = Pki::init();
+    // Another CA, with its own daemon certificate and token.
+    let new = Pki::init();
+    let port = free_udp_port();
+    let sink = Sink::start().await;
+    let mut d = daemon(&old, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let _first = Relay::start(&old.relay_config(&[port], &allow(&sink)));
+    let first = wait_sessions(&d, 1, WAIT).await;
+
+    let old_token = old.token();
+    for f in ["daemon.crt", "daemon.key", "relay-token"] {
+        std::fs::copy(new.path(f), old.path(f)).expect("renewed in place");
+    }
+    d.signal(libc::SIGHUP);
+    eventually_msg(WAIT, "the reload", async || {
+        d.log().contains("reloaded").then_some(())
+    })
+    .await;
+
+    // The old CA no longer verifies the daemon (this relay has the new token).
+    let stale_ca = Relay::start(&old.relay_config(&[port], &allow(&sink)));
+    // The new CA, but the token from before.
+    let mut config = new.relay_config(&[port], &allow(&sink));
+    config.insert("token".into(), toml::Value::String(old_token));
+    let stale_token = Relay::start(&config);
+    // Both new: it connects.
+    let _fresh = Relay::start(&new.relay_config(&[port], &allow(&sink)));
+    let connected = wait_sessions(&d, 2, WAIT).await;
+    assert!(
+        connected.iter().any(|s| s["id"] == first[0]["id"]),
+        "the relay connected before stays: {connected:?}"
+    );
+    eventually_msg(
+        WAIT,
+        "the old CA's relay refusing the new certificate",
+        async || {
+            (!lines_with(&stale_ca.log(), &["cannot open a session", "certificate"]).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    eventually_msg(WAIT, "the old token refused", async || {
+        (!lines_with(
+            &stale_token.log(),
+            &["refused", "wrong token for MID server"],
+        )
+        .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(sessions(&d).await.len(), 2);
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+}
+
 /// A body over the relay's `max_body`, larger than the stream's flow
 /// control window: the relay stops the stream and says why, the daemon
 /// stops writing and reads it, and the message ends in `error` at once
