@@ -180,33 +180,29 @@ async fn connect(
     endpoint: &quinn::Endpoint,
     daemon: &Daemon,
 ) -> Result<(quinn::Connection, Control), NoSession> {
-    let addr: SocketAddr = tokio::net::lookup_host((daemon.host.as_str(), daemon.port))
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((daemon.host.as_str(), daemon.port))
         .await
         .map_err(|e| format!("cannot resolve {}: {e}", daemon.address))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", daemon.address))?;
-    let connecting = endpoint
-        .connect(addr, &daemon.host)
-        .map_err(|e| format!("connect {}: {e}", daemon.address))?;
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
-        .await
-        .map_err(|_| {
-            format!(
-                "no QUIC handshake with {} within {HANDSHAKE_TIMEOUT:?}",
-                daemon.address
-            )
-        })?
-        .map_err(|e| {
-            let hint = if e.to_string().contains("certificate") {
-                " (is server_ca the CA that signed the daemon's certificate, and does \
-                 the daemon's certificate name this address?)"
-            } else {
-                ""
-            };
-            // quinn's words may carry the daemon's close reason.
-            let e = printable(&e.to_string()).into_owned();
-            format!("QUIC handshake with {}: {e}{hint}", daemon.address)
-        })?;
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{} resolves to no address", daemon.address).into());
+    }
+    // Each address in turn, as resolved: a name with an IPv6 address the
+    // network does not route still reaches the daemon over IPv4.
+    let mut failures = Vec::new();
+    let mut conn = None;
+    for addr in addrs {
+        match handshake(endpoint, addr, daemon).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    let Some(conn) = conn else {
+        return Err(failures.join("; ").into());
+    };
     let limits = Limits::default();
     let hello = async {
         let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -250,6 +246,37 @@ async fn connect(
             (e, _) => e,
         })?;
     Ok((conn, control))
+}
+
+/// A QUIC connection to the daemon at `addr`, verified against
+/// `server_ca`, or why there is none.
+async fn handshake(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    daemon: &Daemon,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect(addr, &daemon.host)
+        .map_err(|e| format!("connect {} ({addr}): {e}", daemon.address))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| {
+            format!(
+                "no QUIC handshake with {} ({addr}) within {HANDSHAKE_TIMEOUT:?}",
+                daemon.address
+            )
+        })?
+        .map_err(|e| {
+            let hint = if e.to_string().contains("certificate") {
+                " (is server_ca the CA that signed the daemon's certificate, and does \
+                 the daemon's certificate name this address?)"
+            } else {
+                ""
+            };
+            // quinn's words may carry the daemon's close reason.
+            let e = printable(&e.to_string()).into_owned();
+            format!("QUIC handshake with {} ({addr}): {e}{hint}", daemon.address)
+        })
 }
 
 /// Serves one session until it ends; returns why it ended.
