@@ -260,11 +260,7 @@ pub struct InboundUser {
 /// Names of integrations, connections, profiles and MID servers: letters,
 /// digits, `.`, `_` and `-`, so they fit in URLs and `I/C` arguments as is.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    outbox_proto::check_name(name, &outbox_proto::Limits::default()).is_ok()
 }
 
 impl Integration {

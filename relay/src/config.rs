@@ -269,18 +269,9 @@ impl Config {
 
     fn parse_from(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
-        let name_ok = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 128
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        };
-        if !name_ok(&raw.name) {
-            return Err(err(
-                "name",
-                format!("{:?}: letters, digits, '.', '_' and '-' only", raw.name),
-            ));
-        }
+        // Names follow the one rule of the protocol (and of the daemon).
+        let name_ok = |n: &str| outbox_proto::check_name(n, &outbox_proto::Limits::default());
+        name_ok(&raw.name).map_err(|e| err("name", e.to_string()))?;
         let token = Token(raw.token.resolve().map_err(|p| err("token", p))?);
         if raw.daemons.is_empty() {
             return Err(err(
@@ -337,7 +328,7 @@ impl Config {
                     p.name.clone()
                 }
             );
-            if !name_ok(&p.name) {
+            if name_ok(&p.name).is_err() {
                 return Err(err(
                     format!("{at}.name"),
                     "letters, digits, '.', '_' and '-' only",

@@ -148,6 +148,17 @@ fn the_relay_refuses_blank_tokens_and_places_toml_errors() {
                 .to_string(),
         ),
         (
+            base.replace("name = \"dc1\"", "name = \"dc 1\""),
+            "name: MID server name \"dc 1\" has ' ' at byte 2, expected only letters, digits, '.', '_' or '-'"
+                .to_string(),
+        ),
+        (
+            base.replace("token = \"t\"", "token = { env = \"T\", file = \"t\" }"),
+            format!(
+                "token: a secret takes one of `env` and `file`, not both ({path}, line 2, column 9)"
+            ),
+        ),
+        (
             format!("{base}concurrency = \"64\"\n"),
             format!(
                 "concurrency: invalid type: string \"64\", expected u32 ({path}, line 5, column 15)"
