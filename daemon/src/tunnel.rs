@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outbox_proto::quic::{end, why_closed, Ended, Stream, RECEIVE_WINDOW};
+use outbox_proto::quic::{end, why_closed, write_frame, Ended, Stream, RECEIVE_WINDOW};
 use outbox_proto::{printable, ErrorKind, Frame, FrameReader, Limits, ReadError};
 use quinn::SendStream;
 use serde::Serialize;
@@ -521,17 +521,6 @@ async fn write_unless_stopped(send: &mut SendStream, buf: &[u8]) -> Result<bool,
         Err(quinn::WriteError::Stopped(_)) => Ok(true),
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// Writes one length-prefixed frame.
-pub async fn write_frame(
-    send: &mut SendStream,
-    frame: &Frame,
-    limits: &Limits,
-) -> Result<(), String> {
-    let mut buf = Vec::new();
-    outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
-    send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.

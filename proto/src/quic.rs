@@ -1,6 +1,6 @@
 //! What the daemon and the relay share over quinn (feature `quic`): the
-//! runtime both give quinn, receive streams as frame sources, the receive
-//! window, and how a connection ended.
+//! runtime both give quinn, receive streams as frame sources, writing a
+//! frame, the receive window, and how a connection ended.
 //!
 //! The runtime is tokio's, with each quinn driver deferred once after a
 //! wake-up.
@@ -83,6 +83,18 @@ impl crate::ChunkSource for Stream {
     async fn next_chunk(&mut self, max: usize) -> Result<Option<bytes::Bytes>, quinn::ReadError> {
         Ok(self.0.read_chunk(max, true).await?.map(|c| c.bytes))
     }
+}
+
+/// Writes one frame on `send`, as both sides write control frames (hello,
+/// accept, heartbeats, an error answer).
+pub async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: &crate::Frame,
+    limits: &crate::Limits,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    crate::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
 /// How a connection ended, in words for the log.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use outbox_proto::quic::{end, why_closed, Ended, Stream, RECEIVE_WINDOW};
+use outbox_proto::quic::{end, why_closed, write_frame, Ended, Stream, RECEIVE_WINDOW};
 use outbox_proto::{
     printable, ErrorKind, Frame, FrameReader, Limits, ALPN, NOT_SENT, PROTOCOL_VERSION,
 };
@@ -570,12 +570,6 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
-}
-
-async fn write_frame(send: &mut SendStream, frame: &Frame, limits: &Limits) -> Result<(), String> {
-    let mut buf = Vec::new();
-    outbox_proto::encode(frame, limits, &mut buf).map_err(|e| e.to_string())?;
-    send.write_all(&buf).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
