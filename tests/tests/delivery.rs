@@ -432,6 +432,23 @@ async fn idempotency_keys_bad_input_and_limits() {
         )
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    // Headers that could never be sent are refused at enqueue.
+    for (headers, expected) in [
+        (
+            json!({"Bad Name": "v"}),
+            "\"Bad Name\" is not a header name",
+        ),
+        (json!({"X-Ok": "a\r\nX-Injected: 1"}), "headers.X-Ok: "),
+    ] {
+        let (s, v) = d
+            .post_json(
+                "/v1/integrations/acme/messages",
+                json!({"message": "Create", "headers": headers}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"].as_str().unwrap_or("").contains(expected), "{v}");
+    }
     let (s, _) = d.get("/v1/messages/zz").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = d.get("/v1/messages/00000000000fffff").await;
