@@ -1,6 +1,7 @@
 //! The daemon's life: open the store, apply the files, listen, dispatch,
 //! and stop cleanly when `shutdown` completes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{self, App};
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, MidServerConfig};
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -113,6 +114,7 @@ pub async fn run(
     if let Some(endpoint) = tunnel {
         tracing::info!(tunnel = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel listening for relays");
         app.relays.set_tokens(app.config.mid_servers.clone());
+        app.relays.set_endpoint(endpoint.clone());
         tasks.spawn(crate::tunnel::serve(
             endpoint,
             app.relays.clone(),
@@ -201,6 +203,12 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
             return;
         }
     };
+    // Checked as a start would check them: a MID server removed that an
+    // apply file still uses would stop the next start.
+    if let Err(e) = app::check_apply_files(&new) {
+        tracing::error!(error = %one_line(&format!("{e:#}")), "reload refused: outboxd would not start with this configuration; the running configuration stays");
+        return;
+    }
     let old = &app.config;
     let mut restart = Vec::new();
     if new.api.listen != old.api.listen {
@@ -221,36 +229,34 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
     if !restart.is_empty() {
         tracing::warn!(keys = ?restart, "these settings changed and take effect at the next restart");
     }
-    // A rotated token and a renewed certificate take effect now, for the
-    // relays that connect from here on; relays connected already stay. The
-    // names stay those of the start (a name removed keeps its token).
-    if let Some(tunnel) = new.tunnel.as_ref().filter(|_| old.tunnel.is_some()) {
-        let tokens = old.mid_servers.iter().map(|(name, mid)| {
-            let mid = new.mid_servers.get(name).unwrap_or(mid);
-            (name.clone(), mid.clone())
-        });
-        let rotated: Vec<&String> = old
-            .mid_servers
-            .iter()
-            .filter(|(name, mid)| {
-                new.mid_servers
-                    .get(*name)
-                    .is_some_and(|m| m.token != mid.token)
-            })
-            .map(|(name, _)| name)
-            .collect();
-        if !rotated.is_empty() {
-            tracing::info!(mid_servers = ?rotated, "new token(s): relays connecting from now on must present them; relays connected already stay");
-        }
-        app.relays.set_tokens(tokens);
-        if let Err(e) = app.relays.set_tls(tunnel) {
-            tracing::error!(error = %format!("{e:#}"), "the tunnel keeps its certificate: the new one cannot be used");
-        }
-    }
+    // A rotated token and a renewed certificate take effect with the rest,
+    // for the relays that connect from then on; relays connected already
+    // stay. The names stay those of the start (a name removed keeps its
+    // token). Made ready first: nothing changes unless all of it can.
+    let tunnel = match (&new.tunnel, &old.tunnel) {
+        (Some(tunnel), Some(_)) => match crate::tunnel::server_config(tunnel) {
+            Ok(server) => {
+                let tokens: HashMap<String, MidServerConfig> = old
+                    .mid_servers
+                    .iter()
+                    .map(|(name, mid)| {
+                        let mid = new.mid_servers.get(name).unwrap_or(mid);
+                        (name.clone(), mid.clone())
+                    })
+                    .collect();
+                Some((tokens, server))
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload refused: the tunnel's certificate cannot be used; the running configuration stays");
+                return;
+            }
+        },
+        _ => None,
+    };
     let texts = match app::read_apply_files(&new) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(error = %e, "reload refused: the running integrations stay");
+            tracing::error!(error = %one_line(&e.to_string()), "reload refused: the running integrations stay");
             return;
         }
     };
@@ -258,10 +264,35 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
         Ok(changes) => {
             app.clients.clear();
             app.tokens.clear();
+            if let Some((tokens, server)) = tunnel {
+                let current = app.relays.tokens();
+                let rotated: Vec<&String> = tokens
+                    .iter()
+                    .filter(|(name, mid)| current.get(*name).is_some_and(|m| m.token != mid.token))
+                    .map(|(name, _)| name)
+                    .collect();
+                if !rotated.is_empty() {
+                    tracing::info!(mid_servers = ?rotated, "new token(s): relays connecting from now on must present them; relays connected already stay");
+                }
+                app.relays.set_tokens(tokens);
+                app.relays.set_server_config(server);
+            }
             tracing::info!(files = texts.len(), changed = changes.len(), "reloaded");
         }
-        Err(e) => tracing::error!(error = %e, "reload refused: the running integrations stay"),
+        Err(e) => {
+            tracing::error!(error = %one_line(&e.to_string()), "reload refused: the running integrations stay")
+        }
     }
+}
+
+/// An error of several lines (an integration file's problems) on one log
+/// line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Tells systemd (when it started us with `Type=notify`) where we are.

@@ -172,21 +172,27 @@ impl Relays {
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens;
     }
 
-    fn tokens(&self) -> Arc<HashMap<String, MidServerConfig>> {
+    /// The tokens hellos are checked against now.
+    pub fn tokens(&self) -> Arc<HashMap<String, MidServerConfig>> {
         self.tokens
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// The tunnel's certificate and key for connections from now on (a
-    /// renewed certificate); connections open already keep theirs. Does
-    /// nothing before the tunnel listens.
-    pub fn set_tls(&self, config: &TunnelConfig) -> anyhow::Result<()> {
+    /// The tunnel's endpoint, kept so a reload can give it a renewed
+    /// certificate.
+    pub fn set_endpoint(&self, endpoint: quinn::Endpoint) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    /// What the endpoint accepts connections with from now on (a renewed
+    /// certificate, from [`server_config`]); connections open already keep
+    /// theirs.
+    pub fn set_server_config(&self, server: quinn::ServerConfig) {
         if let Some(endpoint) = self.endpoint.get() {
-            endpoint.set_server_config(Some(server_config(config)?));
+            endpoint.set_server_config(Some(server));
         }
-        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
@@ -298,6 +304,37 @@ impl Session {
             .unwrap_or(started + Duration::from_secs(24 * 3600));
         let limits = Limits::default();
         let work = async {
+            // The time left, in whole milliseconds rounded up: a request the
+            // relay takes at once gets its whole timeout, and its head need
+            // not be encoded again.
+            let left_ms = || {
+                let left = deadline.saturating_duration_since(Instant::now());
+                (left.as_nanos().div_ceil(1_000_000) as u64).max(1)
+            };
+            let mut head = Frame::RequestHead {
+                method: method.to_string(),
+                url: url.to_string(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+                protocol_profile: protocol_profile.map(str::to_string),
+                timeout_ms: left_ms(),
+            };
+            // Frames are gathered and written a chunk at a time: a request
+            // whose body fits one chunk (the usual case) is one write, one
+            // wake of the connection; a large body never sits in memory
+            // twice.
+            let mut buf = Vec::with_capacity(body.len().min(CHUNK) + 512);
+            // A head over the limits (a URL or headers too long, too many)
+            // can never cross: found before the relay is asked for a stream.
+            if let Err(e) = outbox_proto::encode(&head, &limits, &mut buf) {
+                return Err(RelayError::Unsendable {
+                    name: self.name.clone(),
+                    address: self.address,
+                    reason: e.to_string(),
+                });
+            }
             // A relay takes at most twice its concurrency in requests at
             // once (QUIC stream credit); one that takes none within the
             // request's time has not sent it.
@@ -312,41 +349,23 @@ impl Session {
                     })
                 }
             };
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            let head = Frame::RequestHead {
-                method: method.to_string(),
-                url: url.to_string(),
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-                    .collect(),
-                protocol_profile: protocol_profile.map(str::to_string),
-                timeout_ms: left.as_millis() as u64,
-            };
-            // Frames are gathered and written a chunk at a time: a request
-            // whose body fits one chunk (the usual case) is one write, one
-            // wake of the connection; a large body never sits in memory
-            // twice.
-            let mut buf = Vec::with_capacity(body.len().min(CHUNK) + 512);
             let encode = |frame: &Frame, buf: &mut Vec<u8>| {
                 outbox_proto::encode(frame, &limits, buf).map_err(|e| self.dropped(e))
             };
+            // A wait for the stream is told to the relay: the head again,
+            // with the time that is left.
+            if let Frame::RequestHead { timeout_ms, .. } = &mut head {
+                let left = left_ms();
+                if left != *timeout_ms {
+                    *timeout_ms = left;
+                    buf.clear();
+                    encode(&head, &mut buf)?;
+                }
+            }
             // A relay that refuses the request part way (body over its
             // max_body, draining) stops the stream and answers with an
             // error frame: stop writing and read it.
             let mut refused = false;
-            // A head over the limits (a URL or headers too long, too many)
-            // can never cross; the stream opened for it is given up.
-            if let Err(e) = outbox_proto::encode(&head, &limits, &mut buf) {
-                let _ = send.reset(0u32.into());
-                return Err(RelayError::Unsendable {
-                    name: self.name.clone(),
-                    address: self.address,
-                    reason: e.to_string(),
-                });
-            }
             for chunk in body.chunks(CHUNK) {
                 encode(&Frame::BodyChunk(chunk.to_vec()), &mut buf)?;
                 if buf.len() >= CHUNK {
@@ -539,7 +558,7 @@ pub fn endpoint(config: &TunnelConfig) -> anyhow::Result<quinn::Endpoint> {
 
 /// What the tunnel's endpoint accepts connections with: its certificate and
 /// key, and the transport limits below.
-fn server_config(config: &TunnelConfig) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(config: &TunnelConfig) -> anyhow::Result<quinn::ServerConfig> {
     use anyhow::Context;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config.tls.clone())
         .context("tunnel TLS settings")?;
@@ -565,7 +584,6 @@ pub async fn serve(
     connected: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    let _ = relays.endpoint.set(endpoint.clone());
     let ungreeted = Arc::new(Ungreeted::default());
     loop {
         let incoming = tokio::select! {

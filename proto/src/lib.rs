@@ -37,12 +37,12 @@
 //! [`Frame::ResponseHead`], zero or more body chunks and `End` — or, at any
 //! point instead, [`Frame::Error`] whose [`ErrorKind`] the daemon turns into
 //! the attempt's outcome (retry or not). Once the target has answered, the
-//! relay always sends its status: headers over the limits and a body past
-//! the relay's `max_body` are left out, and a body that breaks off ends the
-//! answer. A relay never resets a stream; the daemon takes a reset as a
-//! broken answer. The daemon resets a stream it opened for a request it
-//! then finds it cannot send (a head over the limits). QUIC flow control
-//! is per stream, so one large body does not hold up the others.
+//! relay sends its status: headers over the limits and a body past the
+//! relay's `max_body` are left out, and a body that breaks off ends the
+//! answer; only a body still arriving when the request's time is up makes
+//! the answer a timeout error instead. Neither side resets a stream; the
+//! daemon takes a reset as a broken answer. QUIC flow control is per
+//! stream, so one large body does not hold up the others.
 //!
 //! ```text
 //! relay                                   daemon

@@ -987,6 +987,41 @@ async fn a_reload_takes_a_rotated_token_and_a_renewed_certificate() {
     d.wait_for_state(&id, "sent", WAIT).await;
 }
 
+/// A reload that drops a MID server an apply file still uses is refused,
+/// as the next start would refuse that configuration; the running one
+/// stays, relay and all.
+#[tokio::test]
+async fn a_reload_that_drops_a_mid_server_in_use_is_refused() {
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let sink = Sink::start().await;
+    let files = tempfile::tempdir().expect("temp dir");
+    let file = write(files.path(), "acme.toml", &relayed("acme", &sink.url(), 4));
+    let mut d = suite_daemon()
+        .config_toml(&pki.daemon_config(port))
+        .apply_file(&file)
+        .start()
+        .await;
+    let _relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    wait_sessions(&d, 1, WAIT).await;
+
+    let mut config: toml::Table = toml::from_str(&d.config_text()).expect("the daemon's config");
+    config
+        .remove("mid_servers")
+        .expect("a [mid_servers] section");
+    std::fs::write(d.config_path(), config.to_string()).expect("the config rewritten");
+    d.signal(libc::SIGHUP);
+    let line = eventually_msg(WAIT, "the reload refused", async || {
+        lines_with(&d.log(), &["reload refused", "would not start"])
+            .first()
+            .map(|l| l.to_string())
+    })
+    .await;
+    assert!(line.contains("dc1"), "{line}");
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+}
+
 /// A body over the relay's `max_body`, larger than the stream's flow
 /// control window: the relay stops the stream and says why, the daemon
 /// stops writing and reads it, and the message ends in `error` at once
