@@ -34,13 +34,21 @@ impl ConfigError {
     /// The error, saying so when its key was set by an environment
     /// variable among `env`: the file a user would look in may not have it.
     fn naming_its_variable(mut self, env: &config::Map<String, String>) -> ConfigError {
+        // `apply[0]` is set by OUTBOX_APPLY; `mid_servers.dc1.token` may be
+        // set by OUTBOX_MID_SERVERS__DC1__TOKEN__ENV.
+        let key = self.key.split('[').next().unwrap_or_default();
         let variable = format!(
             "{ENV_PREFIX}_{}",
-            self.key.replace('.', "__").to_ascii_uppercase()
+            key.replace('.', "__").to_ascii_uppercase()
         );
-        if env.contains_key(&variable) {
+        let below = format!("{variable}__");
+        let set_by = env
+            .keys()
+            .filter(|k| **k == variable || k.starts_with(&below))
+            .min();
+        if let Some(set_by) = set_by {
             self.problem = format!(
-                "{} (set by the environment variable {variable})",
+                "{} (set by the environment variable {set_by})",
                 self.problem
             );
         }
@@ -595,6 +603,7 @@ mod tests {
             ("OUTBOX_LOG__LEVL", "debug", "log.levl"),
             ("OUTBOX_API__LISTEN", "nonsense", "api.listen"),
             ("OUTBOX_RETENTION", "forever", "retention"),
+            ("OUTBOX_APPLY", "[bad", "apply[0]"),
         ];
         for (variable, value, key) in cases {
             let env = vec![(variable.to_string(), value.to_string())];

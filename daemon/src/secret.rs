@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 /// What a masked literal looks like in every output.
 pub const MASK: &str = "***";
 
-/// A secret value, kept as the reference the user wrote. Read from a
-/// config or integration file, anything but one of the three forms is
-/// refused with what is wrong: another type, an unknown key, an empty
-/// table, or both `env` and `file`.
+/// A secret value, kept as the reference the user wrote. Read through
+/// serde (the daemon's config file and environment, the stored catalog),
+/// anything but one of the three forms is refused with what is wrong:
+/// another type, an unknown key, an empty table, an empty name, or both
+/// `env` and `file`. Integration files are read by `apply`'s own walker.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Secret {
@@ -53,10 +54,10 @@ impl<'de> Visitor<'de> for SecretVisitor {
         while let Some(key) = map.next_key::<String>()? {
             let read = match key.as_str() {
                 "env" => Secret::Env {
-                    env: map.next_value()?,
+                    env: map.next_value::<String>()?,
                 },
                 "file" => Secret::File {
-                    file: map.next_value()?,
+                    file: map.next_value::<PathBuf>()?,
                 },
                 other => {
                     return Err(de::Error::custom(format!(
@@ -64,6 +65,16 @@ impl<'de> Visitor<'de> for SecretVisitor {
                     )))
                 }
             };
+            let blank = match &read {
+                Secret::Env { env } => env.trim().is_empty(),
+                Secret::File { file } => file.as_os_str().is_empty(),
+                Secret::Literal(_) => false,
+            };
+            if blank {
+                return Err(de::Error::custom(format!(
+                    "`{key}` names nothing: it is {FORMS}"
+                )));
+            }
             if secret.is_some() {
                 return Err(de::Error::custom(
                     "a secret takes one of `env` and `file`, not both",
@@ -326,12 +337,14 @@ mod tests {
                 "a = { env = 5 }",
                 "invalid type: integer `5`, expected a string",
             ),
+            ("a = { env = \"\" }", "`env` names nothing"),
+            ("a = { file = \"\" }", "`file` names nothing"),
         ];
         for (text, expected) in cases {
             let e = toml::from_str::<T>(text).unwrap_err().to_string();
             assert!(e.contains(expected), "{text}: {e}");
         }
-        // The API takes integration files as JSON.
+        // The catalog is stored as JSON.
         let e = serde_json::from_str::<T>(r#"{"a": {"env": "E", "file": "f"}}"#).unwrap_err();
         assert!(e.to_string().contains("not both"), "{e}");
         let t: T = serde_json::from_str(r#"{"a": {"file": "f"}}"#).unwrap();

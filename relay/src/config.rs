@@ -75,6 +75,16 @@ impl<'de> serde::de::Visitor<'de> for SecretVisitor {
                     )))
                 }
             };
+            let blank = match &read {
+                Secret::Env { env } => env.trim().is_empty(),
+                Secret::File { file } => file.as_os_str().is_empty(),
+                Secret::Literal(_) => false,
+            };
+            if blank {
+                return Err(A::Error::custom(format!(
+                    "`{key}` names nothing: it is {FORMS}"
+                )));
+            }
             if secret.is_some() {
                 return Err(A::Error::custom(
                     "a secret takes one of `env` and `file`, not both",

@@ -534,7 +534,9 @@ fn carried_headers(
     headers: Vec<(String, Vec<u8>)>,
     limits: &Limits,
 ) -> (Vec<(String, Vec<u8>)>, usize) {
-    // A head's own fields take a few bytes, each header its two lengths.
+    // Above the bytes themselves, bincode's varints take at most 7 bytes
+    // for a head (kind, status, header count) and 6 for a header (its two
+    // lengths, each under 2^16); rounded up.
     const HEAD: usize = 16;
     const PER_HEADER: usize = 10;
     let given = headers.len();

@@ -38,9 +38,10 @@ pub fn init(dir: &Path, hosts: &[String], mid_server: &str) -> CliResult {
         "relay.toml",
     ];
     for f in files {
-        if dir.join(f).exists() {
+        // A dangling link counts: writing through it would fail half way.
+        if dir.join(f).symlink_metadata().is_ok() {
             return Err(CliError::Refused(format!(
-                "{} already exists; pki init never overwrites keys (use an empty directory)",
+                "{} already exists; pki init never overwrites files (use an empty directory)",
                 dir.join(f).display()
             )));
         }
