@@ -249,7 +249,12 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
         at_ms: now_ms(),
         connection: Some(connection.name.clone()),
         environment: Some(connection.environment.to_string()),
-        via: "direct".into(),
+        // The way it would have gone, until a relay of the MID server is
+        // picked (then its address too).
+        via: match &connection.mid_server {
+            None => "direct".into(),
+            Some(mid) => format!("mid:{mid}"),
+        },
         ..Default::default()
     };
     if let Err(e) = deliver::guard(&app.config.instance_name, connection) {
@@ -296,7 +301,6 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                     counts: false,
                 };
                 let record = (!again).then(|| Attempt {
-                    via: format!("mid:{mid}"),
                     method: Some(prepared.method.to_string()),
                     url: Some(prepared.url.clone()),
                     error: Some(error),

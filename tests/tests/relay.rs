@@ -1022,6 +1022,33 @@ async fn a_reload_that_drops_a_mid_server_in_use_is_refused() {
     d.wait_for_state(&id, "sent", WAIT).await;
 }
 
+/// The instance guard refuses a connection through a MID server for
+/// another instance before any relay is asked, and the attempt says which
+/// way it would have gone.
+#[tokio::test]
+async fn the_guard_refuses_a_relay_connection_for_another_instance() {
+    let pki = Pki::init();
+    let d = daemon(&pki, free_udp_port()).await;
+    let doc = integration(
+        "acme",
+        &[&connection(
+            "dc",
+            "production",
+            "http://127.0.0.1:9/",
+            "active = true\n  mid_server = \"dc1\"\n  instance_name = \"elsewhere\"",
+        )],
+    );
+    apply(&d, &doc).await;
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    let m = d.wait_for_state(&id, "error", WAIT).await;
+    let a = &attempts(&m)[0];
+    assert_eq!(a["via"], "mid:dc1", "{m}");
+    assert!(
+        a["error"].as_str().unwrap_or("").contains("\"elsewhere\""),
+        "{m}"
+    );
+}
+
 /// A body over the relay's `max_body`, larger than the stream's flow
 /// control window: the relay stops the stream and says why, the daemon
 /// stops writing and reads it, and the message ends in `error` at once
