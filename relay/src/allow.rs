@@ -104,7 +104,8 @@ fn split_host_port(e: &str) -> Option<(&str, u16)> {
     if host.is_empty() || host.contains('/') {
         return None;
     }
-    Some((host, port.parse().ok()?))
+    // Port 0 is no port anything listens on.
+    Some((host, port.parse().ok().filter(|p| *p != 0)?))
 }
 
 #[cfg(test)]

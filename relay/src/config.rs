@@ -266,8 +266,13 @@ impl Config {
     fn check_tls_files(&self) -> Result<(), ConfigError> {
         crate::perform::server_roots(&self.server_ca).map_err(|e| err("server_ca", e))?;
         for profile in self.protocol_profiles.values() {
-            crate::perform::tls_config(Some(profile))
-                .map_err(|e| err(format!("protocol_profile[{}]", profile.name), e))?;
+            crate::perform::tls_config(Some(profile)).map_err(|(key, e)| {
+                let at = format!("protocol_profile[{}]", profile.name);
+                match key {
+                    "" => err(at, e),
+                    key => err(format!("{at}.{key}"), e),
+                }
+            })?;
         }
         Ok(())
     }
@@ -294,13 +299,24 @@ impl Config {
             let (host, port) = d
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-                .filter(|(h, _)| !h.is_empty())
+                .filter(|(h, port)| !h.is_empty() && *port != 0)
                 .ok_or_else(|| {
                     err(
                         format!("daemons[{i}]"),
                         format!("{d:?} is not host:port like \"outbox.example.com:4433\""),
                     )
                 })?;
+            // Two sessions to one daemon from one relay would only take
+            // twice the hello places and show twice in its list.
+            if let Some(j) = raw.daemons[..i]
+                .iter()
+                .position(|e| e.eq_ignore_ascii_case(d))
+            {
+                return Err(err(
+                    format!("daemons[{i}]"),
+                    format!("{d:?} is listed already, as daemons[{j}]"),
+                ));
+            }
             daemons.push(Daemon {
                 address: d.clone(),
                 host: host.to_string(),
@@ -321,6 +337,9 @@ impl Config {
         }
         let max_body = parse_size(raw.max_body.as_deref().unwrap_or(defaults::MAX_BODY))
             .map_err(|p| err("max_body", p))?;
+        if max_body == 0 {
+            return Err(err("max_body", "0 would refuse every request with a body"));
+        }
         let drain_text = raw.drain.as_deref().unwrap_or(defaults::DRAIN);
         let drain = humantime::parse_duration(drain_text).map_err(|e| {
             err(
@@ -427,13 +446,19 @@ fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErr
         .and_then(|at| match toml::from_str::<Node>(text) {
             Ok(root) => {
                 let mut path = String::new();
-                root.locate(at, &mut path);
-                // "missing field `x`" points at the table that lacks it.
-                if let Some(field) = message
+                // "missing field `x`" spans the table that lacks it: the
+                // key is that table's path and the field.
+                match message
                     .strip_prefix("missing field `")
                     .and_then(|rest| rest.split('`').next())
                 {
-                    push_key(&mut path, field);
+                    Some(field) => {
+                        if let Some(span) = e.span() {
+                            root.enclosing(span, &mut path);
+                        }
+                        push_key(&mut path, field);
+                    }
+                    None => root.locate(at, &mut path),
                 }
                 Some(path)
             }
@@ -508,6 +533,38 @@ impl Node {
                 if let Some((i, item)) = hit {
                     path.push_str(&format!("[{}]", item.get_ref().label(i)));
                     item.get_ref().locate(at, path);
+                }
+            }
+            Node::Str(_) | Node::Other => {}
+        }
+    }
+
+    /// Appends to `path` the keys down to the narrowest table or array
+    /// element whose value holds all of `span` (the document itself: none).
+    fn enclosing(&self, span: std::ops::Range<usize>, path: &mut String) {
+        let holds = |outer: std::ops::Range<usize>| {
+            outer.start <= span.start && span.end <= outer.end && outer != (0..usize::MAX)
+        };
+        match self {
+            Node::Table(entries) => {
+                let hit = entries
+                    .iter()
+                    .filter(|(_, v)| holds(v.span()))
+                    .min_by_key(|(_, v)| v.span().end - v.span().start);
+                if let Some((key, value)) = hit {
+                    push_key(path, key.get_ref());
+                    value.get_ref().enclosing(span, path);
+                }
+            }
+            Node::Array(items) => {
+                let hit = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, item)| holds(item.span()))
+                    .min_by_key(|(_, item)| item.span().end - item.span().start);
+                if let Some((i, item)) = hit {
+                    path.push_str(&format!("[{}]", item.get_ref().label(i)));
+                    item.get_ref().enclosing(span, path);
                 }
             }
             Node::Str(_) | Node::Other => {}
@@ -706,6 +763,8 @@ mod tests {
             ("allow = [\"jira\"]", "allow[0]"),
             ("concurrency = 0", "concurrency"),
             ("max_body = \"big\"", "max_body"),
+            ("max_body = \"0\"", "max_body"),
+            ("allow = [\"127.0.0.1:0\"]", "allow[0]"),
             ("colour = 1", "colour"),
             (
                 "[[protocol_profile]]\nname = \"p\"\nclient_cert = \"/nonexistent\"\nclient_key = \"/nonexistent\"",
@@ -723,6 +782,15 @@ mod tests {
         let (_d, text) = with_ca("");
         let e = Config::parse(&text.replace("127.0.0.1:4433", "nowhere")).unwrap_err();
         assert_eq!(e.key, "daemons[0]");
+        let e = Config::parse(&text.replace("127.0.0.1:4433", "127.0.0.1:0")).unwrap_err();
+        assert_eq!(e.key, "daemons[0]");
+        let twice = text.replace(
+            "\"127.0.0.1:4433\"",
+            "\"127.0.0.1:4433\", \"127.0.0.1:4433\"",
+        );
+        let e = Config::parse(&twice).unwrap_err();
+        assert_eq!(e.key, "daemons[1]", "{e}");
+        assert!(e.problem.contains("listed already, as daemons[0]"), "{e}");
     }
 
     #[test]
@@ -790,6 +858,12 @@ mod tests {
                 "protocol_profile[p].client_crt",
                 "unknown field `client_crt`",
                 "line 11, column 1",
+            ),
+            (
+                text.replace("name = \"dc1\"\n", ""),
+                "name",
+                "missing field `name`",
+                "line 1, column 1",
             ),
             (
                 format!("{text}[[protocol_profile]]\nclient_cert = \"x\"\n"),

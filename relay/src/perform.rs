@@ -206,7 +206,13 @@ impl Performer {
                 )
             })?),
         };
-        let tls = tls_config(profile).map_err(|e| Failure::new(ErrorKind::Tls, e))?;
+        let tls = tls_config(profile).map_err(|(key, e)| {
+            let at = match profile {
+                Some(p) => format!("protocol profile {:?}: {key}: ", p.name),
+                None => String::new(),
+            };
+            Failure::new(ErrorKind::Tls, format!("{at}{e}"))
+        })?;
         let http = AllowConnector::new(self.allow.clone());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -317,8 +323,11 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// rustls settings for targets: webpki and system roots plus the profile's
-/// CA, and its client certificate for mutual TLS.
-pub(crate) fn tls_config(profile: Option<&Profile>) -> Result<rustls::ClientConfig, String> {
+/// CA, and its client certificate for mutual TLS. An error names the
+/// profile's key it comes from (`ca`, `client_cert`, `client_key`).
+pub(crate) fn tls_config(
+    profile: Option<&Profile>,
+) -> Result<rustls::ClientConfig, (&'static str, String)> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Ok(iter) = CertificateDer::pem_file_iter("/etc/ssl/certs/ca-certificates.crt") {
@@ -327,26 +336,30 @@ pub(crate) fn tls_config(profile: Option<&Profile>) -> Result<rustls::ClientConf
         }
     }
     if let Some(ca) = profile.and_then(|p| p.ca.as_ref()) {
-        for cert in read_certs(ca)? {
+        for cert in read_certs(ca).map_err(|e| ("ca", e))? {
             roots
                 .add(cert)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
+                .map_err(|e| ("ca", format!("{}: {e}", ca.display())))?;
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(|e| ("", e.to_string()))?
     .with_root_certificates(roots);
     match profile.and_then(|p| p.client_cert.as_ref().zip(p.client_key.as_ref())) {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
             let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("client key {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(read_certs(cert)?, key)
-                .map_err(|e| format!("client certificate {}: {e}", cert.display()))
+                .map_err(|e| ("client_key", format!("{}: {e}", key.display())))?;
+            let certs = read_certs(cert).map_err(|e| ("client_cert", e))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                (
+                    "client_cert",
+                    format!("{} and client_key: {e}", cert.display()),
+                )
+            })
         }
     }
 }

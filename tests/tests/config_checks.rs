@@ -148,6 +148,16 @@ fn the_relay_refuses_blank_tokens_and_places_toml_errors() {
                 .to_string(),
         ),
         (
+            format!(
+                "{base}[[protocol_profile]]\nname = \"p\"\nca = {:?}\n",
+                dir.join("relay-token").display().to_string()
+            ),
+            format!(
+                "protocol_profile[p].ca: {} holds no PEM certificate",
+                dir.join("relay-token").display()
+            ),
+        ),
+        (
             base.replace("name = \"dc1\"", "name = \"dc 1\""),
             "name: MID server name \"dc 1\" has ' ' at byte 2, expected only letters, digits, '.', '_' or '-'"
                 .to_string(),
