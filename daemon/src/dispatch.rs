@@ -326,6 +326,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
     let started = Instant::now();
     let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout, &via).await;
     let mut rng = rand::thread_rng();
+    // Nothing sent for a reason of this host's (a credential that cannot be
+    // read) is the operator's to fix: a warning, as a guard refusal is.
+    let unsendable = exchange.is_err();
     let (mut record, outcome) = match exchange {
         Ok(mut x) => {
             let status = x.result.as_ref().ok().map(|r| r.status);
@@ -430,6 +433,16 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             duration_ms = record.duration_ms,
             attempt = n,
             "delivered"
+        ),
+        _ if unsendable => tracing::warn!(
+            integration,
+            id = %MessageId(seq),
+            connection = %connection.name,
+            environment = %connection.environment,
+            attempt = n,
+            error = record.error.as_deref().unwrap_or(""),
+            outcome = %record.outcome,
+            "not sent"
         ),
         _ => tracing::info!(
             integration,

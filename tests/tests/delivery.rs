@@ -621,3 +621,41 @@ async fn kill_9_mid_delivery_loses_no_acknowledged_message() {
     .await;
     let _ = v;
 }
+
+/// A credential this host cannot read (its variable unset) sends nothing:
+/// the attempt says why, the message is retried, and the log has a warning.
+#[tokio::test]
+async fn an_unreadable_credential_sends_nothing_and_is_a_warning() {
+    let (d, sink) = setup(
+        "auth = { type = \"basic\", username = \"svc\", password = { env = \"E2E_SURELY_UNSET_PW\" } }",
+    )
+    .await;
+    let id = send(&d, json!({"message": "Create", "body": "x"})).await;
+    let m = eventually_msg(WAIT, "a first attempt", async || {
+        let m = d.message(&id).await;
+        (!m["attempts"].as_array()?.is_empty()).then_some(m)
+    })
+    .await;
+    let a = &m["attempts"][0];
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("environment variable E2E_SURELY_UNSET_PW is not set"),
+        "{m}"
+    );
+    assert!(
+        a["outcome"].as_str().unwrap_or("").starts_with("retry in"),
+        "{m}"
+    );
+    assert_eq!(sink.count(), 0, "nothing was sent");
+    eventually_msg(WAIT, "the warning", async || {
+        d.log()
+            .lines()
+            .any(|l| {
+                l.contains("WARN") && l.contains("not sent") && l.contains("E2E_SURELY_UNSET_PW")
+            })
+            .then_some(())
+    })
+    .await;
+}
