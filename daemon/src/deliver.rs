@@ -297,7 +297,10 @@ pub async fn exchange(
                 (Some(format!("Basic {raw}")), None)
             }
             (Auth::Oauth { .. }, Some(p)) => {
-                let token = s.tokens.token(p, s.clients).await?;
+                let token = s
+                    .tokens
+                    .token(p, s.clients, via, connection.protocol_profile.as_deref())
+                    .await?;
                 (Some(format!("Bearer {}", token.expose())), Some(token))
             }
             _ => (None, None),

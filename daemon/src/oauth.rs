@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, Method, Request};
+use http::{header, HeaderMap, HeaderValue, Method, Request};
 use http_body_util::Full;
 
 use crate::client::{send, Clients, TlsSettings};
+use crate::deliver::Via;
 use crate::model::OAuthProfile;
 use crate::secret::SecretValue;
+use crate::tunnel::Outbound;
 
 /// Fraction of `expires_in` after which a token is refreshed.
 const REFRESH_AT: f64 = 0.8;
@@ -51,11 +53,16 @@ impl TokenCache {
             .clone()
     }
 
-    /// A valid token for `profile`, fetching one if needed.
+    /// A valid token for `profile`, fetching one if needed the way the
+    /// connection's requests go: directly, or through its relay (with the
+    /// relay's protocol profile `relay_profile`), so a token endpoint inside
+    /// the relay's network is reached as the remote system is.
     pub async fn token(
         &self,
         profile: &OAuthProfile,
         clients: &Clients,
+        via: &Via,
+        relay_profile: Option<&str>,
     ) -> Result<SecretValue, String> {
         let slot = self.slot(&profile.name);
         let mut guard = slot.lock().await;
@@ -64,7 +71,7 @@ impl TokenCache {
                 return Ok(t.value.clone());
             }
         }
-        let token = fetch(profile, clients).await?;
+        let token = fetch(profile, clients, via, relay_profile).await?;
         self.fetched
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *guard = Some(token.clone());
@@ -89,18 +96,17 @@ impl TokenCache {
     }
 }
 
-async fn fetch(profile: &OAuthProfile, clients: &Clients) -> Result<Token, String> {
+async fn fetch(
+    profile: &OAuthProfile,
+    clients: &Clients,
+    via: &Via,
+    relay_profile: Option<&str>,
+) -> Result<Token, String> {
     let what = format!("oauth profile {}", profile.name);
     let secret = profile
         .client_secret
         .resolve()
         .map_err(|e| format!("{what}: client_secret: {e}"))?;
-    let client = clients
-        .get(&TlsSettings {
-            ca: profile.ca.clone(),
-            identity: None,
-        })
-        .map_err(|e| format!("{what}: {e}"))?;
     let mut form = String::from("grant_type=client_credentials");
     if !profile.scope.is_empty() {
         form.push_str("&scope=");
@@ -111,17 +117,55 @@ async fn fetch(profile: &OAuthProfile, clients: &Clients) -> Result<Token, Strin
         form_encode(&profile.client_id),
         form_encode(&secret)
     ));
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(&profile.token_url)
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .header(header::ACCEPT, "application/json")
-        .header(header::AUTHORIZATION, format!("Basic {basic}"))
-        .body(Full::new(Bytes::from(form)))
-        .map_err(|e| format!("{what}: token_url {}: {e}", profile.token_url))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    let mut credentials = HeaderValue::from_str(&format!("Basic {basic}"))
+        .map_err(|_| format!("{what}: client_id or client_secret is no header value"))?;
+    credentials.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, credentials);
+    let body = Bytes::from(form);
     let started = Instant::now();
-    let (reply, _) = send(&client, req, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT).await;
-    let reply = reply.map_err(|e| format!("{what}: token endpoint {}: {e}", profile.token_url))?;
+    let reply = match via {
+        Via::Direct => {
+            let client = clients
+                .get(&TlsSettings {
+                    ca: profile.ca.clone(),
+                    identity: None,
+                })
+                .map_err(|e| format!("{what}: {e}"))?;
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(&profile.token_url)
+                .body(Full::new(body))
+                .map_err(|e| format!("{what}: token_url {}: {e}", profile.token_url))?;
+            *req.headers_mut() = headers;
+            send(&client, req, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT).await.0
+        }
+        Via::Relay(session) => {
+            let out = Outbound {
+                method: "POST",
+                url: &profile.token_url,
+                headers: &headers,
+                protocol_profile: relay_profile,
+                body,
+            };
+            session
+                .request(out, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT)
+                .await
+                .0
+        }
+    };
+    let reply = reply.map_err(|e| {
+        let route = match via {
+            Via::Direct => String::new(),
+            Via::Relay(session) => format!(" (through {})", session.via()),
+        };
+        format!("{what}: token endpoint {}{route}: {e}", profile.token_url)
+    })?;
     if reply.status != 200 {
         return Err(format!(
             "{what}: token endpoint {} answered {}: {}",

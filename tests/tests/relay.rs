@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use outbox_tests::{free_udp_port, Relay};
+use outbox_tests::{free_udp_port, OAuthServer, Relay};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -1047,6 +1047,60 @@ async fn the_guard_refuses_a_relay_connection_for_another_instance() {
         a["error"].as_str().unwrap_or("").contains("\"elsewhere\""),
         "{m}"
     );
+}
+
+/// OAuth through a relay: the token request goes through the relay too, so
+/// a token endpoint inside the relay's network is reached as the remote
+/// system is. A relay that may not reach the endpoint fails the token
+/// request with its allow-list error; one that may, delivers.
+#[tokio::test]
+async fn oauth_tokens_are_fetched_through_the_relay() {
+    let tokens = OAuthServer::builder().start().await;
+    let sink = Sink::builder().bearer_from(&tokens).start().await;
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let d = daemon(&pki, port).await;
+    let doc = integration(
+        "acme",
+        &[&connection(
+            "dc",
+            "production",
+            &sink.url(),
+            "active = true\n  mid_server = \"dc1\"\n  auth = { type = \"oauth\", profile = \"tok\" }",
+        )],
+    ) + &format!(
+        "\n[[oauth_profile]]\nname = \"tok\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+        tokens.token_url(),
+        tokens.client_id(),
+        tokens.client_secret()
+    );
+    apply(&d, &doc).await;
+    let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
+    wait_sessions(&d, 1, WAIT).await;
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    let m = eventually_msg(WAIT, "a first attempt", async || {
+        let m = d.message(&id).await;
+        (!attempts(&m).is_empty()).then_some(m)
+    })
+    .await;
+    let error = attempts(&m)[0]["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        error.contains("oauth profile tok: token endpoint")
+            && error.contains("(through mid:dc1")
+            && error.contains("not in this relay's allow list"),
+        "{m}"
+    );
+    assert_eq!(tokens.issued(), 0);
+    assert_eq!(sink.count(), 0);
+
+    relay.terminate().await;
+    wait_sessions(&d, 0, WAIT).await;
+    let endpoint: http::Uri = tokens.token_url().parse().expect("a token URL");
+    let endpoint = endpoint.authority().expect("host:port").to_string();
+    let _relay = Relay::start(&pki.relay_config(&[port], &[sink.addr().to_string(), endpoint]));
+    d.wait_for_state(&id, "sent", WAIT).await;
+    assert_eq!(tokens.issued(), 1);
+    assert_eq!(sink.count(), 1);
 }
 
 /// A body over the relay's `max_body`, larger than the stream's flow
