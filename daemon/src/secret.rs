@@ -27,66 +27,6 @@ pub enum Secret {
     File { file: PathBuf },
 }
 
-/// What a secret may be, as errors say it.
-const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
-        deserializer.deserialize_any(SecretVisitor)
-    }
-}
-
-struct SecretVisitor;
-
-impl<'de> Visitor<'de> for SecretVisitor {
-    type Value = Secret;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a secret: {FORMS}")
-    }
-
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<Secret, E> {
-        Ok(Secret::Literal(value.to_string()))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
-        let mut secret = None;
-        while let Some(key) = map.next_key::<String>()? {
-            let read = match key.as_str() {
-                "env" => Secret::Env {
-                    env: map.next_value::<String>()?,
-                },
-                "file" => Secret::File {
-                    file: map.next_value::<PathBuf>()?,
-                },
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown key `{other}` in a secret: it is {FORMS}"
-                    )))
-                }
-            };
-            let blank = match &read {
-                Secret::Env { env } => env.trim().is_empty(),
-                Secret::File { file } => file.as_os_str().is_empty(),
-                Secret::Literal(_) => false,
-            };
-            if blank {
-                return Err(de::Error::custom(format!(
-                    "`{key}` names nothing: it is {FORMS}"
-                )));
-            }
-            if secret.is_some() {
-                return Err(de::Error::custom(
-                    "a secret takes one of `env` and `file`, not both",
-                ));
-            }
-            secret = Some(read);
-        }
-        secret
-            .ok_or_else(|| de::Error::custom(format!("an empty table is no secret: it is {FORMS}")))
-    }
-}
-
 /// A secret's value once read. Only [`SecretValue::expose`] shows it; `Debug`
 /// prints the mask.
 #[derive(Clone, PartialEq, Eq)]
@@ -223,6 +163,66 @@ impl fmt::Display for Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+/// What a secret may be, as errors say it.
+const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+struct SecretVisitor;
+
+impl<'de> Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a secret: {FORMS}")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Secret, E> {
+        Ok(Secret::Literal(value.to_string()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
+        let mut secret = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let read = match key.as_str() {
+                "env" => Secret::Env {
+                    env: map.next_value::<String>()?,
+                },
+                "file" => Secret::File {
+                    file: map.next_value::<PathBuf>()?,
+                },
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown key `{other}` in a secret: it is {FORMS}"
+                    )))
+                }
+            };
+            let blank = match &read {
+                Secret::Env { env } => env.trim().is_empty(),
+                Secret::File { file } => file.as_os_str().is_empty(),
+                Secret::Literal(_) => false,
+            };
+            if blank {
+                return Err(de::Error::custom(format!(
+                    "`{key}` names nothing: it is {FORMS}"
+                )));
+            }
+            if secret.is_some() {
+                return Err(de::Error::custom(
+                    "a secret takes one of `env` and `file`, not both",
+                ));
+            }
+            secret = Some(read);
+        }
+        secret
+            .ok_or_else(|| de::Error::custom(format!("an empty table is no secret: it is {FORMS}")))
     }
 }
 
