@@ -132,6 +132,9 @@ impl Clients {
         let client = Arc::new(
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
+                // A malformed header line in an answer is skipped: the
+                // remote system has answered, and its status counts.
+                .http1_ignore_invalid_headers_in_responses(true)
                 .build(connector),
         );
         cache.insert(settings.clone(), client.clone());
@@ -158,6 +161,9 @@ pub struct Reply {
 pub enum SendError {
     #[error("no response within {0:?}")]
     Timeout(Duration),
+    /// The status and headers came, the rest of the body did not.
+    #[error("the response body did not end within {0:?}")]
+    BodyTimeout(Duration),
     #[error("{0}")]
     Failed(String),
 }
@@ -171,11 +177,13 @@ pub async fn send(
     keep: usize,
 ) -> (Result<Reply, SendError>, Duration) {
     let started = Instant::now();
+    let answered = std::sync::atomic::AtomicBool::new(false);
     let result = tokio::time::timeout(timeout, async {
         let resp = client
             .request(req)
             .await
             .map_err(|e| SendError::Failed(error_chain(&e)))?;
+        answered.store(true, std::sync::atomic::Ordering::Relaxed);
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
         let mut excerpt = BytesMut::new();
@@ -199,7 +207,12 @@ pub async fn send(
         })
     })
     .await
-    .unwrap_or(Err(SendError::Timeout(timeout)));
+    .unwrap_or_else(|_| {
+        Err(match answered.load(std::sync::atomic::Ordering::Relaxed) {
+            true => SendError::BodyTimeout(timeout),
+            false => SendError::Timeout(timeout),
+        })
+    });
     (result, started.elapsed())
 }
 

@@ -440,13 +440,10 @@ impl Session {
                 message,
                 ..
             })) => {
-                // The relay says whether the request left: one that waited
-                // for a free slot until its time was up never did.
-                let e = if message.starts_with(outbox_proto::NOT_SENT) {
-                    SendError::Failed(format!("relay {}: {message}", self.via))
-                } else {
-                    SendError::Timeout(timeout)
-                };
+                // The relay's words say what ran out: a request never sent
+                // (it waited for a free slot), no response, or a response
+                // body that did not end.
+                let e = SendError::Failed(format!("relay {}: {message}", self.via));
                 (Err(e), Err(self.remote(ErrorKind::Timeout, message)))
             }
             Ok(Err(e)) => {

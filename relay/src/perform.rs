@@ -222,6 +222,9 @@ impl Performer {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // A malformed header line in an answer is skipped: the target
+            // has answered, and its status counts.
+            .http1_ignore_invalid_headers_in_responses(true)
             .build(connector);
         clients.insert(key, client.clone());
         Ok(client)
@@ -241,6 +244,8 @@ impl Performer {
             .parse()
             .map_err(|e| Failure::new(ErrorKind::Protocol, format!("{url:?}: {e}")))?;
         self.check_target(&uri)?;
+        let host = uri.host().unwrap_or_default().to_string();
+        let port = target_port(&uri);
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| {
             Failure::new(ErrorKind::Protocol, format!("{method:?} is not a method"))
         })?;
@@ -266,7 +271,21 @@ impl Performer {
                     format!("no response within {timeout:?}"),
                 )
             })?
-            .map_err(|e| classify(&e))?;
+            .map_err(|e| {
+                let failure = classify(&e);
+                match failure.kind {
+                    // Refused when resolving: say so as the check before
+                    // resolving does, and why.
+                    ErrorKind::NotAllowed => Failure::new(
+                        ErrorKind::NotAllowed,
+                        format!(
+                            "{host}:{port} is not in this relay's allow list \
+                             ({host} resolves outside the allow-list's CIDR blocks)"
+                        ),
+                    ),
+                    _ => failure,
+                }
+            })?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -433,8 +452,12 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotAllowed, "{e:?}");
-        assert!(
-            e.message.contains("resolves outside the allow-list"),
+        assert_eq!(
+            e.message,
+            format!(
+                "localhost:{port} is not in this relay's allow list \
+                 (localhost resolves outside the allow-list's CIDR blocks)"
+            ),
             "{e:?}"
         );
         // Listed with another port and a block it resolves into: allowed.

@@ -462,13 +462,18 @@ async fn perform(
     // the tunnel cannot carry and a body past max_body are left out (and
     // said so), a body that breaks off ends the answer. Only a body still
     // coming when the request's time is up fails it, as it does directly.
-    let (carried, dropped) = carried_headers(resp.headers, limits);
-    if dropped > 0 {
+    let (carried, left_out) = carried_headers(resp.headers, limits);
+    if !left_out.is_empty() {
+        let names: Vec<&str> = left_out.iter().take(10).map(String::as_str).collect();
+        let more = left_out.len().saturating_sub(names.len());
         tracing::warn!(
-            %daemon, %url, status = resp.status, dropped,
-            "response headers over the tunnel's limits ({} headers, names of {} bytes, \
-             values of {} bytes) were left out of the answer",
-            limits.max_headers, limits.max_header_name, limits.max_header_value
+            %daemon, %url, status = resp.status, dropped = left_out.len(),
+            left_out = %printable(&format!("{}{}", names.join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() })),
+            "response headers a head frame cannot carry were left out of the answer \
+             (at most {} headers, names of {} bytes, values of {} bytes, {} bytes in all)",
+            limits.max_headers, limits.max_header_name, limits.max_header_value,
+            limits.max_head_frame
         );
     }
     let io = |e: String| Failure::new(ErrorKind::Other, e);
@@ -528,35 +533,34 @@ async fn perform(
 }
 
 /// The response headers a head frame can carry — each name and value within
-/// the limits, at most `max_headers`, all within `max_head_frame` — and how
-/// many were left out.
+/// the limits, at most `max_headers`, all within `max_head_frame` — and the
+/// names of those left out.
 fn carried_headers(
     headers: Vec<(String, Vec<u8>)>,
     limits: &Limits,
-) -> (Vec<(String, Vec<u8>)>, usize) {
+) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
     // Above the bytes themselves, bincode's varints take at most 7 bytes
     // for a head (kind, status, header count) and 6 for a header (its two
     // lengths, each under 2^16); rounded up.
     const HEAD: usize = 16;
     const PER_HEADER: usize = 10;
-    let given = headers.len();
     let mut room = limits.max_head_frame.saturating_sub(HEAD);
-    let carried: Vec<_> = headers
-        .into_iter()
-        .filter(|(name, value)| {
-            let size = name.len() + value.len() + PER_HEADER;
-            let fits = name.len() <= limits.max_header_name
-                && value.len() <= limits.max_header_value
-                && size <= room;
-            if fits {
-                room -= size;
-            }
-            fits
-        })
-        .take(limits.max_headers)
-        .collect();
-    let dropped = given - carried.len();
-    (carried, dropped)
+    let mut carried = Vec::with_capacity(headers.len().min(limits.max_headers));
+    let mut left_out = Vec::new();
+    for (name, value) in headers {
+        let size = name.len() + value.len() + PER_HEADER;
+        let fits = carried.len() < limits.max_headers
+            && name.len() <= limits.max_header_name
+            && value.len() <= limits.max_header_value
+            && size <= room;
+        if fits {
+            room -= size;
+            carried.push((name, value));
+        } else {
+            left_out.push(name);
+        }
+    }
+    (carried, left_out)
 }
 
 fn encode(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) -> Result<(), String> {
@@ -620,7 +624,7 @@ mod tests {
         ];
         for (headers, kept, dropped) in cases {
             let (carried, left_out) = carried_headers(headers, &limits);
-            assert_eq!((carried.len(), left_out), (kept, dropped));
+            assert_eq!((carried.len(), left_out.len()), (kept, dropped));
             assert!(fits(&carried));
         }
     }

@@ -439,6 +439,10 @@ async fn idempotency_keys_bad_input_and_limits() {
             "\"Bad Name\" is not a header name",
         ),
         (json!({"X-Ok": "a\r\nX-Injected: 1"}), "headers.X-Ok: "),
+        (
+            json!({"Content-Length": "50"}),
+            "headers.Content-Length: set by the daemon",
+        ),
     ] {
         let (s, v) = d
             .post_json(
@@ -658,4 +662,73 @@ async fn an_unreadable_credential_sends_nothing_and_is_a_warning() {
             .then_some(())
     })
     .await;
+}
+
+/// A target on loopback that answers its first request with `first` and
+/// then holds the connection for a minute; its URL.
+async fn raw_target(first: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a target");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp.write_all(first).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// An answer is read as far as it can be: a malformed header line is
+/// skipped and the status counts; a body that stalls after the head is
+/// told apart from no answer at all.
+#[tokio::test]
+async fn answers_are_read_as_far_as_they_can_be() {
+    let d = suite_daemon().instance_name("acme-dev").start().await;
+    let bad_header =
+        raw_target(b"HTTP/1.1 201 Created\r\nx-odd: a\x01b\r\ncontent-length: 2\r\n\r\nok").await;
+    let stalled = raw_target(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nten bytes.").await;
+    for (name, url) in [("odd", &bad_header), ("stalled", &stalled)] {
+        let doc = integration(
+            name,
+            &[&connection("dev", "development", url, "active = true")],
+        );
+        let (s, v) = d.apply(&doc).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = d
+        .post_json(
+            "/v1/integrations/odd/messages",
+            json!({"message": "Create", "body": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let m = d
+        .wait_for_state(v["id"].as_str().unwrap(), "sent", WAIT)
+        .await;
+    assert_eq!(m["attempts"][0]["status"], 201, "{m}");
+
+    let (s, v) = d
+        .post_json(
+            "/v1/integrations/stalled/messages",
+            json!({"message": "Create", "body": "x"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let m = eventually_msg(WAIT, "a first attempt", async || {
+        let m = d.message(&id).await;
+        (!m["attempts"].as_array()?.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        m["attempts"][0]["error"], "the response body did not end within 5s",
+        "{m}"
+    );
 }

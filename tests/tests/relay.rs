@@ -879,7 +879,11 @@ async fn an_answer_larger_than_the_tunnel_carries_still_delivers_the_message() {
     assert_eq!(sink.count(), 1);
     let log = relay.log();
     assert_eq!(
-        lines_with(&log, &["WARN", "were left out", "dropped=2"]).len(),
+        lines_with(
+            &log,
+            &["WARN", "were left out", "dropped=2", "x-big, x-wide-8"]
+        )
+        .len(),
         1,
         "{log}"
     );
@@ -1101,6 +1105,40 @@ async fn oauth_tokens_are_fetched_through_the_relay() {
     d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(tokens.issued(), 1);
     assert_eq!(sink.count(), 1);
+}
+
+/// A daemon restarted without a MID server that stored connections still
+/// use says so at start, and their messages wait with an attempt that says
+/// the MID server is not configured (not merely "not connected").
+#[tokio::test]
+async fn connections_through_a_mid_server_no_longer_configured_are_named() {
+    let pki = Pki::init();
+    let mut d = daemon(&pki, free_udp_port()).await;
+    apply(&d, &relayed("acme", "http://127.0.0.1:9/", 4)).await;
+    d.terminate().await;
+    let mut config: toml::Table = toml::from_str(&d.config_text()).expect("the daemon's config");
+    config
+        .remove("mid_servers")
+        .expect("a [mid_servers] section");
+    std::fs::write(d.config_path(), config.to_string()).expect("the config rewritten");
+    d.restart().await;
+    let log = d.log();
+    let line = lines_with(
+        &log,
+        &["WARN", "is not configured for", "acme/dc (MID server dc1)"],
+    );
+    assert_eq!(line.len(), 1, "{log}");
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    let m = eventually_msg(WAIT, "a waiting attempt", async || {
+        let m = d.message(&id).await;
+        (m["state"] == "queued" && !attempts(&m).is_empty()).then_some(m)
+    })
+    .await;
+    let error = attempts(&m)[0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.starts_with("MID server dc1 is not configured on this daemon"),
+        "{m}"
+    );
 }
 
 /// A body over the relay's `max_body`, larger than the stream's flow
