@@ -86,6 +86,22 @@ impl App {
         self.config.mid_servers.keys().cloned().collect()
     }
 
+    /// The catalog's connections (`integration/connection`) that go
+    /// through a MID server not among `names`, with that MID server: their
+    /// messages can only wait until it is configured.
+    pub fn connections_without_mid_server(&self, names: &BTreeSet<String>) -> Vec<String> {
+        self.catalog()
+            .integrations
+            .values()
+            .flat_map(|entry| {
+                entry.spec.connections.iter().filter_map(|c| {
+                    let mid = c.mid_server.as_ref().filter(|m| !names.contains(*m))?;
+                    Some(format!("{}/{} (MID server {mid})", entry.spec.name, c.name))
+                })
+            })
+            .collect()
+    }
+
     /// Runs `edit` on a copy of the catalog; when it succeeds, persists the
     /// result (one transaction, flushed) and publishes it.
     pub async fn change<T, E>(

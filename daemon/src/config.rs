@@ -446,6 +446,8 @@ fn from_config_error(e: config::ConfigError, file: Option<&Path>) -> ConfigError
             .unwrap_or_else(|| "config".into())
     });
     let mut problem = one_line(&text);
+    // The crate ends some messages with the key, which leads the error.
+    problem = problem.replace(&format!(" for key `{key}`"), "");
     // A parse error's key is the file, which the crate also names last.
     // (The crate may name it by a relative path.)
     if let Some(f) = file.filter(|f| key == f.display().to_string()) {

@@ -84,6 +84,10 @@ pub async fn run(
         );
     }
 
+    let stranded = app.connections_without_mid_server(&app.mid_server_names());
+    if !stranded.is_empty() {
+        tracing::warn!(connections = ?stranded, "these connections go through a MID server this daemon is not configured for: their messages wait until it is added to [mid_servers]");
+    }
     let tunnel = match &app.config.tunnel {
         Some(t) => Some(crate::tunnel::endpoint(t)?),
         None => None,
@@ -222,6 +226,11 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
     }
     if new.mid_servers.keys().ne(old.mid_servers.keys()) {
         restart.push("mid_servers (names)");
+        let names = new.mid_servers.keys().cloned().collect();
+        let stranded = app.connections_without_mid_server(&names);
+        if !stranded.is_empty() {
+            tracing::warn!(connections = ?stranded, "these connections go through a MID server the new configuration lacks: after a restart their messages wait until it is configured again");
+        }
     }
     if new.tunnel.as_ref().map(|t| t.listen) != old.tunnel.as_ref().map(|t| t.listen) {
         restart.push("tunnel");
@@ -288,11 +297,14 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
 /// An error of several lines (an integration file's problems) on one log
 /// line.
 fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    let mut out = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// Tells systemd (when it started us with `Type=notify`) where we are.

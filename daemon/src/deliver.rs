@@ -44,6 +44,43 @@ pub struct Prepared {
 }
 
 /// Builds the request of `rec` from the active connection and message type:
+/// Headers that frame the message or the connection: the HTTP client sets
+/// them from the body and the connection, and one given with a message
+/// would contradict them (a `Content-Length` that is not the body's makes
+/// every attempt wait out its timeout).
+const FRAMING: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// Why a header given with a message or a message type cannot be sent, if
+/// it cannot: a bad name, a control character in the value, or a header
+/// that frames the request.
+pub fn check_header(name: &str, value: &str) -> Result<(), String> {
+    if HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err(format!(
+            "headers: {name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+        ));
+    }
+    if FRAMING.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+        return Err(format!(
+            "headers.{name}: set by the daemon from the body and the connection, not by a message"
+        ));
+    }
+    if HeaderValue::from_str(value).is_err() {
+        return Err(format!(
+            "headers.{name}: {value:?} holds a control character (a tab is the only one allowed)"
+        ));
+    }
+    Ok(())
+}
+
 /// `endpoint_url` joined with the expanded path, the type's headers, the
 /// producer's headers, and `Idempotency-Key: <message id>`; the body is
 /// the record's.
@@ -83,6 +120,7 @@ pub fn build(
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (k, v) in typed.into_iter().chain(producer) {
+        check_header(k, &v)?;
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| format!("{k:?} is not a header name"))?;
         let value = HeaderValue::from_str(&v)

@@ -293,7 +293,16 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                 // does not grow the store. Any attempt since would have
                 // replaced `last_error` (see `Queue::finish_and_take`), so a
                 // new outage after one is recorded again.
-                let error = format!("MID server {mid} is not connected");
+                // A name this daemon was not started with can have no
+                // relay until it is configured (and the daemon restarted).
+                let error = match app.config.mid_servers.contains_key(mid) {
+                    true => format!("MID server {mid} is not connected"),
+                    false => format!(
+                        "MID server {mid} is not configured on this daemon: no relay of \
+                         that name is accepted until [mid_servers.{mid}] is added and \
+                         outboxd restarted"
+                    ),
+                };
                 let again = rec.last_error.as_deref() == Some(error.as_str());
                 let wait = if again { MID_WAIT_AGAIN } else { MID_WAIT };
                 let disposition = Disposition::Retry {
@@ -327,8 +336,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
     let exchange = deliver::exchange(&senders, connection, prepared, spec.timeout, &via).await;
     let mut rng = rand::thread_rng();
     // Nothing sent for a reason of this host's (a credential that cannot be
-    // read) is the operator's to fix: a warning, as a guard refusal is.
-    let unsendable = exchange.is_err();
+    // read, a head the tunnel cannot carry) is the operator's to fix: a
+    // warning, as a guard refusal is.
+    let mut unsendable = exchange.is_err();
     let (mut record, outcome) = match exchange {
         Ok(mut x) => {
             let status = x.result.as_ref().ok().map(|r| r.status);
@@ -338,6 +348,8 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
                 .ok()
                 .and_then(|r| deliver::retry_after(&r.headers));
             let relay_error = x.relay_error.take();
+            // A request the tunnel cannot carry is this host's to fix too.
+            unsendable |= matches!(relay_error, Some(RelayError::Unsendable { .. }));
             let record = deliver::attempt_record(base, x);
             match &relay_error {
                 // The relay dropped mid-request, or is stopping: go again at

@@ -49,6 +49,11 @@ impl AllowList {
                 out.push(Entry::Net(IpNet::from(ip)));
                 continue;
             }
+            if e.rsplit_once(':').is_some_and(|(_, port)| port == "0") {
+                return Err(format!(
+                    "allow[{i}]: {e:?} names port 0, which nothing listens on"
+                ));
+            }
             let (host, port) = split_host_port(e).ok_or_else(|| {
                 format!(
                     "allow[{i}]: {e:?} is neither host:port (\"jira.internal:443\") nor a CIDR block (\"10.20.0.0/16\")"

@@ -102,16 +102,7 @@ async fn enqueue_envelope(app: &Arc<App>, call: &Call, integration: &str) -> Api
     }
     // A header that could never be sent is refused now, not at send time.
     for (name, value) in &env.headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ApiError::bad_request(format!(
-                "headers: {name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"
-            )));
-        }
-        if http::HeaderValue::from_str(value).is_err() {
-            return Err(ApiError::bad_request(format!(
-                "headers.{name}: {value:?} is not a header value (visible ASCII, spaces and tabs only)"
-            )));
-        }
+        crate::deliver::check_header(name, value).map_err(ApiError::bad_request)?;
     }
     enqueue(
         app,
