@@ -120,9 +120,14 @@ pub fn build(
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (k, v) in typed.into_iter().chain(producer) {
-        check_header(k, &v)?;
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| format!("{k:?} is not a header name"))?;
+        // Names parse lower-case.
+        if FRAMING.contains(&name.as_str()) {
+            return Err(format!(
+                "header {k}: set by the daemon from the body and the connection, not by a message"
+            ));
+        }
         let value = HeaderValue::from_str(&v)
             .map_err(|_| format!("header {k}: {v:?} is not a header value"))?;
         headers.insert(name, value);
