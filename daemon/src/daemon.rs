@@ -1,7 +1,6 @@
 //! The daemon's life: open the store, apply the files, listen, dispatch,
 //! and stop cleanly when `shutdown` completes.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -10,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{self, App};
-use crate::config::{Config, LogFormat, MidServerConfig};
+use crate::catalog::Catalog;
+use crate::config::{Config, LogFormat};
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -207,12 +207,13 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
             return;
         }
     };
-    // Checked as a start would check them: a MID server removed that an
-    // apply file still uses would stop the next start.
-    if let Err(e) = app::check_apply_files(&new) {
-        tracing::error!(error = %one_line(&format!("{e:#}")), "reload refused: outboxd would not start with this configuration; the running configuration stays");
-        return;
-    }
+    let texts = match app::read_apply_files(&new) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %one_line(&e.to_string()), "reload refused: the running configuration stays");
+            return;
+        }
+    };
     let old = &app.config;
     let mut restart = Vec::new();
     if new.api.listen != old.api.listen {
@@ -225,8 +226,15 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
         restart.push("instance_name");
     }
     if new.mid_servers.keys().ne(old.mid_servers.keys()) {
-        restart.push("mid_servers (names)");
+        // The files are applied below against the names in use; checked
+        // here as the next start would check them, a MID server removed
+        // that a file still uses would stop that start.
         let names = new.mid_servers.keys().cloned().collect();
+        if let Err(e) = app::apply_all(&mut Catalog::default(), &texts, &names) {
+            tracing::error!(error = %one_line(&e.to_string()), "reload refused: outboxd would not start with this configuration; the running configuration stays");
+            return;
+        }
+        restart.push("mid_servers (names)");
         let stranded = app.connections_without_mid_server(&names);
         if !stranded.is_empty() {
             tracing::warn!(connections = ?stranded, "these connections go through a MID server the new configuration lacks: after a restart their messages wait until it is configured again");
@@ -244,17 +252,7 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
     // token). Made ready first: nothing changes unless all of it can.
     let tunnel = match (&new.tunnel, &old.tunnel) {
         (Some(tunnel), Some(_)) => match crate::tunnel::server_config(tunnel) {
-            Ok(server) => {
-                let tokens: HashMap<String, MidServerConfig> = old
-                    .mid_servers
-                    .iter()
-                    .map(|(name, mid)| {
-                        let mid = new.mid_servers.get(name).unwrap_or(mid);
-                        (name.clone(), mid.clone())
-                    })
-                    .collect();
-                Some((tokens, server))
-            }
+            Ok(server) => Some(server),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "reload refused: the tunnel's certificate cannot be used; the running configuration stays");
                 return;
@@ -262,28 +260,21 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
         },
         _ => None,
     };
-    let texts = match app::read_apply_files(&new) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %one_line(&e.to_string()), "reload refused: the running integrations stay");
-            return;
-        }
-    };
     match app.apply_texts(&texts).await {
         Ok(changes) => {
             app.clients.clear();
             app.tokens.clear();
-            if let Some((tokens, server)) = tunnel {
-                let current = app.relays.tokens();
-                let rotated: Vec<&String> = tokens
-                    .iter()
-                    .filter(|(name, mid)| current.get(*name).is_some_and(|m| m.token != mid.token))
-                    .map(|(name, _)| name)
-                    .collect();
+            if let Some(server) = tunnel {
+                let tokens = old.mid_servers.iter().map(|(name, mid)| {
+                    (
+                        name.clone(),
+                        new.mid_servers.get(name).unwrap_or(mid).clone(),
+                    )
+                });
+                let rotated = app.relays.set_tokens(tokens);
                 if !rotated.is_empty() {
                     tracing::info!(mid_servers = ?rotated, "new token(s): relays connecting from now on must present them; relays connected already stay");
                 }
-                app.relays.set_tokens(tokens);
                 app.relays.set_server_config(server);
             }
             tracing::info!(files = texts.len(), changed = changes.len(), "reloaded");

@@ -165,15 +165,27 @@ pub enum RelayError {
 }
 
 impl Relays {
-    /// The tokens hellos are checked against from now on. Sessions open
-    /// already stay: they proved themselves with the token of their time.
-    pub fn set_tokens(&self, tokens: impl IntoIterator<Item = (String, MidServerConfig)>) {
-        let tokens = Arc::new(tokens.into_iter().collect());
-        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens;
+    /// The tokens hellos are checked against from now on; returns the
+    /// names whose token changed. Sessions open already stay: they proved
+    /// themselves with the token of their time.
+    pub fn set_tokens(
+        &self,
+        tokens: impl IntoIterator<Item = (String, MidServerConfig)>,
+    ) -> Vec<String> {
+        let tokens: HashMap<String, MidServerConfig> = tokens.into_iter().collect();
+        let mut current = self.tokens.write().unwrap_or_else(|p| p.into_inner());
+        let mut rotated: Vec<String> = tokens
+            .iter()
+            .filter(|(name, mid)| current.get(*name).is_some_and(|m| m.token != mid.token))
+            .map(|(name, _)| name.clone())
+            .collect();
+        rotated.sort();
+        *current = Arc::new(tokens);
+        rotated
     }
 
     /// The tokens hellos are checked against now.
-    pub fn tokens(&self) -> Arc<HashMap<String, MidServerConfig>> {
+    fn tokens(&self) -> Arc<HashMap<String, MidServerConfig>> {
         self.tokens
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -594,7 +606,6 @@ pub async fn serve(
             continue;
         }
         let address = incoming.remote_address();
-        let tokens = relays.tokens();
         let relays = relays.clone();
         let connected = connected.clone();
         let ungreeted = ungreeted.clone();
@@ -607,9 +618,7 @@ pub async fn serve(
                 }
             };
             match ungreeted.enter(address) {
-                Some(greeting) => {
-                    session(conn, address, relays, &tokens, connected, greeting).await
-                }
+                Some(greeting) => session(conn, address, relays, connected, greeting).await,
                 None => conn.close(
                     1u32.into(),
                     b"too many connections are waiting to say hello; try again",
@@ -624,7 +633,6 @@ async fn session(
     conn: quinn::Connection,
     address: SocketAddr,
     relays: Arc<Relays>,
-    tokens: &HashMap<String, MidServerConfig>,
     connected: Arc<tokio::sync::Notify>,
     greeting: Greeting,
 ) {
@@ -671,7 +679,7 @@ async fn session(
             return;
         }
     };
-    let refusal = check_hello(tokens, &name, &token, protocol_version);
+    let refusal = check_hello(&relays.tokens(), &name, &token, protocol_version);
     if let Some(reason) = refusal {
         tracing::warn!(%address, mid_server = %printable(&name), relay_version = %printable(&relay_version), %reason, "relay refused");
         let _ = write_frame(
