@@ -123,6 +123,39 @@ impl Limits {
         }
     }
 
+    /// The headers of a response head that these limits let cross, in
+    /// order — each name and value within its limit, at most
+    /// `max_headers`, the whole head within `max_head_frame` — and the
+    /// names of the others. A relay cuts a target's answer to this, so its
+    /// status always crosses.
+    pub fn fit_response_headers(
+        &self,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+        // The payload as bincode writes it: the kind, the status and the
+        // header count, then each header's two lengths and bytes.
+        let mut size = 1 + varint_len(usize::from(status)) + varint_len(headers.len());
+        let room = self.max_head_frame.min(FRAME_CEILING);
+        let mut carried = Vec::with_capacity(headers.len().min(self.max_headers));
+        let mut left_out = Vec::new();
+        for (name, value) in headers {
+            let header =
+                varint_len(name.len()) + name.len() + varint_len(value.len()) + value.len();
+            if carried.len() < self.max_headers
+                && name.len() <= self.max_header_name
+                && value.len() <= self.max_header_value
+                && size + header <= room
+            {
+                size += header;
+                carried.push((name, value));
+            } else {
+                left_out.push(name);
+            }
+        }
+        (carried, left_out)
+    }
+
     pub(crate) fn check_ref(&self, frame: &FrameRef<'_>) -> Result<(), LimitExceeded> {
         let at_most = |field: &'static str, found: usize, limit: usize| {
             if found > limit {
@@ -189,10 +222,82 @@ impl Limits {
     }
 }
 
+/// How many bytes bincode's varint takes for `n`.
+fn varint_len(n: usize) -> usize {
+    match n as u64 {
+        0..=250 => 1,
+        251..=0xFFFF => 3,
+        0x1_0000..=0xFFFF_FFFF => 5,
+        _ => 9,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ErrorKind;
+
+    /// Whatever a target answers with, the head that carries what fits
+    /// encodes, and a header left out for room would not have fitted.
+    #[test]
+    fn response_headers_are_cut_to_what_a_head_frame_carries() {
+        let l = Limits::default();
+        let header = |name: &str, len: usize| (name.to_string(), vec![b'v'; len]);
+        let head = |headers: Vec<(String, Vec<u8>)>| Frame::ResponseHead {
+            status: 200,
+            headers,
+        };
+        let encodes = |headers: &[(String, Vec<u8>)]| {
+            crate::encode(&head(headers.to_vec()), &l, &mut Vec::new()).is_ok()
+        };
+        type Headers = Vec<(String, Vec<u8>)>;
+        let cases: Vec<(Headers, usize, usize)> = vec![
+            // Too many.
+            (
+                (0..150).map(|i| header(&format!("x-{i}"), 10)).collect(),
+                100,
+                50,
+            ),
+            // A value and a name over their limits, among good ones.
+            (
+                vec![
+                    header("a", 10),
+                    header("big", l.max_header_value + 1),
+                    header(&"n".repeat(l.max_header_name + 1), 1),
+                    header("b", 10),
+                ],
+                2,
+                2,
+            ),
+            // Each within its limits, together over the frame.
+            (
+                (0..20)
+                    .map(|i| header(&format!("x-{i}"), l.max_header_value))
+                    .collect(),
+                7,
+                13,
+            ),
+        ];
+        for (headers, kept, dropped) in cases {
+            let (carried, left_out) = l.fit_response_headers(200, headers.clone());
+            assert_eq!((carried.len(), left_out.len()), (kept, dropped));
+            assert!(encodes(&carried));
+        }
+        // Filled to the byte, as the encoder counts: one byte more would
+        // not encode, and is left out.
+        let mut full = vec![header("a", 8000); 8];
+        let used: usize = full.iter().map(|(n, v)| 1 + n.len() + 3 + v.len()).sum();
+        // Kind, status 200, count; then the last header's lengths and name.
+        let last = l.max_head_frame - (1 + 1 + 1) - used - (1 + 1 + 3);
+        full.push(header("x", last));
+        let (all, out) = l.fit_response_headers(200, full.clone());
+        assert!(out.is_empty(), "{last} bytes fit exactly");
+        assert!(encodes(&all));
+        full.last_mut().unwrap().1.push(b'v');
+        assert!(!encodes(&full), "one byte more does not encode");
+        let (_, out) = l.fit_response_headers(200, full);
+        assert_eq!(out, ["x"]);
+    }
 
     #[test]
     fn defaults_are_the_documented_ones() {

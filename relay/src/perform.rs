@@ -115,13 +115,39 @@ impl tower_service::Service<http::Uri> for AllowConnector {
             }
             Verdict::ResolveAndCheck => {
                 let mut checked = self.checked.clone();
-                Box::pin(async move { Ok(checked.call(uri).await?) })
+                Box::pin(async move {
+                    checked.call(uri).await.map_err(|e| {
+                        // The resolver refused the name's addresses.
+                        match refused_by_resolver(&e) {
+                            true => format!(
+                                "{host}:{port} is not in this relay's allow list \
+                                 ({host} resolves outside the allow-list's CIDR blocks)"
+                            )
+                            .into(),
+                            false => e.into(),
+                        }
+                    })
+                })
             }
             Verdict::Denied => Box::pin(async move {
                 Err(format!("{host}:{port} is not in this relay's allow list").into())
             }),
         }
     }
+}
+
+/// Whether a connection failed because [`CidrResolver`] refused the name.
+fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A DNS resolver that hands out a name's addresses only when every one of
@@ -244,8 +270,6 @@ impl Performer {
             .parse()
             .map_err(|e| Failure::new(ErrorKind::Protocol, format!("{url:?}: {e}")))?;
         self.check_target(&uri)?;
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = target_port(&uri);
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| {
             Failure::new(ErrorKind::Protocol, format!("{method:?} is not a method"))
         })?;
@@ -271,21 +295,7 @@ impl Performer {
                     format!("no response within {timeout:?}"),
                 )
             })?
-            .map_err(|e| {
-                let failure = classify(&e);
-                match failure.kind {
-                    // Refused when resolving: say so as the check before
-                    // resolving does, and why.
-                    ErrorKind::NotAllowed => Failure::new(
-                        ErrorKind::NotAllowed,
-                        format!(
-                            "{host}:{port} is not in this relay's allow list \
-                             ({host} resolves outside the allow-list's CIDR blocks)"
-                        ),
-                    ),
-                    _ => failure,
-                }
-            })?;
+            .map_err(|e| classify(&e))?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -315,10 +325,17 @@ pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Result<Bytes
 }
 
 fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    // The connector's refusal says all there is to say.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text.contains("not in this relay's allow list") {
+            return Failure::new(ErrorKind::NotAllowed, text);
+        }
+        source = s.source();
+    }
     let text = chain(e);
-    let kind = if text.contains("outside the allow-list") || text.contains("allow list") {
-        ErrorKind::NotAllowed
-    } else if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
+    let kind = if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
         ErrorKind::Tls
     } else if e.is_connect() {
         ErrorKind::Connect

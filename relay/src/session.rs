@@ -462,14 +462,11 @@ async fn perform(
     // the tunnel cannot carry and a body past max_body are left out (and
     // said so), a body that breaks off ends the answer. Only a body still
     // coming when the request's time is up fails it, as it does directly.
-    let (carried, left_out) = carried_headers(resp.headers, limits);
+    let (carried, left_out) = limits.fit_response_headers(resp.status, resp.headers);
     if !left_out.is_empty() {
-        let names: Vec<&str> = left_out.iter().take(10).map(String::as_str).collect();
-        let more = left_out.len().saturating_sub(names.len());
         tracing::warn!(
             %daemon, %url, status = resp.status, dropped = left_out.len(),
-            left_out = %printable(&format!("{}{}", names.join(", "),
-                if more > 0 { format!(" and {more} more") } else { String::new() })),
+            left_out = %printable(&names(&left_out)),
             "response headers a head frame cannot carry were left out of the answer \
              (at most {} headers, names of {} bytes, values of {} bytes, {} bytes in all)",
             limits.max_headers, limits.max_header_name, limits.max_header_value,
@@ -522,9 +519,9 @@ async fn perform(
             }
         }
         if over {
-            tracing::warn!(%daemon, %url, status = resp.status,
-                "the response body is over this relay's max_body of {} bytes; the answer \
-                 carries its first {} bytes", relay.config.max_body, relay.config.max_body);
+            tracing::warn!(%daemon, %url, status = resp.status, max_body = relay.config.max_body,
+                "the response body is over this relay's max_body; the answer carries its first \
+                 max_body bytes");
             break;
         }
     }
@@ -532,35 +529,14 @@ async fn perform(
     send.write_all(&out).await.map_err(|e| io(e.to_string()))
 }
 
-/// The response headers a head frame can carry — each name and value within
-/// the limits, at most `max_headers`, all within `max_head_frame` — and the
-/// names of those left out.
-fn carried_headers(
-    headers: Vec<(String, Vec<u8>)>,
-    limits: &Limits,
-) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
-    // Above the bytes themselves, bincode's varints take at most 7 bytes
-    // for a head (kind, status, header count) and 6 for a header (its two
-    // lengths, each under 2^16); rounded up.
-    const HEAD: usize = 16;
-    const PER_HEADER: usize = 10;
-    let mut room = limits.max_head_frame.saturating_sub(HEAD);
-    let mut carried = Vec::with_capacity(headers.len().min(limits.max_headers));
-    let mut left_out = Vec::new();
-    for (name, value) in headers {
-        let size = name.len() + value.len() + PER_HEADER;
-        let fits = carried.len() < limits.max_headers
-            && name.len() <= limits.max_header_name
-            && value.len() <= limits.max_header_value
-            && size <= room;
-        if fits {
-            room -= size;
-            carried.push((name, value));
-        } else {
-            left_out.push(name);
-        }
+/// Header names for a log line: the first ten, and how many more.
+fn names(all: &[String]) -> String {
+    let shown = all.len().min(10);
+    let mut text = all[..shown].join(", ");
+    if all.len() > shown {
+        text.push_str(&format!(" and {} more", all.len() - shown));
     }
-    (carried, left_out)
+    text
 }
 
 fn encode(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) -> Result<(), String> {
@@ -576,56 +552,4 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Whatever a target answers with, the head frame that carries it
-    /// encodes, and what is left out is counted.
-    #[test]
-    fn response_headers_are_cut_to_what_a_head_frame_carries() {
-        let limits = Limits::default();
-        let header = |name: &str, len: usize| (name.to_string(), vec![b'v'; len]);
-        let fits = |headers: &Vec<(String, Vec<u8>)>| {
-            let head = Frame::ResponseHead {
-                status: 200,
-                headers: headers.clone(),
-            };
-            outbox_proto::encode(&head, &limits, &mut Vec::new()).is_ok()
-        };
-        let cases = [
-            // Too many.
-            (
-                (0..150).map(|i| header(&format!("x-{i}"), 10)).collect(),
-                100,
-                50,
-            ),
-            // A value and a name over their limits, among good ones.
-            (
-                vec![
-                    header("a", 10),
-                    header("big", limits.max_header_value + 1),
-                    header(&"n".repeat(limits.max_header_name + 1), 1),
-                    header("b", 10),
-                ],
-                2,
-                2,
-            ),
-            // Each within its limits, together over the frame.
-            (
-                (0..20)
-                    .map(|i| header(&format!("x-{i}"), limits.max_header_value))
-                    .collect(),
-                7,
-                13,
-            ),
-        ];
-        for (headers, kept, dropped) in cases {
-            let (carried, left_out) = carried_headers(headers, &limits);
-            assert_eq!((carried.len(), left_out.len()), (kept, dropped));
-            assert!(fits(&carried));
-        }
-    }
 }

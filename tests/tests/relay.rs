@@ -888,7 +888,11 @@ async fn an_answer_larger_than_the_tunnel_carries_still_delivers_the_message() {
         "{log}"
     );
     assert_eq!(
-        lines_with(&log, &["WARN", "over this relay's max_body of 65536 bytes"]).len(),
+        lines_with(
+            &log,
+            &["WARN", "over this relay's max_body", "max_body=65536"]
+        )
+        .len(),
         1,
         "{log}"
     );
