@@ -470,8 +470,9 @@ impl Walker {
         let headers = o.string_map(self, "headers");
         for (k, v) in &headers {
             let at = format!("{}.headers.{k}", o.path);
-            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                self.problem(&at, format!("{k:?} is not a header name"));
+            // The value is a template, checked when a message is built.
+            if let Err(e) = crate::deliver::header(k, "") {
+                self.problem(&at, e);
             }
             if let Err(e) = template::refs(v) {
                 self.problem(&at, e);
@@ -826,9 +827,14 @@ password = { env = "ACME_INBOUND_PW" }
             .replace("\"30s\"", "\"soon\"")
             .replace("mid_server = \"dc1\"", "mid_server = \"dc9\"")
             .replace("table = \"incident_test\"", "tabel = \"x\"")
-            .replace("scope = \"useraccount\"", "scope = \"u\"\ncolour = \"red\"");
+            .replace("scope = \"useraccount\"", "scope = \"u\"\ncolour = \"red\"")
+            .replace(
+                "headers = { \"Content-Type\" = \"application/json\" }",
+                "headers = { \"Content-Type\" = \"application/json\", \"Content-Length\" = \"9\" }",
+            );
         let problems = ctx_parse(&bad).unwrap_err();
         let expect = [
+            "integration[acme-incidents].message[CreateIncident].headers.Content-Length: set by the daemon",
             "integration[acme-incidents].connection[prod].environment: \"prodd\" is not one of \"production\", \"pre-production\", \"test\", \"development\", \"sandbox\"",
             "integration[acme-incidents].timeout: \"soon\" is not a duration",
             "integration[acme-incidents].connection[prod].mid_server: \"dc9\" is not a MID server",

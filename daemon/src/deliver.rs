@@ -43,7 +43,6 @@ pub struct Prepared {
     pub body: Bytes,
 }
 
-/// Builds the request of `rec` from the active connection and message type:
 /// Headers that frame the message or the connection: the HTTP client sets
 /// them from the body and the connection, and one given with a message
 /// would contradict them (a `Content-Length` that is not the body's makes
@@ -59,28 +58,25 @@ const FRAMING: [&str; 8] = [
     "proxy-connection",
 ];
 
-/// Why a header given with a message or a message type cannot be sent, if
-/// it cannot: a bad name, a control character in the value, or a header
-/// that frames the request.
-pub fn check_header(name: &str, value: &str) -> Result<(), String> {
-    if HeaderName::from_bytes(name.as_bytes()).is_err() {
-        return Err(format!(
-            "headers: {name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"
-        ));
+/// A header given with a message or a message type, parsed, or why it
+/// cannot be sent: a bad name, a header that frames the request, or a
+/// control character in the value. Applying a message type and enqueueing a
+/// message check with it too.
+pub fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        format!("{name:?} is not a header name (letters, digits and !#$%&'*+-.^_`|~ only)")
+    })?;
+    // Names parse lower-case.
+    if FRAMING.contains(&parsed.as_str()) {
+        return Err("set by the daemon from the body and the connection, not by a message".into());
     }
-    if FRAMING.iter().any(|f| name.eq_ignore_ascii_case(f)) {
-        return Err(format!(
-            "headers.{name}: set by the daemon from the body and the connection, not by a message"
-        ));
-    }
-    if HeaderValue::from_str(value).is_err() {
-        return Err(format!(
-            "headers.{name}: {value:?} holds a control character (a tab is the only one allowed)"
-        ));
-    }
-    Ok(())
+    let value = HeaderValue::from_str(value).map_err(|_| {
+        format!("{value:?} holds a control character (a tab is the only one allowed)")
+    })?;
+    Ok((parsed, value))
 }
 
+/// Builds the request of `rec` from the active connection and message type:
 /// `endpoint_url` joined with the expanded path, the type's headers, the
 /// producer's headers, and `Idempotency-Key: <message id>`; the body is
 /// the record's.
@@ -120,16 +116,7 @@ pub fn build(
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (k, v) in typed.into_iter().chain(producer) {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("{k:?} is not a header name"))?;
-        // Names parse lower-case.
-        if FRAMING.contains(&name.as_str()) {
-            return Err(format!(
-                "header {k}: set by the daemon from the body and the connection, not by a message"
-            ));
-        }
-        let value = HeaderValue::from_str(&v)
-            .map_err(|_| format!("header {k}: {v:?} is not a header value"))?;
+        let (name, value) = header(k, &v).map_err(|e| format!("header {k}: {e}"))?;
         headers.insert(name, value);
     }
     headers.insert(

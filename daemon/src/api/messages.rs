@@ -102,7 +102,8 @@ async fn enqueue_envelope(app: &Arc<App>, call: &Call, integration: &str) -> Api
     }
     // A header that could never be sent is refused now, not at send time.
     for (name, value) in &env.headers {
-        crate::deliver::check_header(name, value).map_err(ApiError::bad_request)?;
+        crate::deliver::header(name, value)
+            .map_err(|e| ApiError::bad_request(format!("headers.{name}: {e}")))?;
     }
     enqueue(
         app,
