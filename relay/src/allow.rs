@@ -49,16 +49,16 @@ impl AllowList {
                 out.push(Entry::Net(IpNet::from(ip)));
                 continue;
             }
-            if e.rsplit_once(':').is_some_and(|(_, port)| port == "0") {
-                return Err(format!(
-                    "allow[{i}]: {e:?} names port 0, which nothing listens on"
-                ));
-            }
             let (host, port) = split_host_port(e).ok_or_else(|| {
                 format!(
                     "allow[{i}]: {e:?} is neither host:port (\"jira.internal:443\") nor a CIDR block (\"10.20.0.0/16\")"
                 )
             })?;
+            if port == 0 {
+                return Err(format!(
+                    "allow[{i}]: {e:?} names port 0, which nothing listens on"
+                ));
+            }
             out.push(Entry::HostPort {
                 host: host.to_ascii_lowercase(),
                 port,
@@ -103,14 +103,14 @@ impl AllowList {
     }
 }
 
-fn split_host_port(e: &str) -> Option<(&str, u16)> {
+/// `host:port` (`[v6]:port` too) as its parts.
+pub(crate) fn split_host_port(e: &str) -> Option<(&str, u16)> {
     let (host, port) = e.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains('/') {
         return None;
     }
-    // Port 0 is no port anything listens on.
-    Some((host, port.parse().ok().filter(|p| *p != 0)?))
+    Some((host, port.parse().ok()?))
 }
 
 #[cfg(test)]

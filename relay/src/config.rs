@@ -296,10 +296,8 @@ impl Config {
         }
         let mut daemons = Vec::new();
         for (i, d) in raw.daemons.iter().enumerate() {
-            let (host, port) = d
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-                .filter(|(h, port)| !h.is_empty() && *port != 0)
+            let (host, port) = crate::allow::split_host_port(d)
+                .filter(|(_, port)| *port != 0)
                 .ok_or_else(|| {
                     err(
                         format!("daemons[{i}]"),
