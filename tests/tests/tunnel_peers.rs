@@ -208,6 +208,23 @@ impl Tunnel {
         }
     }
 
+    /// A tunnel with a real dc2 relay connected, and its session: what
+    /// [`Tunnel::unharmed`] checks a case left alone.
+    async fn start_with_dc2() -> (Tunnel, Relay, Value) {
+        let t = Tunnel::start().await;
+        let relay = t.relay("dc2", DC2_TOKEN);
+        let session = t.session("dc2", None).await;
+        (t, relay, session)
+    }
+
+    /// No dc1 session is listed: a refused relay got none.
+    async fn no_dc1_session(&self) {
+        assert!(
+            self.sessions().await.iter().all(|s| s["name"] != "dc1"),
+            "no dc1 session came of it"
+        );
+    }
+
     /// A real `outbox-relay` for MID server `name`, allowed to reach the
     /// sink.
     fn relay(&self, name: &str, token: &str) -> Relay {
@@ -656,9 +673,7 @@ fn error_of(answer: &[Frame], case: &str) -> (ErrorKind, String) {
 /// logs the problem with the peer's address, and nothing else changes.
 #[tokio::test]
 async fn bytes_that_are_no_hello_are_refused_with_the_reason_logged() {
-    let t = Tunnel::start().await;
-    let _dc2 = t.relay("dc2", DC2_TOKEN);
-    let dc2 = t.session("dc2", None).await;
+    let (t, _dc2, dc2) = Tunnel::start_with_dc2().await;
     let waiting = t.send("acme").await;
 
     let good = wire(&hello("dc1", DC1_TOKEN));
@@ -698,10 +713,7 @@ async fn bytes_that_are_no_hello_are_refused_with_the_reason_logged() {
         .await;
         assert!(line.contains("WARN"), "{case}: {line}");
     }
-    assert!(
-        t.sessions().await.iter().all(|s| s["name"] != "dc1"),
-        "no dc1 session came of it"
-    );
+    t.no_dc1_session().await;
     let _dc1 = t.unharmed(&dc2, &waiting).await;
 }
 
@@ -712,9 +724,7 @@ async fn bytes_that_are_no_hello_are_refused_with_the_reason_logged() {
 /// is logged with the peer's address; no token is ever logged.
 #[tokio::test]
 async fn wrong_hellos_are_refused_and_named() {
-    let t = Tunnel::start().await;
-    let _dc2 = t.relay("dc2", DC2_TOKEN);
-    let dc2 = t.session("dc2", None).await;
+    let (t, _dc2, dc2) = Tunnel::start_with_dc2().await;
     let waiting = t.send("acme").await;
 
     let with_version = |v: u32| Frame::Hello {
@@ -826,10 +836,7 @@ async fn wrong_hellos_are_refused_and_named() {
     assert!(!log.contains(DC1_TOKEN), "the daemon logs no token");
     assert!(!log.contains(DC2_TOKEN), "the daemon logs no token");
     assert!(!log.contains("s3cr3t-"), "the daemon logs no token");
-    assert!(
-        t.sessions().await.iter().all(|s| s["name"] != "dc1"),
-        "no dc1 session came of it"
-    );
+    t.no_dc1_session().await;
     let _dc1 = t.unharmed(&dc2, &waiting).await;
 }
 
@@ -893,9 +900,7 @@ async fn text_from_a_relay_cannot_forge_daemon_log_lines() {
 /// a message sent later goes through a real relay.
 #[tokio::test]
 async fn bad_answers_on_request_streams_fail_the_attempt_and_close_the_session() {
-    let t = Tunnel::start().await;
-    let _dc2 = t.relay("dc2", DC2_TOKEN);
-    let dc2 = t.session("dc2", None).await;
+    let (t, _dc2, dc2) = Tunnel::start_with_dc2().await;
 
     let ok = wire(&response_head(200));
     let roomy = roomy();
@@ -1064,9 +1069,7 @@ async fn a_request_a_live_relay_never_answers_costs_an_attempt() {
 /// and takes it off the registry; the message waits for the next relay.
 #[tokio::test]
 async fn garbage_on_the_control_stream_drops_that_session_only() {
-    let t = Tunnel::start().await;
-    let _dc2 = t.relay("dc2", DC2_TOKEN);
-    let dc2 = t.session("dc2", None).await;
+    let (t, _dc2, dc2) = Tunnel::start_with_dc2().await;
     let waiting = t.send("acme").await;
 
     let head = Frame::RequestHead {
@@ -1124,9 +1127,7 @@ async fn garbage_on_the_control_stream_drops_that_session_only() {
 /// delivered by a real relay.
 #[tokio::test]
 async fn streams_a_relay_opens_do_not_disturb_the_session() {
-    let t = Tunnel::start().await;
-    let _dc2 = t.relay("dc2", DC2_TOKEN);
-    let dc2 = t.session("dc2", None).await;
+    let (t, _dc2, dc2) = Tunnel::start_with_dc2().await;
     let relay = t.hostile().await;
     let beating = relay.hello("dc1", DC1_TOKEN).await.beat();
     let address = relay.address();
