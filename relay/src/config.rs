@@ -452,11 +452,11 @@ fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErr
                 {
                     Some(field) => {
                         if let Some(span) = e.span() {
-                            root.enclosing(span, &mut path);
+                            root.locate(span, false, &mut path);
                         }
                         push_key(&mut path, field);
                     }
-                    None => root.locate(at, &mut path),
+                    None => root.locate(at..at + 1, true, &mut path),
                 }
                 Some(path)
             }
@@ -499,26 +499,29 @@ enum Node {
 }
 
 impl Node {
-    /// Appends to `path` the keys down to the narrowest key or value that
-    /// holds offset `at`.
-    fn locate(&self, at: usize, path: &mut String) {
-        let len = |span: std::ops::Range<usize>| span.end - span.start;
+    /// Appends to `path` the keys down to the narrowest value (or key, when
+    /// `keys`) that holds all of `span`: for a byte the parser stopped at,
+    /// `at..at + 1` and keys too; for a missing field, the span of the
+    /// table that lacks it and values only.
+    fn locate(&self, span: std::ops::Range<usize>, keys: bool, path: &mut String) {
+        let holds =
+            |outer: &std::ops::Range<usize>| outer.start <= span.start && span.end <= outer.end;
+        let len = |outer: &std::ops::Range<usize>| outer.end - outer.start;
         match self {
             Node::Table(entries) => {
                 let hit = entries
                     .iter()
                     .flat_map(|(k, v)| {
-                        [
-                            (k.span(), k.get_ref(), None),
-                            (v.span(), k.get_ref(), Some(v.get_ref())),
-                        ]
+                        let key = keys.then(|| (k.span(), k.get_ref(), None));
+                        key.into_iter()
+                            .chain([(v.span(), k.get_ref(), Some(v.get_ref()))])
                     })
-                    .filter(|(span, _, _)| span.contains(&at))
-                    .min_by_key(|(span, _, _)| len(span.clone()));
+                    .filter(|(outer, _, _)| holds(outer))
+                    .min_by_key(|(outer, _, _)| len(outer));
                 if let Some((_, key, value)) = hit {
                     push_key(path, key);
                     if let Some(value) = value {
-                        value.locate(at, path);
+                        value.locate(span, keys, path);
                     }
                 }
             }
@@ -526,43 +529,11 @@ impl Node {
                 let hit = items
                     .iter()
                     .enumerate()
-                    .filter(|(_, item)| item.span().contains(&at))
-                    .min_by_key(|(_, item)| len(item.span()));
+                    .filter(|(_, item)| holds(&item.span()))
+                    .min_by_key(|(_, item)| len(&item.span()));
                 if let Some((i, item)) = hit {
                     path.push_str(&format!("[{}]", item.get_ref().label(i)));
-                    item.get_ref().locate(at, path);
-                }
-            }
-            Node::Str(_) | Node::Other => {}
-        }
-    }
-
-    /// Appends to `path` the keys down to the narrowest table or array
-    /// element whose value holds all of `span` (the document itself: none).
-    fn enclosing(&self, span: std::ops::Range<usize>, path: &mut String) {
-        let holds = |outer: std::ops::Range<usize>| {
-            outer.start <= span.start && span.end <= outer.end && outer != (0..usize::MAX)
-        };
-        match self {
-            Node::Table(entries) => {
-                let hit = entries
-                    .iter()
-                    .filter(|(_, v)| holds(v.span()))
-                    .min_by_key(|(_, v)| v.span().end - v.span().start);
-                if let Some((key, value)) = hit {
-                    push_key(path, key.get_ref());
-                    value.get_ref().enclosing(span, path);
-                }
-            }
-            Node::Array(items) => {
-                let hit = items
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, item)| holds(item.span()))
-                    .min_by_key(|(_, item)| item.span().end - item.span().start);
-                if let Some((i, item)) = hit {
-                    path.push_str(&format!("[{}]", item.get_ref().label(i)));
-                    item.get_ref().enclosing(span, path);
+                    item.get_ref().locate(span, keys, path);
                 }
             }
             Node::Str(_) | Node::Other => {}
