@@ -44,6 +44,13 @@
 //!   reports the tunnel's rate, relay against ssh, ssh against direct, and
 //!   CPU per message with `ssh` and `sshd` (with the sshd child serving the
 //!   session) counted as one process, `ssh`.
+//! - **plain TCP forward** (in the relay phase, unless `--no-forward`): the
+//!   floor of any relay that is a process of its own on the same cores.
+//!   This binary in `--tcp-forward` mode copies each connection to the sink
+//!   and back (`tokio::io::copy_bidirectional`, no encryption, no
+//!   authentication, no protocol); the integration gets a connection,
+//!   `forward`, to it, delivered through in each round like the others.
+//!   What the relay costs beyond this is its tunnel's own cost.
 //!
 //! The baseline server and the sink are separate processes (this binary in
 //! `--baseline-server` and `--sink` mode): `outboxd` is a process of its own,
@@ -94,7 +101,8 @@ const MAX_ERRORS: usize = 100;
 
 const USAGE: &str = "\
 usage: outbox-bench [OPTIONS]
-       outbox-bench --sink | --baseline-server      (helper processes, started by the bench)
+       outbox-bench --sink | --baseline-server | --tcp-forward ADDR
+                                                    (helper processes, started by the bench)
 
 options:
   --messages N        messages enqueued and delivered          (default 100000)
@@ -123,6 +131,9 @@ relay phase (on when the relay binary exists):
   --no-ssh            no ssh tunnel in the relay phase (by default, when sshd, ssh and
                       ssh-keygen are installed, each round also delivers through
                       `ssh -L` to a private sshd on loopback, to compare the relay with)
+  --no-forward        no plain TCP forward in the relay phase (by default each round also
+                      delivers through a bare TCP forwarder process, the floor of any relay
+                      that shares the cores)
 ";
 
 #[derive(Clone, Debug)]
@@ -149,6 +160,8 @@ struct Opts {
     relay_cpus: Option<String>,
     /// The ssh tunnel of the relay phase: its programs, or why it is skipped.
     ssh: Result<SshBins, String>,
+    /// Whether the relay phase also delivers through a plain TCP forward.
+    forward: bool,
 }
 
 /// The OpenSSH programs the ssh tunnel runs.
@@ -206,6 +219,7 @@ fn parse_args() -> Result<Opts> {
         relay_concurrency: 0,
         relay_cpus: None,
         ssh: Err(String::new()),
+        forward: true,
     };
     let mut no_ssh = false;
     let mut relay = Some(exe.with_file_name("outbox-relay"));
@@ -240,6 +254,7 @@ fn parse_args() -> Result<Opts> {
             "--relay-concurrency" => o.relay_concurrency = num(&a, value(&a)?)?,
             "--relay-cpus" => o.relay_cpus = Some(value(&a)?),
             "--no-ssh" => no_ssh = true,
+            "--no-forward" => o.forward = false,
             "--tmp" => o.tmp = PathBuf::from(value(&a)?),
             "--phase-timeout" => o.phase_timeout = Duration::from_secs(num(&a, value(&a)?)? as u64),
             "--sample-ms" => o.sample_every = Duration::from_millis(num(&a, value(&a)?)? as u64),
@@ -306,6 +321,7 @@ fn main() -> std::process::ExitCode {
     let result = match mode.as_str() {
         "--sink" => helper(Helper::Sink),
         "--baseline-server" => helper(Helper::Baseline),
+        "--tcp-forward" => forward_helper(std::env::args().nth(2).unwrap_or_default()),
         _ => parse_args().and_then(|o| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -408,6 +424,42 @@ fn helper(kind: Helper) -> Result<bool> {
                     });
                 }
             }
+        }
+    })
+}
+
+/// The plain TCP forward: binds a loopback port, prints it on stdout, and
+/// copies each connection to `target` and back until its stdin closes.
+fn forward_helper(target: String) -> Result<bool> {
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| anyhow!("--tcp-forward: {target:?} is not an address"))?;
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening {}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
         }
     })
 }
@@ -577,14 +629,24 @@ struct Proc {
 
 impl Proc {
     fn spawn_helper(kind: Helper) -> Result<Proc> {
+        Proc::spawn_with(&[kind.flag()])
+    }
+
+    /// The plain TCP forward to `target`.
+    fn spawn_forward(target: SocketAddr) -> Result<Proc> {
+        Proc::spawn_with(&["--tcp-forward", &target.to_string()])
+    }
+
+    /// This binary with `args`, a helper that prints the address it serves.
+    fn spawn_with(args: &[&str]) -> Result<Proc> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .arg(kind.flag())
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {}", kind.flag()))?;
+            .with_context(|| format!("starting {}", args[0]))?;
         let stdin = child.stdin.take();
         let mut line = String::new();
         let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -593,7 +655,7 @@ impl Proc {
             .trim()
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| anyhow!("{} did not start: {line:?}", kind.flag()))?;
+            .ok_or_else(|| anyhow!("{} did not start: {line:?}", args[0]))?;
         Ok(Proc {
             child: Killed(child),
             _stdin: stdin,
@@ -1146,6 +1208,9 @@ const MID_SERVER: &str = "dc1";
 const RELAY_CONNECTION: &str = "relay";
 /// The connection of the bench integration that goes through the ssh tunnel.
 const SSH_CONNECTION: &str = "ssh";
+/// The connection of the bench integration that goes through the plain
+/// TCP forward.
+const FORWARD_CONNECTION: &str = "forward";
 
 impl Daemon {
     async fn start(o: &Opts, c: &HttpClient) -> Result<Daemon> {
@@ -1295,8 +1360,14 @@ impl Tunnel {
 
 /// The bench integration: its direct connection to the sink and, for the
 /// relay phase, a second one to the same sink through the relay, and a
-/// third through the ssh tunnel's forwarded port `ssh_port` when it runs.
-fn integration_file(o: &Opts, sink: SocketAddr, ssh_port: Option<u16>) -> String {
+/// third through the ssh tunnel's forwarded port `ssh_port` when it runs,
+/// and a fourth through the plain TCP forward at `forward` when it runs.
+fn integration_file(
+    o: &Opts,
+    sink: SocketAddr,
+    ssh_port: Option<u16>,
+    forward: Option<SocketAddr>,
+) -> String {
     let mut file = format!(
         r#"[[integration]]
 name = "{INTEGRATION}"
@@ -1330,6 +1401,13 @@ max_attempts = 3
         file.push_str(&connection(
             SSH_CONNECTION,
             format!("http://127.0.0.1:{port}"),
+            None,
+        ));
+    }
+    if let Some(addr) = forward {
+        file.push_str(&connection(
+            FORWARD_CONNECTION,
+            format!("http://{addr}"),
             None,
         ));
     }
@@ -1476,6 +1554,10 @@ async fn bench(o: Opts) -> Result<bool> {
     );
     let sink = Proc::spawn_helper(Helper::Sink)?;
     let baseline = Proc::spawn_helper(Helper::Baseline)?;
+    let forward = match o.relay.is_some() && o.forward {
+        true => Some(Proc::spawn_forward(sink.addr)?),
+        false => None,
+    };
 
     eprintln!("phase: start outboxd");
     let daemon = Daemon::start(&o, &c).await?;
@@ -1493,7 +1575,12 @@ async fn bench(o: Opts) -> Result<bool> {
             &c,
             Method::POST,
             "/v1/apply",
-            Some(integration_file(&o, sink.addr, ssh_fwd)),
+            Some(integration_file(
+                &o,
+                sink.addr,
+                ssh_fwd,
+                forward.as_ref().map(|f| f.addr),
+            )),
         )
         .await
         .context("applying the bench integration")?;
@@ -1522,7 +1609,17 @@ async fn bench(o: Opts) -> Result<bool> {
         complete &= ok;
     }
     if let Some(relay) = &o.relay {
-        let (phase, ok) = relay_phase(&o, &c, &sink, &daemon, &body, relay, ssh_port).await?;
+        let (phase, ok) = relay_phase(
+            &o,
+            &c,
+            &sink,
+            &daemon,
+            &body,
+            relay,
+            ssh_port,
+            forward.as_ref(),
+        )
+        .await?;
         result["relay"] = phase;
         complete &= ok;
     }
@@ -1839,10 +1936,13 @@ fn print_relay(r: &Value) {
         .into_iter()
         .flatten()
         .map(|d| {
-            let ssh = match d["relay_vs_ssh"].as_f64() {
+            let mut ssh = match d["relay_vs_ssh"].as_f64() {
                 Some(v) => format!("; relay/ssh {v}, ssh/direct {}", d["ssh_vs_direct"]),
                 None => String::new(),
             };
+            if let Some(v) = d["forward_vs_direct"].as_f64() {
+                ssh.push_str(&format!("; forward/direct {v}"));
+            }
             format!(
                 "{} ({} first{ssh})",
                 d["ratio"],
@@ -1869,6 +1969,16 @@ fn print_relay(r: &Value) {
             );
         }
     }
+    if let Some(v) = r["forward_vs_direct"].as_f64() {
+        eprintln!(
+            "plain TCP forward (no encryption, no authentication): {} msg/s; forward/direct {v:.3} \
+             (CPU ratio {:.3}), relay/forward {:.3} (CPU ratio {:.3})",
+            num(&r["forward_per_s"]),
+            r["forward_vs_direct_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+            r["relay_vs_forward"].as_f64().unwrap_or(0.0),
+            r["relay_vs_forward_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+        );
+    }
     eprintln!(
         "relay memory: idle {} (anon {}, file {}, {} threads; {} at connect) {} 10 MiB; \
          under load VmHWM {} (VmRSS max {}); 2 s after the load {}",
@@ -1888,14 +1998,21 @@ fn print_relay(r: &Value) {
     if r["cpu"]["ssh"].is_object() {
         print_cpu("through ssh -L", &r["cpu"]["ssh"]);
     }
+    if r["cpu"]["forward"].is_object() {
+        print_cpu("through the forward", &r["cpu"]["forward"]);
+    }
     print_cpu("plain client", &r["cpu"]["plain"][0]);
     let all = &r["cpu_us_per_msg_all"];
     eprintln!(
-        "  every process, µs/msg: direct {:.1}, relay {:.1}{}",
+        "  every process, µs/msg: direct {:.1}, relay {:.1}{}{}",
         all["direct"].as_f64().unwrap_or(0.0),
         all["relay"].as_f64().unwrap_or(0.0),
         match all["ssh"].as_f64() {
             Some(v) => format!(", ssh {v:.1}"),
+            None => String::new(),
+        },
+        match all["forward"].as_f64() {
+            Some(v) => format!(", forward {v:.1}"),
             None => String::new(),
         }
     );
@@ -2422,6 +2539,7 @@ async fn timed_delivery(
     sink: &Proc,
     relay: &RelayProc,
     ssh: Option<&SshTunnel>,
+    forward: Option<&Proc>,
     body: &Bytes,
     connection: &str,
     n: usize,
@@ -2461,15 +2579,16 @@ async fn timed_delivery(
     let (pid, rpid) = (daemon.pid(), relay.pid());
     reset_hwm(rpid);
     let sampler = RssSampler::start(rpid, o.sample_every);
-    let snap = CpuSnap::take(
-        &[
-            ("bench", std::process::id()),
-            ("outboxd", pid),
-            ("sink", sink.pid()),
-            ("relay", rpid),
-        ],
-        &[("outboxd", pid), ("relay", rpid)],
-    );
+    let mut procs = vec![
+        ("bench", std::process::id()),
+        ("outboxd", pid),
+        ("sink", sink.pid()),
+        ("relay", rpid),
+    ];
+    if let Some(f) = forward {
+        procs.push(("forward", f.pid()));
+    }
+    let snap = CpuSnap::take(&procs, &[("outboxd", pid), ("relay", rpid)]);
     let snap = match ssh {
         Some(t) => snap.with_tree("ssh", &t.pids()),
         None => snap,
@@ -2496,7 +2615,9 @@ async fn timed_delivery(
 /// The relay phase: starts the relay, measures its idle memory, starts the
 /// ssh tunnel when `ssh_port` is given, then runs `--relay-rounds` rounds
 /// of a plain-client delivery (for context) and one delivery through each
-/// connection (direct, relay, ssh), the order rotating between rounds.
+/// connection (direct, relay, ssh, the plain TCP `forward` when given), the
+/// order rotating between rounds.
+#[allow(clippy::too_many_arguments)]
 async fn relay_phase(
     o: &Opts,
     c: &HttpClient,
@@ -2505,6 +2626,7 @@ async fn relay_phase(
     body: &Bytes,
     exe: &std::path::Path,
     ssh_port: Option<std::net::TcpListener>,
+    forward: Option<&Proc>,
 ) -> Result<(Value, bool)> {
     let n = o.relay_messages;
     eprintln!(
@@ -2538,6 +2660,9 @@ async fn relay_phase(
     if ssh.is_some() {
         conns.push(SSH_CONNECTION);
     }
+    if forward.is_some() {
+        conns.push(FORWARD_CONNECTION);
+    }
     let at = |conn: &str| conns.iter().position(|c| *c == conn);
 
     let mut cpu: Vec<CpuAcc> = conns.iter().map(|_| CpuAcc::default()).collect();
@@ -2564,6 +2689,7 @@ async fn relay_phase(
                 sink,
                 &relay,
                 ssh.as_ref(),
+                forward,
                 body,
                 conn,
                 n,
@@ -2607,6 +2733,10 @@ async fn relay_phase(
             round_json["relay_vs_ssh"] = json!(round(through_relay / rates[k].max(1e-9), 3));
             round_json["ssh_vs_direct"] = json!(round(rates[k] / direct.max(1e-9), 3));
         }
+        if let Some(k) = at(FORWARD_CONNECTION) {
+            round_json["relay_vs_forward"] = json!(round(through_relay / rates[k].max(1e-9), 3));
+            round_json["forward_vs_direct"] = json!(round(rates[k] / direct.max(1e-9), 3));
+        }
         rounds.push(round_json);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -2622,9 +2752,10 @@ async fn relay_phase(
     let plain_rates: Vec<f64> = plain.iter().map(|(p, _)| round(p.rate(), 0)).collect();
     let plain_mean = plain.iter().map(|(p, _)| p.rate()).sum::<f64>() / plain.len().max(1) as f64;
     let cpu: Vec<Value> = cpu.iter().map(|a| a.report(total)).collect();
-    // Every process taking part, the ssh tunnel's included when it runs
-    // (idle, it adds next to nothing to the other deliveries).
-    let everyone = ["bench", "outboxd", "sink", "relay", "ssh"];
+    // Every process taking part, the ssh tunnel's and the forward's
+    // included when they run (idle, they add next to nothing to the other
+    // deliveries).
+    let everyone = ["bench", "outboxd", "sink", "relay", "ssh", "forward"];
     let us: Vec<f64> = cpu.iter().map(|c| cpu_per_msg(c, &everyone)).collect();
     let cpu_ratio = us[0] / us[1].max(1e-9);
     let mut result = json!({
@@ -2646,6 +2777,9 @@ async fn relay_phase(
         "relay_vs_ssh": null,
         "ssh_vs_direct": null,
         "ssh_tunnel": { "skipped": ssh_skipped },
+        "forward_per_s": null,
+        "relay_vs_forward": null,
+        "forward_vs_direct": null,
         "round_details": rounds,
         "relay_rss_kib": {
             "connect_secs": round(connect_secs, 3),
@@ -2680,6 +2814,16 @@ async fn relay_phase(
         result["ssh_tunnel"]["skipped"] = Value::Null;
         result["cpu_us_per_msg_all"]["ssh"] = json!(round(us[k], 1));
         result["cpu"]["ssh"] = cpu[k].clone();
+    }
+    if let Some(k) = at(FORWARD_CONNECTION) {
+        let forward_rate = rate[k];
+        result["forward_per_s"] = json!(round(forward_rate, 0));
+        result["relay_vs_forward"] = json!(round(relay_rate / forward_rate.max(1e-9), 3));
+        result["forward_vs_direct"] = json!(round(forward_rate / direct_rate.max(1e-9), 3));
+        result["relay_vs_forward_cpu_cost_ratio"] = json!(round(us[k] / us[1].max(1e-9), 3));
+        result["forward_vs_direct_cpu_cost_ratio"] = json!(round(us[0] / us[k].max(1e-9), 3));
+        result["cpu_us_per_msg_all"]["forward"] = json!(round(us[k], 1));
+        result["cpu"]["forward"] = cpu[k].clone();
     }
     Ok((result, complete))
 }
