@@ -125,7 +125,8 @@ relay phase (on when the relay binary exists):
   --relay-messages N  messages per delivery in the relay phase  (default: --messages)
   --relay-rounds N    rounds of one direct and one relay delivery, by turns first (default 2)
   --relay-concurrency N  the relay's `concurrency`              (default: --concurrency)
-  --relay-cpus LIST   run the relay on these CPUs only (`taskset -c LIST`), e.g. to
+  --relay-cpus LIST   run the relay (and the plain TCP forward, its floor) on these CPUs
+                      only (`taskset -c LIST`), e.g. to
                       emulate a relay host of its own: `taskset -c 0 outbox-bench
                       --relay-only --relay-cpus 1`
   --no-ssh            no ssh tunnel in the relay phase (by default, when sshd, ssh and
@@ -629,18 +630,28 @@ struct Proc {
 
 impl Proc {
     fn spawn_helper(kind: Helper) -> Result<Proc> {
-        Proc::spawn_with(&[kind.flag()])
+        Proc::spawn_with(&[kind.flag()], None)
     }
 
-    /// The plain TCP forward to `target`.
-    fn spawn_forward(target: SocketAddr) -> Result<Proc> {
-        Proc::spawn_with(&["--tcp-forward", &target.to_string()])
+    /// The plain TCP forward to `target`, on the relay's CPUs when it has
+    /// its own, as the relay it stands beside.
+    fn spawn_forward(target: SocketAddr, cpus: Option<&str>) -> Result<Proc> {
+        Proc::spawn_with(&["--tcp-forward", &target.to_string()], cpus)
     }
 
-    /// This binary with `args`, a helper that prints the address it serves.
-    fn spawn_with(args: &[&str]) -> Result<Proc> {
+    /// This binary with `args`, a helper that prints the address it serves;
+    /// pinned to `cpus` (`taskset -c`, which execs it) when given.
+    fn spawn_with(args: &[&str], cpus: Option<&str>) -> Result<Proc> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
+        let mut cmd = match cpus {
+            None => Command::new(exe),
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(exe);
+                c
+            }
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1555,7 +1566,7 @@ async fn bench(o: Opts) -> Result<bool> {
     let sink = Proc::spawn_helper(Helper::Sink)?;
     let baseline = Proc::spawn_helper(Helper::Baseline)?;
     let forward = match o.relay.is_some() && o.forward {
-        true => Some(Proc::spawn_forward(sink.addr)?),
+        true => Some(Proc::spawn_forward(sink.addr, o.relay_cpus.as_deref())?),
         false => None,
     };
 
