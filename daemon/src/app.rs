@@ -14,8 +14,8 @@ use crate::client::Clients;
 use crate::config::Config;
 use crate::oauth::TokenCache;
 use crate::queue::Queue;
-use crate::secret::SecretValue;
 use crate::store::{Store, StoreError};
+use outbox_secret::SecretValue;
 
 /// Why a catalog change did not happen.
 #[derive(Debug, thiserror::Error)]

@@ -16,9 +16,9 @@ use crate::model::{
     defaults, valid_name, Auth, Backoff, Connection, Document, Environment, FinalState,
     InboundUser, Integration, MessageType, OAuthProfile, ProtocolProfile, ResponseAction,
 };
-use crate::secret::Secret;
 use crate::template;
 use crate::units::parse_duration;
+use outbox_secret::Secret;
 
 /// What a document is checked against besides itself.
 pub struct Context<'a> {

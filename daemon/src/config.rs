@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::secret::{Secret, SecretValue};
 use crate::units::{parse_duration, parse_size};
+use outbox_secret::{Secret, SecretValue};
 
 /// The prefix of environment overrides (`OUTBOX_API__LISTEN`).
 pub const ENV_PREFIX: &str = "OUTBOX";

@@ -50,7 +50,7 @@ impl Headers {
                 if !scheme.is_empty() {
                     out.text.push(' ');
                 }
-                out.text.push_str(crate::secret::MASK);
+                out.text.push_str(outbox_secret::MASK);
             } else {
                 match value.to_str() {
                     Ok(v) => out.text.push_str(v),

@@ -19,7 +19,6 @@ pub mod model;
 pub mod msglog;
 pub mod oauth;
 pub mod queue;
-pub mod secret;
 pub mod segfile;
 pub mod status;
 pub mod store;

@@ -19,8 +19,8 @@ use http_body_util::Full;
 use crate::client::{send, Clients, TlsSettings};
 use crate::deliver::Via;
 use crate::model::OAuthProfile;
-use crate::secret::SecretValue;
 use crate::tunnel::Outbound;
+use outbox_secret::SecretValue;
 
 /// Fraction of `expires_in` after which a token is refreshed.
 const REFRESH_AT: f64 = 0.8;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Reply, SendError};
 use crate::config::{MidServerConfig, TunnelConfig};
-use crate::secret::SecretValue;
+use outbox_secret::SecretValue;
 
 /// ALPN of the tunnel protocol; a client speaking anything else fails the
 /// TLS handshake.

@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use outbox_secret::Secret;
 use serde::Deserialize;
 
 use crate::allow::AllowList;
@@ -23,135 +24,6 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
         problem: problem.into(),
-    }
-}
-
-/// A secret: a literal, `{ env = "NAME" }` or `{ file = "PATH" }` (a relative
-/// file is looked up under `$CREDENTIALS_DIRECTORY` first). Anything else is
-/// refused with what is wrong, as the daemon refuses it in its files.
-#[derive(Clone)]
-enum Secret {
-    Literal(String),
-    Env { env: String },
-    File { file: PathBuf },
-}
-
-/// What a secret may be, as errors say it.
-const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
-        deserializer.deserialize_any(SecretVisitor)
-    }
-}
-
-struct SecretVisitor;
-
-impl<'de> serde::de::Visitor<'de> for SecretVisitor {
-    type Value = Secret;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a secret: {FORMS}")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Secret, E> {
-        Ok(Secret::Literal(value.to_string()))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
-        use serde::de::Error;
-        let mut secret = None;
-        while let Some(key) = map.next_key::<String>()? {
-            let read = match key.as_str() {
-                "env" => Secret::Env {
-                    env: map.next_value()?,
-                },
-                "file" => Secret::File {
-                    file: map.next_value()?,
-                },
-                other => {
-                    return Err(A::Error::custom(format!(
-                        "unknown key `{other}` in a secret: it is {FORMS}"
-                    )))
-                }
-            };
-            let blank = match &read {
-                Secret::Env { env } => env.trim().is_empty(),
-                Secret::File { file } => file.as_os_str().is_empty(),
-                Secret::Literal(_) => false,
-            };
-            if blank {
-                return Err(A::Error::custom(format!(
-                    "`{key}` names nothing: it is {FORMS}"
-                )));
-            }
-            if secret.is_some() {
-                return Err(A::Error::custom(
-                    "a secret takes one of `env` and `file`, not both",
-                ));
-            }
-            secret = Some(read);
-        }
-        secret
-            .ok_or_else(|| A::Error::custom(format!("an empty table is no secret: it is {FORMS}")))
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Secret::Literal(_) => f.write_str("***"),
-            Secret::Env { env } => write!(f, "env:{env}"),
-            Secret::File { file } => write!(f, "file:{}", file.display()),
-        }
-    }
-}
-
-impl Secret {
-    /// Reads the value now. The relay's only secret is its token, and an
-    /// empty or whitespace-only one is refused whichever form gave it: it
-    /// is always a mistake (a variable exported empty), which the daemon
-    /// would only answer with a rejected hello.
-    fn resolve(&self) -> Result<String, String> {
-        self.read().and_then(|value| self.non_blank(value))
-    }
-
-    /// `value`, read from this secret, unless it is blank.
-    fn non_blank(&self, value: String) -> Result<String, String> {
-        if !value.trim().is_empty() {
-            return Ok(value);
-        }
-        Err(match self {
-            Secret::Literal(_) => "is empty".to_string(),
-            Secret::Env { env } => format!("environment variable {env} is empty"),
-            Secret::File { file } => format!("secret file {} is empty", file.display()),
-        })
-    }
-
-    fn read(&self) -> Result<String, String> {
-        match self {
-            Secret::Literal(s) => Ok(s.clone()),
-            Secret::Env { env } => {
-                std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))
-            }
-            Secret::File { file } => {
-                let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-                    Some(dir) if file.is_relative() && Path::new(&dir).join(file).exists() => {
-                        Path::new(&dir).join(file)
-                    }
-                    _ => file.clone(),
-                };
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("secret file {} cannot be read: {e}", path.display()))?;
-                let value = text.trim_end_matches(['\n', '\r']).to_string();
-                // Checked here too, to name the file where it was found
-                // (under $CREDENTIALS_DIRECTORY or not).
-                if value.trim().is_empty() {
-                    return Err(format!("secret file {} is empty", path.display()));
-                }
-                Ok(value)
-            }
-        }
     }
 }
 
@@ -287,7 +159,14 @@ impl Config {
         // Names follow the one rule of the protocol (and of the daemon).
         let name_ok = |n: &str| outbox_proto::check_name(n, &outbox_proto::Limits::default());
         name_ok(&raw.name).map_err(|e| err("name", e.to_string()))?;
-        let token = Token(raw.token.resolve().map_err(|p| err("token", p))?);
+        // An empty or whitespace-only token is refused whichever form gave
+        // it: it is always a mistake (a variable exported empty), which the
+        // daemon would only answer with a rejected hello.
+        let token = Token(
+            raw.token
+                .resolve_token()
+                .map_err(|e| err("token", e.to_string()))?,
+        );
         if raw.daemons.is_empty() {
             return Err(err(
                 "daemons",
@@ -783,15 +662,9 @@ mod tests {
                 ("token", problem.as_str())
             );
         }
-        // An environment variable set but empty: checked on the value read,
-        // so the test need not change the process environment, which other
-        // tests running at the same time read.
-        let env = Secret::Env { env: "X".into() };
-        assert_eq!(
-            env.non_blank(String::new()),
-            Err("environment variable X is empty".to_string())
-        );
-        assert_eq!(env.non_blank("t".into()), Ok("t".to_string()));
+        // An environment variable set but empty gets the same words: the
+        // secret is read as the daemon reads it (`outbox_secret`, whose own
+        // tests cover that case without changing the process environment).
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! `{ file = "PATH" }`. Its `Debug` and `Display` show only the reference
 //! (`env:NAME`, `file:PATH`) or `***` for a literal, so a secret can be logged,
 //! exported or returned by the API without leaking.
+//!
+//! The daemon and the relay both read their secrets here, so a token file
+//! the two share reads the same on both sides, and a secret written wrong
+//! gets the same words from either.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,10 +19,11 @@ use serde::{Deserialize, Serialize};
 pub const MASK: &str = "***";
 
 /// A secret value, kept as the reference the user wrote. Read through
-/// serde (the daemon's config file and environment, the stored catalog),
-/// anything but one of the three forms is refused with what is wrong:
-/// another type, an unknown key, an empty table, an empty name, or both
-/// `env` and `file`. Integration files are read by `apply`'s own walker.
+/// serde (the daemon's config file and environment, the stored catalog,
+/// the relay's file), anything but one of the three forms is refused with
+/// what is wrong: another type, an unknown key, an empty table, an empty
+/// name, or both `env` and `file`. The daemon's integration files are read
+/// by its `apply`'s own walker.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Secret {
@@ -252,6 +257,12 @@ mod tests {
         std::fs::write(&path, "s3cret\n").unwrap();
         let s = Secret::File { file: path.clone() };
         assert_eq!(s.resolve().unwrap(), "s3cret");
+        // A line ending as Windows writes it is one newline too; a second
+        // newline is part of the value, for the daemon and the relay alike.
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        assert_eq!(s.resolve().unwrap(), "s3cret");
+        std::fs::write(&path, "s3cret\n\n").unwrap();
+        assert_eq!(s.resolve().unwrap(), "s3cret\n");
         let missing = Secret::File {
             file: dir.path().join("nope"),
         };
