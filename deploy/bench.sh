@@ -4,7 +4,9 @@
 # RSS; then delivery through outbox-relay against direct delivery in the same
 # run, and the relay's RSS idle and under load; when sshd is installed, the
 # same deliveries through an ssh tunnel (`ssh -L`) too, to compare the relay
-# with. See the "Benchmark" section of README.md.
+# with; and through a plain TCP forward, the floor of any relay that shares
+# the daemon's cores (--no-forward skips it). See the "Benchmark" section of
+# README.md.
 #
 # The ssh comparison needs `apt-get install openssh-server openssh-client`
 # (without sshd it is skipped, and --no-ssh skips it).

@@ -219,20 +219,19 @@ impl<'a> Obj<'a> {
             Some(Value::String(s)) => Some(Secret::Literal(s.clone())),
             Some(Value::Table(t)) => {
                 let only = |name: &str| t.len() == 1 && t.contains_key(name);
-                match (t.get("env"), t.get("file")) {
-                    (Some(Value::String(env)), _) if only("env") && !env.is_empty() => {
+                let secret = match (t.get("env"), t.get("file")) {
+                    (Some(Value::String(env)), _) if only("env") => {
                         Some(Secret::Env { env: env.clone() })
                     }
-                    (_, Some(Value::String(file))) if only("file") && !file.is_empty() => {
-                        Some(Secret::File {
-                            file: PathBuf::from(file),
-                        })
-                    }
+                    (_, Some(Value::String(file))) if only("file") => Some(Secret::File {
+                        file: PathBuf::from(file),
+                    }),
+                    _ => None,
+                };
+                match secret {
+                    Some(secret) if !secret.names_nothing() => Some(secret),
                     _ => {
-                        w.problem(
-                            &at,
-                            "a secret is a string, { env = \"NAME\" } or { file = \"PATH\" }",
-                        );
+                        w.problem(&at, format!("a secret is {}", outbox_secret::FORMS));
                         None
                     }
                 }
@@ -848,6 +847,25 @@ password = { env = "ACME_INBOUND_PW" }
             );
         }
         assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn a_secret_that_names_nothing_is_refused_as_the_config_refuses_it() {
+        for (from, to) in [
+            ("{ env = \"ACME_PW\" }", "{ env = \" \" }"),
+            ("{ env = \"ACME_PW\" }", "{ env = \"\" }"),
+            ("{ file = \"acme-oauth-secret\" }", "{ file = \"\" }"),
+            ("{ env = \"ACME_PW\" }", "{ env = \"A\", file = \"b\" }"),
+        ] {
+            let problems = ctx_parse(&GOOD.replace(from, to)).unwrap_err();
+            // (A profile refused is also missing where it is used.)
+            assert!(
+                problems[0].ends_with(&format!("secret: a secret is {}", outbox_secret::FORMS))
+                    || problems[0]
+                        .ends_with(&format!("password: a secret is {}", outbox_secret::FORMS)),
+                "{to}: {problems:?}"
+            );
+        }
     }
 
     #[test]

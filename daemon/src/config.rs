@@ -491,7 +491,8 @@ fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// A token of the config (`api.token`, `mid_servers.NAME.token`): read now,
-/// and refused when blank (see [`Secret::resolve_token`]).
+/// without the whitespace around it, and refused when blank (see
+/// [`Secret::resolve_token`]).
 fn resolve_token(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError> {
     secret
         .resolve_token()

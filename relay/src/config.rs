@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outbox_secret::Secret;
+use outbox_secret::{Secret, SecretValue};
 use serde::Deserialize;
 
 use crate::allow::AllowList;
@@ -24,22 +24,6 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
         problem: problem.into(),
-    }
-}
-
-/// A token whose `Debug` is a mask.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
     }
 }
 
@@ -82,7 +66,7 @@ struct RawLog {
 pub struct Config {
     /// The MID server name connections refer to.
     pub name: String,
-    pub token: Token,
+    pub token: SecretValue,
     /// `host:port` of each daemon; the relay keeps a session to each.
     pub daemons: Vec<Daemon>,
     pub server_ca: PathBuf,
@@ -159,10 +143,9 @@ impl Config {
         // Names follow the one rule of the protocol (and of the daemon).
         let name_ok = |n: &str| outbox_proto::check_name(n, &outbox_proto::Limits::default());
         name_ok(&raw.name).map_err(|e| err("name", e.to_string()))?;
-        // An empty or whitespace-only token is refused whichever form gave
-        // it: it is always a mistake (a variable exported empty), which the
-        // daemon would only answer with a rejected hello.
-        let token = Token(
+        // Read as the daemon reads its tokens: without whitespace around
+        // it, and refused when blank.
+        let token = SecretValue::new(
             raw.token
                 .resolve_token()
                 .map_err(|e| err("token", e.to_string()))?,
@@ -665,6 +648,28 @@ mod tests {
         // An environment variable set but empty gets the same words: the
         // secret is read as the daemon reads it (`outbox_secret`, whose own
         // tests cover that case without changing the process environment).
+    }
+
+    #[test]
+    fn the_token_is_read_as_the_daemon_reads_its_tokens() {
+        let (dir, text) = with_ca("");
+        let file = dir.path().join("relay-token");
+        // Extra blank lines, as an editor may leave them, are no part of
+        // the token: the daemon reading the same file gets the same one.
+        std::fs::write(&file, "tok\n\n").unwrap();
+        let with = |token: String| text.replace("token = \"t\"", &format!("token = {token}"));
+        let c = Config::parse(&with(format!(
+            "{{ file = {:?} }}",
+            file.display().to_string()
+        )))
+        .unwrap();
+        assert_eq!(c.token.expose(), "tok");
+        let c = Config::parse(&with("\" tok \"".into())).unwrap();
+        assert_eq!(c.token.expose(), "tok");
+        // The mask an export writes is no token.
+        let e = Config::parse(&with("\"***\"".into())).unwrap_err();
+        assert_eq!(e.key, "token", "{e}");
+        assert!(e.problem.contains("secret is masked"), "{e}");
     }
 
     #[test]

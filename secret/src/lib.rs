@@ -99,24 +99,35 @@ impl Secret {
         }
     }
 
-    /// Reads a token the daemon compares with what a client presents (the
-    /// API token, a MID server's token): as [`Secret::resolve`], but a value
-    /// that is empty or only whitespace is refused, whichever form gave it.
+    /// Reads a token: the daemon's API token and a MID server's token,
+    /// which the daemon compares with what a client or a relay presents,
+    /// and the relay's token, which it presents. As [`Secret::resolve`],
+    /// but without whitespace around it (a file's extra newlines, a space
+    /// in a variable), and a value that is empty or only whitespace is
+    /// refused, whichever form gave it.
     ///
-    /// An empty token keeps nobody out who presents an empty one (for the
+    /// Whitespace around a token is never part of it: HTTP drops it from
+    /// an `Authorization` header anyway, and a relay and a daemon reading
+    /// one token from differently written places must agree on it. An
+    /// empty token keeps nobody out who presents an empty one (for the
     /// API, `Authorization: Bearer ` with nothing after it), and it is
-    /// always a mistake, such as a variable exported empty. Passwords and client
-    /// secrets keep [`Secret::resolve`]: an empty password is a real thing
-    /// (some services take an API key as the basic-auth user name and an
-    /// empty password), and those are the remote system's to judge.
+    /// always a mistake, such as a variable exported empty. Passwords and
+    /// client secrets keep [`Secret::resolve`]: an empty password is a real
+    /// thing (some services take an API key as the basic-auth user name and
+    /// an empty password), and those are the remote system's to judge.
     pub fn resolve_token(&self) -> Result<String, SecretError> {
         self.resolve().and_then(|value| self.non_blank(value))
     }
 
-    /// `value`, read from this secret, unless it is blank.
+    /// `value`, read from this secret, without the whitespace around it,
+    /// unless that leaves nothing.
     fn non_blank(&self, value: String) -> Result<String, SecretError> {
-        if !value.trim().is_empty() {
-            return Ok(value);
+        let trimmed = value.trim();
+        if !trimmed.is_empty() {
+            return Ok(match trimmed.len() == value.len() {
+                true => value,
+                false => trimmed.to_string(),
+            });
         }
         Err(match self {
             Secret::Literal(_) => SecretError::LiteralEmpty,
@@ -137,6 +148,16 @@ impl Secret {
     /// True for the masked literal an export writes.
     pub fn is_mask(&self) -> bool {
         matches!(self, Secret::Literal(s) if s == MASK)
+    }
+
+    /// True for an `env` or `file` reference whose name is blank: it names
+    /// nothing, and every reader of secrets refuses it.
+    pub fn names_nothing(&self) -> bool {
+        match self {
+            Secret::Env { env } => env.trim().is_empty(),
+            Secret::File { file } => file.as_os_str().is_empty(),
+            Secret::Literal(_) => false,
+        }
     }
 }
 
@@ -172,7 +193,7 @@ impl fmt::Debug for Secret {
 }
 
 /// What a secret may be, as errors say it.
-const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
+pub const FORMS: &str = "a string, { env = \"NAME\" } or { file = \"PATH\" }";
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
@@ -209,12 +230,7 @@ impl<'de> Visitor<'de> for SecretVisitor {
                     )))
                 }
             };
-            let blank = match &read {
-                Secret::Env { env } => env.trim().is_empty(),
-                Secret::File { file } => file.as_os_str().is_empty(),
-                Secret::Literal(_) => false,
-            };
-            if blank {
+            if read.names_nothing() {
                 return Err(de::Error::custom(format!(
                     "`{key}` names nothing: it is {FORMS}"
                 )));
@@ -305,6 +321,23 @@ mod tests {
         // Other secrets keep an empty literal: an empty password is valid.
         assert_eq!(Secret::Literal(String::new()).resolve().unwrap(), "");
         assert_eq!(Secret::Literal("t".into()).resolve_token().unwrap(), "t");
+    }
+
+    #[test]
+    fn a_token_is_read_without_the_whitespace_around_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "tok\n\n").unwrap();
+        let file = Secret::File { file: path };
+        assert_eq!(file.resolve_token().unwrap(), "tok");
+        // A password keeps all but the one line ending.
+        assert_eq!(file.resolve().unwrap(), "tok\n");
+        assert_eq!(
+            Secret::Literal(" tok\t".into()).resolve_token().unwrap(),
+            "tok"
+        );
+        let env = Secret::Env { env: "X".into() };
+        assert_eq!(env.non_blank(" a b ".into()), Ok("a b".to_string()));
     }
 
     #[test]

@@ -40,12 +40,14 @@
 //!   and an `ssh -N -L` forwarding a free loopback port to the sink, with
 //!   ssh's default cipher; the integration gets a third connection, `ssh`,
 //!   to the forwarded port. Each round then delivers through `sink`,
-//!   `relay` and `ssh` (the order rotating between rounds), and the phase
+//!   `relay`, `ssh` and `forward` (below), the order rotating between
+//!   rounds, and the phase
 //!   reports the tunnel's rate, relay against ssh, ssh against direct, and
 //!   CPU per message with `ssh` and `sshd` (with the sshd child serving the
 //!   session) counted as one process, `ssh`.
 //! - **plain TCP forward** (in the relay phase, unless `--no-forward`): the
-//!   floor of any relay that is a process of its own on the same cores.
+//!   floor of any relay that is a process of its own on the daemon's cores
+//!   (with `--relay-cpus`, it runs on the relay's CPUs instead, beside it).
 //!   This binary in `--tcp-forward` mode copies each connection to the sink
 //!   and back (`tokio::io::copy_bidirectional`, no encryption, no
 //!   authentication, no protocol); the integration gets a connection,
@@ -1951,8 +1953,11 @@ fn print_relay(r: &Value) {
                 Some(v) => format!("; relay/ssh {v}, ssh/direct {}", d["ssh_vs_direct"]),
                 None => String::new(),
             };
-            if let Some(v) = d["forward_vs_direct"].as_f64() {
-                ssh.push_str(&format!("; forward/direct {v}"));
+            if let Some(v) = d["relay_vs_forward"].as_f64() {
+                ssh.push_str(&format!(
+                    "; relay/forward {v}, forward/direct {}",
+                    d["forward_vs_direct"]
+                ));
             }
             format!(
                 "{} ({} first{ssh})",
@@ -1980,14 +1985,16 @@ fn print_relay(r: &Value) {
             );
         }
     }
-    if let Some(v) = r["forward_vs_direct"].as_f64() {
+    if let Some(v) = r["relay_vs_forward"].as_f64() {
         eprintln!(
-            "plain TCP forward (no encryption, no authentication): {} msg/s; forward/direct {v:.3} \
-             (CPU ratio {:.3}), relay/forward {:.3} (CPU ratio {:.3})",
+            "plain TCP forward (no encryption, no authentication): {} msg/s; relay/forward {v:.3} \
+             (CPU ratio {:.3}), forward/direct {:.3} (CPU ratio {:.3})",
             num(&r["forward_per_s"]),
-            r["forward_vs_direct_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
-            r["relay_vs_forward"].as_f64().unwrap_or(0.0),
             r["relay_vs_forward_cpu_cost_ratio"].as_f64().unwrap_or(0.0),
+            r["forward_vs_direct"].as_f64().unwrap_or(0.0),
+            r["forward_vs_direct_cpu_cost_ratio"]
+                .as_f64()
+                .unwrap_or(0.0),
         );
     }
     eprintln!(
