@@ -374,69 +374,10 @@ impl Helper {
     }
 }
 
-/// Runs a helper: binds a loopback port, prints it on stdout, serves until
-/// its stdin closes (the bench ended, however it ended).
-fn helper(kind: Helper) -> Result<bool> {
-    std::thread::spawn(|| {
-        let mut sink = [0u8; 64];
-        let mut stdin = std::io::stdin();
-        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-        std::process::exit(0);
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        println!("listening {addr}");
-        std::io::stdout().flush()?;
-        let sink = Arc::new(SinkState::default());
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let io = TokioIo::new(stream);
-            match kind {
-                Helper::Sink => {
-                    let sink = sink.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let sink = sink.clone();
-                        async move { Ok::<_, Infallible>(sink_handle(&sink, req).await) }
-                    });
-                    // HTTP/1.1 with keep-alive: what a remote system speaks
-                    // to the daemon over plain http.
-                    tokio::spawn(async move {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
-                    });
-                }
-                Helper::Baseline => {
-                    let svc = hyper::service::service_fn(baseline_handle);
-                    // The same server builder as the daemon's API.
-                    tokio::spawn(async move {
-                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await;
-                    });
-                }
-            }
-        }
-    })
-}
-
-/// The plain TCP forward: binds a loopback port, prints it on stdout, and
-/// copies each connection to `target` and back until its stdin closes.
-fn forward_helper(target: String) -> Result<bool> {
-    let target: SocketAddr = target
-        .parse()
-        .map_err(|_| anyhow!("--tcp-forward: {target:?} is not an address"))?;
+/// Runs a helper process: binds a loopback port, prints it on stdout, and
+/// hands each connection accepted to `serve` (on the helper's runtime)
+/// until its stdin closes (the bench ended, however it ended).
+fn serve_helper(mut serve: impl FnMut(tokio::net::TcpStream)) -> Result<bool> {
     std::thread::spawn(|| {
         let mut sink = [0u8; 64];
         let mut stdin = std::io::stdin();
@@ -451,19 +392,63 @@ fn forward_helper(target: String) -> Result<bool> {
         println!("listening {}", listener.local_addr()?);
         std::io::stdout().flush()?;
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
-                let _ = inbound.set_nodelay(true);
-                let _ = outbound.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    serve(stream);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
+    })
+}
+
+/// The sink or the baseline server.
+fn helper(kind: Helper) -> Result<bool> {
+    let sink = Arc::new(SinkState::default());
+    serve_helper(move |stream| {
+        let io = TokioIo::new(stream);
+        match kind {
+            Helper::Sink => {
+                let sink = sink.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let sink = sink.clone();
+                    async move { Ok::<_, Infallible>(sink_handle(&sink, req).await) }
+                });
+                // HTTP/1.1 with keep-alive: what a remote system speaks
+                // to the daemon over plain http.
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+            Helper::Baseline => {
+                let svc = hyper::service::service_fn(baseline_handle);
+                // The same server builder as the daemon's API.
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        }
+    })
+}
+
+/// The plain TCP forward: copies each connection to `target` and back.
+fn forward_helper(target: String) -> Result<bool> {
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| anyhow!("--tcp-forward: {target:?} is not an address"))?;
+    serve_helper(move |mut inbound| {
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let _ = outbound.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
     })
 }
 
