@@ -946,14 +946,16 @@ impl Queue {
             Disposition::Sent | Disposition::Final(MessageState::Sent)
         );
         let retry = matches!(disposition, Disposition::Retry { .. });
+        let failed = matches!(disposition, Disposition::Final(MessageState::Error));
         if let Some(a) = attempt {
             rec.tries = rec.tries.max(a.n);
             // The last error is what the latest failed attempt said: an
-            // attempt that ends in a retry failed whatever its status (a
-            // `response_action` may retry a 202), so an older error never
-            // stands for it. The MID-server wait relies on this: it adds a
-            // record only when `last_error` is not already its own.
-            if retry || a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
+            // attempt that ends in a retry or in `error` failed whatever its
+            // status (a `response_action` may retry a 202, a 307 ends a
+            // message in `error`), so an older error, or none, never stands
+            // for it. The MID-server wait relies on this: it adds a record
+            // only when `last_error` is not already its own.
+            if retry || failed || a.error.is_some() || a.status.is_some_and(|s| s >= 400) {
                 rec.last_error = Some(attempt_error(&a));
             }
             if sent {
@@ -1717,6 +1719,22 @@ mod tests {
             q.record(m).unwrap().unwrap().last_error.as_deref(),
             Some("HTTP 503")
         );
+        // A status that ends the message in `error` (a redirect, which the
+        // daemon does not follow) is its last error, on the message and on
+        // its integration.
+        let rec = q.record(m).unwrap().unwrap();
+        let a = Attempt {
+            n: 4,
+            status: Some(307),
+            ..Default::default()
+        };
+        q.finish(rec, Some(a), Disposition::Final(MessageState::Error))
+            .unwrap();
+        assert_eq!(
+            q.record(m).unwrap().unwrap().last_error.as_deref(),
+            Some("HTTP 307")
+        );
+        assert_eq!(q.stats("i").last_error.as_deref(), Some("HTTP 307"));
     }
 
     #[tokio::test]

@@ -107,6 +107,16 @@ pub mod defaults {
 }
 
 impl Config {
+    /// What is valid but almost certainly not meant, for `--check-config`
+    /// and the start to say alike.
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut warnings = Vec::new();
+        if self.allow.is_empty() {
+            warnings.push("the allow list is empty: every request will be refused");
+        }
+        warnings
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;

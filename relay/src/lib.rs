@@ -18,6 +18,7 @@ mod session;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +51,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         requests: TaskTracker::new(),
         config,
     });
-    if relay.config.allow.is_empty() {
-        tracing::warn!("the allow list is empty: every request will be refused");
+    for warning in relay.config.warnings() {
+        tracing::warn!("{warning}");
     }
     let stop = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -92,7 +93,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     sessions.close();
     sessions.wait().await;
     endpoint.close(0u32.into(), b"relay stopping");
-    endpoint.wait_idle().await;
+    // The close goes out at once; waiting lets it be sent again to a
+    // daemon whose packet crosses it. Bounded: a handshake that was under
+    // way when the relay stopped would hold the wait for three of its
+    // retransmission timeouts (about 3 s) with nobody to tell.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!("outbox-relay stopped");
     Ok(())
 }

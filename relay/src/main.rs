@@ -57,6 +57,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for warning in config.warnings() {
+            eprintln!("outbox-relay: warning: {warning}");
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }

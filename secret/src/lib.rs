@@ -86,7 +86,7 @@ impl Secret {
                 let path = locate(file);
                 let text =
                     std::fs::read_to_string(&path).map_err(|e| SecretError::FileUnreadable {
-                        path: path.display().to_string(),
+                        path: looked_at(&path),
                         reason: e.to_string(),
                     })?;
                 let value = text.strip_suffix('\n').unwrap_or(&text);
@@ -174,6 +174,31 @@ fn locate(file: &Path) -> PathBuf {
         }
     }
     file.to_path_buf()
+}
+
+/// `path` as an error names it: a relative path with the directory it was
+/// looked for in, since a service's working directory is seldom where its
+/// user thinks (systemd starts it in `/`).
+fn looked_at(path: &Path) -> String {
+    let Ok(cwd) = std::env::current_dir() else {
+        return path.display().to_string();
+    };
+    if !path.is_relative() {
+        return path.display().to_string();
+    }
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(creds) => format!(
+            "{} (looked for under $CREDENTIALS_DIRECTORY {} and in the working directory {})",
+            path.display(),
+            Path::new(&creds).display(),
+            cwd.display()
+        ),
+        None => format!(
+            "{} (relative to the working directory {})",
+            path.display(),
+            cwd.display()
+        ),
+    }
 }
 
 impl fmt::Display for Secret {
@@ -286,6 +311,17 @@ mod tests {
             missing.resolve(),
             Err(SecretError::FileUnreadable { .. })
         ));
+        // A relative path says where it was looked for.
+        let relative = Secret::File {
+            file: "no-such-secret-file".into(),
+        };
+        let e = relative.resolve().unwrap_err().to_string();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            e.starts_with("secret file no-such-secret-file (")
+                && e.contains(&format!("the working directory {})", cwd.display())),
+            "{e}"
+        );
         std::fs::write(&path, "\n").unwrap();
         assert!(matches!(s.resolve(), Err(SecretError::FileEmpty(_))));
     }

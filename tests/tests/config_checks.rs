@@ -125,6 +125,12 @@ fn the_relay_refuses_blank_tokens_and_places_toml_errors() {
     );
     let out = relay_check(tmp.path(), &base, &[]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Valid, but a relay that refuses everything: said at the check as at
+    // the start (pki init's relay.toml starts with an empty allow list).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "outbox-relay: warning: the allow list is empty: every request will be refused\n"
+    );
     let path = tmp.path().join("relay.toml").display().to_string();
     let cases = [
         (
