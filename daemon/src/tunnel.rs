@@ -352,7 +352,7 @@ impl Session {
             // request's time has not sent it.
             let opened = tokio::time::timeout_at(deadline.into(), self.conn.open_bi()).await;
             let (mut send, recv) = match opened {
-                Ok(opened) => opened.map_err(|e| self.dropped(e))?,
+                Ok(opened) => opened.map_err(|e| self.dropped(lost(&e)))?,
                 Err(_) => {
                     return Err(RelayError::NotTaken {
                         name: self.name.clone(),
@@ -511,7 +511,7 @@ impl Session {
     /// every stream) or sent what is no valid frame.
     fn read_failed(&self, e: ReadError<quinn::ReadError>) -> RelayError {
         match e {
-            ReadError::Source(e @ quinn::ReadError::ConnectionLost(_)) => self.dropped(e),
+            ReadError::Source(quinn::ReadError::ConnectionLost(e)) => self.dropped(lost(&e)),
             ReadError::Source(e) => self.bad_answer(e.to_string()),
             ReadError::Frame(e) => self.bad_answer(e),
         }
@@ -547,8 +547,16 @@ async fn write_unless_stopped(send: &mut SendStream, buf: &[u8]) -> Result<bool,
     match send.write_all(buf).await {
         Ok(()) => Ok(false),
         Err(quinn::WriteError::Stopped(_)) => Ok(true),
+        Err(quinn::WriteError::ConnectionLost(e)) => Err(lost(&e)),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Why the connection under a request went, in the relay's words when it
+/// closed it (a relay stopping past its drain says so): quinn's own
+/// "connection lost" keeps the reason to itself.
+fn lost(e: &quinn::ConnectionError) -> String {
+    outbox_proto::quic::why_closed(e, "the relay")
 }
 
 /// Builds the QUIC server endpoint from the tunnel's certificate and key.

@@ -1255,7 +1255,49 @@ async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
     }
 }
 
-/// A relay draining before it stops turns new requests away once; the
+/// A relay that stops with a request still in flight past its drain closes
+/// the session saying so, and the daemon's attempt says it in the relay's
+/// words, not as a connection lost; the message goes when a relay is back.
+#[tokio::test]
+async fn a_request_cut_by_the_end_of_a_drain_says_the_relay_stopped() {
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let sink = Sink::builder().delay(Duration::from_secs(4)).start().await;
+    let d = daemon(&pki, port).await;
+    apply(&d, &relayed("acme", &sink.url(), 4)).await;
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("drain".into(), toml::Value::String("1s".into()));
+    let mut relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+
+    let a = send(&d, "acme", json!({"message": "Create", "body": {"n": 1}})).await;
+    sink.wait_for(1, WAIT).await;
+    assert!(relay.terminate().await.success());
+    let m = eventually_msg(WAIT, "the cut attempt recorded", async || {
+        let m = d.message(&a).await;
+        attempts(&m)
+            .iter()
+            .any(|x| {
+                x["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("disconnected"))
+            })
+            .then_some(m)
+    })
+    .await;
+    let cut = attempts(&m)
+        .iter()
+        .find_map(|x| x["error"].as_str().filter(|e| e.contains("disconnected")))
+        .unwrap()
+        .to_string();
+    assert!(
+        cut.contains("the relay closed the session: relay stopping"),
+        "{cut}"
+    );
+    let _relay = Relay::start(&config);
+    all_sent(&d, "acme", &[a], WAIT).await;
+}
+
 /// daemon then sends it no more, and a message with no other relay waits
 /// for one (its wait recorded once) instead of being refused every second
 /// of the drain. It goes when the relay is back.
