@@ -96,7 +96,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // The close goes out at once; waiting lets it be sent again to a
     // daemon whose packet crosses it. Bounded: a handshake that was under
     // way when the relay stopped would hold the wait for three of its
-    // retransmission timeouts (about 3 s) with nobody to tell.
+    // retransmission timeouts (about 3 s) with nobody to tell. A daemon
+    // far enough away (a round trip over about 250 ms) whose close is lost
+    // learns of it from the missing heartbeats instead; its requests are
+    // sent again either way.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!("outbox-relay stopped");
     Ok(())

@@ -180,12 +180,10 @@ fn locate(file: &Path) -> PathBuf {
 /// looked for in, since a service's working directory is seldom where its
 /// user thinks (systemd starts it in `/`).
 fn looked_at(path: &Path) -> String {
-    let Ok(cwd) = std::env::current_dir() else {
-        return path.display().to_string();
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd,
+        _ => return path.display().to_string(),
     };
-    if !path.is_relative() {
-        return path.display().to_string();
-    }
     match std::env::var_os("CREDENTIALS_DIRECTORY") {
         Some(creds) => format!(
             "{} (looked for under $CREDENTIALS_DIRECTORY {} and in the working directory {})",

@@ -1298,6 +1298,7 @@ async fn a_request_cut_by_the_end_of_a_drain_says_the_relay_stopped() {
     all_sent(&d, "acme", &[a], WAIT).await;
 }
 
+/// A relay draining before it stops turns new requests away once; the
 /// daemon then sends it no more, and a message with no other relay waits
 /// for one (its wait recorded once) instead of being refused every second
 /// of the drain. It goes when the relay is back.

@@ -840,6 +840,17 @@ async fn wrong_hellos_are_refused_and_named() {
     let _dc1 = t.unharmed(&dc2, &waiting).await;
 }
 
+/// A token with whitespace around it (as a relay from before both sides
+/// trimmed it sends one read from a file with an extra newline) is the
+/// token: the relay is let in.
+#[tokio::test]
+async fn a_token_with_whitespace_around_it_is_let_in() {
+    let t = Tunnel::start().await;
+    let relay = t.hostile().await;
+    let _control = relay.hello("dc1", &format!(" {DC1_TOKEN}\n\n")).await;
+    t.session("dc1", Some(relay.address())).await;
+}
+
 /// A2, the answer: a hello the daemon cannot decode is answered with
 /// what is wrong with it — a reject, or the connection's close reason —
 /// as a hello it can decode is, so the relay's operator does not need
@@ -1060,6 +1071,41 @@ async fn a_request_a_live_relay_never_answers_costs_an_attempt() {
     );
     beating.assert_alive();
     t.session("dc1", Some(address)).await;
+}
+
+/// A request in flight on a session this daemon drops (garbage on the
+/// control stream) records why the daemon dropped it, not quinn's bare
+/// "connection lost"; the message goes round again for free.
+#[tokio::test]
+async fn a_request_on_a_session_the_daemon_drops_says_why() {
+    let t = Tunnel::start().await;
+    let relay = t.hostile().await;
+    let mut control = relay.hello("dc1", DC1_TOKEN).await;
+    let address = relay.address();
+    t.session("dc1", Some(address)).await;
+    let id = t.send("acme").await;
+    let (_send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
+        .await
+        .expect("the daemon sends the message")
+        .expect("a request stream");
+    let mut request = frames(recv);
+    read_request(&mut request).await;
+    let _ = control.send.write_all(&[0, 0, 0, 1, 42]).await;
+    let (code, _) = relay.closed("garbage").await;
+    assert_eq!(code, 3);
+    let m = eventually_msg(WAIT, "the cut attempt recorded", async || {
+        let m = t.daemon.message(&id).await;
+        (!m["attempts"].as_array()?.is_empty()).then_some(m)
+    })
+    .await;
+    let error = m["attempts"][0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains(&format!(
+            "relay dc1 ({address}) disconnected: this daemon closed the session: unknown frame kind 42"
+        )),
+        "{m}"
+    );
+    assert_eq!(m["attempt_count"], 0, "{m}");
 }
 
 /// A3. Garbage on the control stream after a good hello — an unknown
