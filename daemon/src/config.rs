@@ -347,6 +347,11 @@ impl Config {
                 format!("{level:?} is not a tracing filter: {e}"),
             )
         })?;
+        // A bare word is a valid filter (it enables one target) but never
+        // what is meant: `level = "loud"` would log nothing at all.
+        if let Some(word) = bare_word(&level) {
+            return Err(err("log.level", format!("{word:?} {NOT_A_LEVEL}")));
+        }
         let format = match raw.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -488,6 +493,20 @@ fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
             format!("{text:?} is not a socket address like \"127.0.0.1:8425\""),
         )
     })
+}
+
+/// What a bare word in `log.level` is told.
+const NOT_A_LEVEL: &str =
+    "is not a level: use error, warn, info, debug, trace or off, or TARGET=LEVEL";
+
+/// The first directive of a log filter that is neither a level nor
+/// `TARGET=LEVEL` (nor a span filter), if any.
+fn bare_word(filter: &str) -> Option<&str> {
+    let level = |d: &str| d.parse::<tracing::level_filters::LevelFilter>().is_ok();
+    filter
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains(['=', '[']) && !level(d))
 }
 
 /// A token of the config (`api.token`, `mid_servers.NAME.token`): read now,
@@ -652,10 +671,27 @@ mod tests {
     }
 
     #[test]
+    fn a_log_filter_is_levels_and_target_levels() {
+        for good in [
+            "info",
+            "OFF",
+            "warn,outbox_daemon=debug",
+            "info,[req]=trace",
+            "",
+        ] {
+            assert_eq!(bare_word(good), None, "{good}");
+        }
+        assert_eq!(bare_word("loud"), Some("loud"));
+        assert_eq!(bare_word("info, outbox_daemon"), Some("outbox_daemon"));
+    }
+
+    #[test]
     fn each_bad_value_names_its_key() {
         let cases = [
             ("retention = \"forever\"", "retention"),
             ("[api]\nlisten = \"localhost\"", "api.listen"),
+            ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[log]\nlevel = \"info,outbox_daemon\"", "log.level"),
             ("[api]\nlisten = \"127.0.0.1:1\"\nlisen = 1", "api.lisen"),
             ("colour = \"blue\"", "colour"),
             (

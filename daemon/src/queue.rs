@@ -187,6 +187,8 @@ pub enum QueueError {
         "message {id} cannot be replayed: its body cannot be read ({reason}); ignore it instead"
     )]
     Unreadable { id: String, reason: String },
+    #[error("message {id} was replayed already, as {copy}; replay {copy} to send it again")]
+    Replayed { id: String, copy: String },
     #[error("the store could not write the message to disk: {0}; nothing was acknowledged, retry")]
     Flush(String),
     #[error("the daemon is shutting down and takes no new messages; retry once it is back")]
@@ -1209,6 +1211,15 @@ impl Queue {
                 what: "it will be sent anyway",
             });
         }
+        // One copy per message: a second replay (a script run twice, two
+        // people at once) would deliver it twice more, under two ids the
+        // target cannot tell apart. The copy is the one to replay.
+        if let Some(copy) = orig.replayed_by {
+            return Err(QueueError::Replayed {
+                id: format_id(seq),
+                copy: format_id(copy),
+            });
+        }
         let copy_seq = self.commit.store.generate_id()?;
         let now = now_ms();
         let copy = MessageRecord {
@@ -1636,6 +1647,19 @@ mod tests {
         assert_eq!(take(&q, 10), vec![copy.seq]);
         done(&q, copy.seq, Disposition::Final(MessageState::Error));
         assert!(take(&q, 10).is_empty());
+        // One copy per message: the original cannot be replayed again.
+        let again = q.replay(a1).unwrap_err();
+        assert!(matches!(again, QueueError::Replayed { .. }), "{again}");
+        assert_eq!(
+            again.to_string(),
+            format!(
+                "message {} was replayed already, as {}; replay {} to send it again",
+                format_id(a1),
+                format_id(copy.seq),
+                format_id(copy.seq)
+            )
+        );
+        assert!(take(&q, 10).is_empty(), "no second copy");
 
         // Ignore releases the one behind.
         q.ignore(copy.seq).unwrap();

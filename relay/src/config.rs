@@ -265,6 +265,19 @@ impl Config {
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| err("log.level", format!("{log_level:?}: {e}")))?;
+        // A bare word is a valid filter (it enables one target) but never
+        // what is meant: `level = "loud"` would log nothing at all.
+        let level = |d: &str| d.parse::<tracing::level_filters::LevelFilter>().is_ok();
+        if let Some(word) = log_level
+            .split(',')
+            .map(str::trim)
+            .find(|d| !d.is_empty() && !d.contains(['=', '[']) && !level(d))
+        {
+            return Err(err(
+                "log.level",
+                format!("{word:?} is not a level: use error, warn, info, debug, trace or off, or TARGET=LEVEL"),
+            ));
+        }
         let log_json = match raw.log.format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -603,6 +616,7 @@ mod tests {
         let cases = [
             ("allow = [\"jira\"]", "allow[0]"),
             ("concurrency = 0", "concurrency"),
+            ("[log]\nlevel = \"loud\"", "log.level"),
             ("max_body = \"big\"", "max_body"),
             ("max_body = \"0\"", "max_body"),
             ("allow = [\"127.0.0.1:0\"]", "allow[0]"),

@@ -124,6 +124,26 @@ async fn basic_auth_is_sent_and_masked_in_attempts() {
         .unwrap();
     assert_eq!(recorded, "Basic ***");
     assert!(!m.to_string().contains("c3ZjOnMzY3JldA"));
+    // `outbox message` shows the headers both ways and the answer's first
+    // bytes, masked as the record is.
+    sink.set_reply(
+        Reply::new(200)
+            .header("X-Request", "r-1")
+            .body("{\"ok\":1}\u{1b}[2J"),
+    );
+    let id = send(&d, json!({"message": "Create", "body": "y"})).await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+    let out = d.cli(&["message", &id]).await;
+    let screen = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "> authorization: Basic ***",
+        &format!("> idempotency-key: {id}"),
+        "< x-request: r-1",
+        "body: {\"ok\":1}\\u{1b}[2J",
+    ] {
+        assert!(screen.contains(line), "{line:?} missing in:\n{screen}");
+    }
+    assert!(!screen.contains("c3ZjOnMzY3JldA"), "{screen}");
 }
 
 #[tokio::test]
@@ -365,6 +385,63 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
         d.wait_for_state(m["id"].as_str().unwrap(), "sent", WAIT)
             .await;
     }
+}
+
+/// A parameter the message type's path or headers use is checked at
+/// enqueue: without it the message could never be built, and the producer
+/// hears so at once (400), instead of the message ending in `error` later.
+#[tokio::test]
+async fn a_message_without_a_parameter_its_type_uses_is_refused_at_enqueue() {
+    let sink = Sink::start().await;
+    let d = suite_daemon().instance_name("acme-dev").start().await;
+    let doc = integration(
+        "acme",
+        &[&connection("dev", "development", &sink.url(), "active = true")],
+    )
+    .replace(
+        "path = \"/api/${variables.table}/${message.id}\"",
+        "path = \"/api/${params.kind}/${message.id}\"",
+    )
+    .replace(
+        "headers = { \"Content-Type\" = \"application/json\" }",
+        "headers = { \"Content-Type\" = \"application/json\", \"X-Tenant\" = \"${params.tenant}\" }",
+    );
+    let (s, v) = d.apply(&doc).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = d
+        .post_json(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create", "body": {}, "params": {"tenant": "t1"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v.to_string().contains(
+            "params.kind: message type Create uses ${params.kind} in its path, \
+             and this message does not give it"
+        ),
+        "{v}"
+    );
+    // Raw enqueues give their parameters in the query string.
+    let (s, v) = d
+        .post_body(
+            "/v1/integrations/acme/messages/Create?kind=incident",
+            "application/json",
+            bytes::Bytes::from_static(b"{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("params.tenant"), "{v}");
+    let id = send(
+        &d,
+        json!({"message": "Create", "body": {}, "params": {"kind": "incident", "tenant": "t1"}}),
+    )
+    .await;
+    d.wait_for_state(&id, "sent", WAIT).await;
+    let got = sink.last().unwrap();
+    assert_eq!(got.path, format!("/api/incident/{id}"));
+    assert_eq!(got.headers["x-tenant"], "t1");
 }
 
 #[tokio::test]

@@ -155,7 +155,7 @@ async fn enqueue_raw(app: &Arc<App>, call: &Call, integration: &str, message: &s
 async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
     let catalog = app.catalog();
     let entry = catalog.entry(&new.integration)?;
-    if entry.spec.message_type(&new.message).is_none() {
+    let Some(message_type) = entry.spec.message_type(&new.message) else {
         let known: Vec<&str> = entry
             .spec
             .messages
@@ -171,6 +171,15 @@ async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
             } else {
                 known.join(", ")
             }
+        )));
+    };
+    // A parameter the message type's templates use and the message lacks
+    // would fail every attempt: the producer hears of it now.
+    if let Some((place, key)) = missing_param(message_type, &new.params) {
+        return Err(ApiError::bad_request(format!(
+            "params.{key}: message type {} uses ${{params.{key}}} in its {place}, \
+             and this message does not give it",
+            new.message
         )));
     }
     for (what, value) in [
@@ -192,6 +201,29 @@ async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
         app.metrics.enqueued(&integration).increment(1);
     }
     Ok(json_response(StatusCode::ACCEPTED, &enqueued))
+}
+
+/// The first `${params.K}` of `message_type`'s path or header values that
+/// `params` lacks, with where it is. A malformed template is not this
+/// check's to report: apply refused it, and an attempt would say so.
+fn missing_param<'m>(
+    message_type: &'m crate::model::MessageType,
+    params: &BTreeMap<String, String>,
+) -> Option<(String, &'m str)> {
+    let templates = std::iter::once(("path".to_string(), message_type.path.as_str())).chain(
+        message_type
+            .headers
+            .iter()
+            .map(|(name, value)| (format!("header {name}"), value.as_str())),
+    );
+    for (place, template) in templates {
+        for r in crate::template::refs(template).unwrap_or_default() {
+            if r.namespace == "params" && !params.contains_key(r.key) {
+                return Some((place, r.key));
+            }
+        }
+    }
+    None
 }
 
 async fn get(app: &Arc<App>, id: &str) -> ApiResult {
@@ -306,7 +338,9 @@ fn queue_error(e: QueueError) -> ApiError {
     let status = match &e {
         QueueError::UnknownMessage(_) => StatusCode::NOT_FOUND,
         QueueError::BadId(_) => StatusCode::BAD_REQUEST,
-        QueueError::WrongState { .. } | QueueError::Unreadable { .. } => StatusCode::CONFLICT,
+        QueueError::WrongState { .. }
+        | QueueError::Unreadable { .. }
+        | QueueError::Replayed { .. } => StatusCode::CONFLICT,
         QueueError::Flush(_) | QueueError::ShuttingDown | QueueError::Store(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -184,6 +184,21 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
                 None => cell(&a, "outcome"),
             }
         );
+        // What was sent and what came back, as curl shows it: credentials
+        // are masked by the daemon; text from the target is escaped, so
+        // it cannot write to the terminal.
+        for (arrow, key) in [(">", "request_headers"), ("<", "response_headers")] {
+            for (name, value) in a[key].as_object().into_iter().flatten() {
+                outln!(
+                    "        {arrow} {}: {}",
+                    outbox_proto::printable(name),
+                    outbox_proto::printable(value.as_str().unwrap_or_default())
+                );
+            }
+        }
+        if let Some(excerpt) = a["response_excerpt"].as_str().filter(|x| !x.is_empty()) {
+            outln!("        body: {}", outbox_proto::printable(excerpt));
+        }
     }
     Ok(())
 }
