@@ -148,6 +148,9 @@ pub enum Outcome {
     Sent,
     Retry(Duration),
     Final(FinalState),
+    /// It would be retried, but `max_attempts` is reached: `error`, said
+    /// so on the attempt.
+    Exhausted,
 }
 
 /// The class of an HTTP status (SPEC §4): 1xx/2xx sent; 408, 425, 429 and
@@ -185,7 +188,7 @@ pub fn classify(
     };
     match base {
         Outcome::Final(FinalState::Sent) => Outcome::Sent,
-        Outcome::Retry(_) if n >= integration.max_attempts => Outcome::Final(FinalState::Error),
+        Outcome::Retry(_) if n >= integration.max_attempts => Outcome::Exhausted,
         Outcome::Retry(_) => Outcome::Retry(match retry_after {
             Some(ra) => ra.min(integration.backoff.max),
             None => backoff(&integration.backoff, n, rng),
@@ -567,6 +570,10 @@ mod tests {
         // max_attempts reached: a retryable outcome ends in error.
         assert_eq!(
             classify(&i, 5, Some(503), None, &mut rng),
+            Outcome::Exhausted
+        );
+        assert_eq!(
+            classify(&i, 5, Some(404), None, &mut rng),
             Outcome::Final(FinalState::Error)
         );
     }

@@ -410,7 +410,9 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             counts: true,
         },
         Outcome::Final(FinalState::Sent) => Disposition::Sent,
-        Outcome::Final(FinalState::Error) => Disposition::Final(MessageState::Error),
+        Outcome::Final(FinalState::Error) | Outcome::Exhausted => {
+            Disposition::Final(MessageState::Error)
+        }
         Outcome::Final(FinalState::Ignored) => Disposition::Final(MessageState::Ignored),
     };
     record.outcome = match &outcome {
@@ -420,13 +422,17 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
             crate::units::format_duration(Duration::from_millis(after.as_millis() as u64))
         ),
         Outcome::Final(s) => format!("{s:?}").to_lowercase(),
+        Outcome::Exhausted => format!(
+            "error: max_attempts reached ({} of {})",
+            counted, spec.max_attempts
+        ),
     };
     let m = app.metrics.attempts(integration, &connection.name);
     m.seconds.record(record.duration_ms as f64 / 1000.0);
     match &outcome {
         Outcome::Sent | Outcome::Final(FinalState::Sent) => m.sent.increment(1),
         Outcome::Retry(_) => m.retried.increment(1),
-        Outcome::Final(_) => m.failed.increment(1),
+        Outcome::Final(_) | Outcome::Exhausted => m.failed.increment(1),
     }
     // No field at all when there was no response, rather than a made-up
     // status.

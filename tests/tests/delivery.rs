@@ -194,7 +194,10 @@ async fn final_statuses_end_in_error_and_max_attempts_is_respected() {
         5,
         "max_attempts = 5"
     );
-    assert_eq!(m["attempts"][4]["outcome"], "error");
+    assert_eq!(
+        m["attempts"][4]["outcome"],
+        "error: max_attempts reached (5 of 5)"
+    );
 }
 
 #[tokio::test]
