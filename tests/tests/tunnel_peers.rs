@@ -401,6 +401,16 @@ impl HostileRelay {
         }
     }
 
+    /// Takes the next request the daemon sends, read to its end; returns
+    /// the stream to answer on, and the method and URL.
+    async fn take_request(&self, what: &str) -> (quinn::SendStream, (String, String)) {
+        let (send, recv) = tokio::time::timeout(WAIT, self.conn.accept_bi())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the daemon sends a message"))
+            .expect("a request stream");
+        (send, read_request(&mut frames(recv)).await)
+    }
+
     async fn closed(&self, what: &str) -> (u64, String) {
         closed_by_peer(&self.conn, what).await
     }
@@ -950,11 +960,7 @@ async fn bad_answers_on_request_streams_fail_the_attempt_and_close_the_session()
         ids.push(t.send("acme").await);
         // Messages of earlier cases come too (a relay connecting wakes
         // them): whichever comes first gets the bad answer.
-        let (mut send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
-            .await
-            .unwrap_or_else(|_| panic!("{case}: the daemon sends a message"))
-            .expect("a request stream");
-        read_request(&mut frames(recv)).await;
+        let (mut send, _) = relay.take_request(case).await;
         match answer {
             Some(answer) => {
                 let _ = send.write_all(answer).await;
@@ -1044,12 +1050,7 @@ async fn a_request_a_live_relay_never_answers_costs_an_attempt() {
     t.session("dc1", Some(address)).await;
     let id = t.send("acme").await;
     // Take the request, hold its stream open and say nothing.
-    let (_send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
-        .await
-        .expect("the daemon sends the message")
-        .expect("a request stream");
-    let mut request = frames(recv);
-    read_request(&mut request).await;
+    let (_send, _) = relay.take_request("silence").await;
     let m = eventually_msg(
         Duration::from_secs(30),
         "an attempt counted for the silence",
@@ -1084,12 +1085,7 @@ async fn a_request_on_a_session_the_daemon_drops_says_why() {
     let address = relay.address();
     t.session("dc1", Some(address)).await;
     let id = t.send("acme").await;
-    let (_send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
-        .await
-        .expect("the daemon sends the message")
-        .expect("a request stream");
-    let mut request = frames(recv);
-    read_request(&mut request).await;
+    let (_send, _) = relay.take_request("dropped").await;
     let _ = control.send.write_all(&[0, 0, 0, 1, 42]).await;
     let (code, _) = relay.closed("garbage").await;
     assert_eq!(code, 3);
@@ -1198,11 +1194,7 @@ async fn streams_a_relay_opens_do_not_disturb_the_session() {
 
     // The daemon's own request still comes, on a stream it opened.
     let id = t.send("acme").await;
-    let (mut send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
-        .await
-        .expect("the daemon sends the message")
-        .expect("a request stream");
-    let (_, url) = read_request(&mut frames(recv)).await;
+    let (mut send, (_, url)) = relay.take_request("draining").await;
     assert!(url.contains(&format!("/api/incident/{id}")), "{url}");
     // A relay that is stopping turns it away: the daemon sends it no more
     // and the message waits for another relay, charged nothing.
@@ -1341,11 +1333,7 @@ async fn bad_answers_on_request_streams_are_logged() {
     let address = relay.address().to_string();
     t.session("dc1", Some(relay.address())).await;
     t.send("acme").await;
-    let (mut send, recv) = tokio::time::timeout(WAIT, relay.conn.accept_bi())
-        .await
-        .expect("a request in time")
-        .expect("a request stream");
-    read_request(&mut frames(recv)).await;
+    let (mut send, _) = relay.take_request("a request in time").await;
     let _ = send.write_all(&[0, 0, 0, 1, 42]).await;
     let _ = send.finish();
     logged(
