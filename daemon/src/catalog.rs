@@ -98,6 +98,12 @@ pub struct Change {
     pub integration: String,
     pub state: State,
     pub active_connection: Option<String>,
+    /// What an apply took away: `message type NAME`, `connection NAME`.
+    /// Messages queued for a message type that is gone end in `error`
+    /// when their turn comes, so an apply says so rather than doing it
+    /// silently.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 impl Catalog {
@@ -119,6 +125,7 @@ impl Catalog {
             integration: integration.to_string(),
             state: e.state(),
             active_connection: e.spec.active_connection().map(|c| c.name.clone()),
+            removed: Vec::new(),
         }
     }
 
@@ -266,9 +273,13 @@ impl Catalog {
                 entry.last_active = None;
             }
             let changed = previous.is_none_or(|p| *p != entry);
+            let removed = previous.map_or_else(Vec::new, |p| removed(&p.spec, &entry.spec));
             self.integrations.insert(spec.name.clone(), entry);
             if changed || was_active != now_active {
-                changes.push(self.change(&spec.name));
+                changes.push(Change {
+                    removed,
+                    ..self.change(&spec.name)
+                });
             }
         }
         changes
@@ -285,6 +296,21 @@ impl Catalog {
         }
         .masked()
     }
+}
+
+/// The message types and connections of `before` that `after` lacks.
+fn removed(before: &Integration, after: &Integration) -> Vec<String> {
+    let types = before
+        .messages
+        .iter()
+        .filter(|m| after.message_type(&m.name).is_none())
+        .map(|m| format!("message type {}", m.name));
+    let connections = before
+        .connections
+        .iter()
+        .filter(|c| after.connection(&c.name).is_none())
+        .map(|c| format!("connection {}", c.name));
+    types.chain(connections).collect()
 }
 
 #[cfg(test)]
@@ -506,6 +532,28 @@ mod tests {
                 .active_connection
                 .as_deref(),
             Some("b")
+        );
+    }
+
+    #[test]
+    fn an_apply_says_what_it_removed() {
+        let mut c = catalog(&[("a", true), ("b", false)]);
+        let mut doc = c.export();
+        doc.integration[0].messages = vec![crate::model::MessageType {
+            name: "Create".into(),
+            method: "POST".into(),
+            path: "/x".into(),
+            headers: Default::default(),
+        }];
+        let changes = c.apply(&doc);
+        assert!(changes[0].removed.is_empty(), "{changes:?}");
+        doc.integration[0].messages.clear();
+        doc.integration[0].connections.retain(|c| c.name == "a");
+        let changes = c.apply(&doc);
+        assert_eq!(
+            changes[0].removed,
+            ["message type Create", "connection b"],
+            "{changes:?}"
         );
     }
 }

@@ -367,6 +367,25 @@ async fn cli_tables_json_and_exit_codes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An apply that takes a connection and the message type away says so.
+    let fewer = SPEC_EXAMPLE
+        .replace(
+            "  [[integration.connection]]\n  name = \"dev\"\n  environment = \"development\"\n  endpoint_url = \"http://127.0.0.1:9\"\n  variables = { table = \"incident\" }\n",
+            "",
+        )
+        .replace("name = \"CreateIncident\"", "name = \"Create\"");
+    assert_ne!(fewer, SPEC_EXAMPLE);
+    let smaller = write(d.dir(), "fewer.toml", &fewer);
+    let out = d.cli(&["apply", "-f", smaller.to_str().unwrap()]).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(
+            "removed message type CreateIncident, connection dev (messages queued for it end in error when sent)"
+        ),
+        "{said}"
+    );
+    let out = d.cli(&["apply", "-f", file.to_str().unwrap()]).await;
+    assert!(out.status.success());
     let out = d.cli(&["integrations"]).await;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("NAME"), "{table}");

@@ -118,7 +118,7 @@ pub async fn apply(app: &Arc<App>, call: &Call) -> ApiResult {
     let text = call.text()?.to_string();
     let changes = app.apply_texts(&[(String::new(), text)]).await?;
     for c in &changes {
-        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), "applied");
+        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), removed = ?c.removed, "applied");
     }
     ok(&serde_json::json!({ "changed": changes }))
 }

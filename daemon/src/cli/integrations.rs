@@ -34,14 +34,31 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
     } else {
         outln!("applied {file}:");
         for c in changed {
+            let removed: Vec<&str> = c["removed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             outln!(
-                "  {}: {}{}",
+                "  {}: {}{}{}",
                 cell(&c, "integration"),
                 cell(&c, "state"),
                 c["active_connection"]
                     .as_str()
                     .map(|a| format!(", active connection {a}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                match removed.is_empty() {
+                    true => String::new(),
+                    false => format!(
+                        "; removed {}{}",
+                        removed.join(", "),
+                        match removed.iter().any(|r| r.starts_with("message type ")) {
+                            true => " (messages queued for it end in error when sent)",
+                            false => "",
+                        }
+                    ),
+                }
             );
         }
     }
