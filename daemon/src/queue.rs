@@ -1249,6 +1249,22 @@ impl Queue {
         Ok(Some((orig, copy)))
     }
 
+    /// The message in `error` that `rec` waits behind, if its ordering line
+    /// is blocked by one (SPEC §4: until it is replayed and sent, or
+    /// ignored).
+    pub fn blocked_by(&self, rec: &MessageRecord) -> Option<u64> {
+        let key = rec.ordering_key.as_deref()?;
+        if rec.state != MessageState::Queued {
+            return None;
+        }
+        let st = self.lock();
+        let line = st.lanes.get(&rec.integration)?.lines.get(key)?;
+        match line.iter().next() {
+            Some((&(_, head), &due)) if head != rec.seq && due == u64::MAX => Some(head),
+            _ => None,
+        }
+    }
+
     /// Repair (SPEC §4): replays every `error` message of the integration,
     /// oldest first. Returns the copies.
     pub fn repair(&self, integration: &str) -> Result<Vec<MessageRecord>, QueueError> {
@@ -1661,9 +1677,15 @@ mod tests {
         );
         assert!(take(&q, 10).is_empty(), "no second copy");
 
+        // a2 says what it waits behind; the copy at the head does not.
+        let rec = |seq| q.record(seq).unwrap().unwrap();
+        assert_eq!(q.blocked_by(&rec(a2)), Some(copy.seq));
+        assert_eq!(q.blocked_by(&rec(copy.seq)), None);
+
         // Ignore releases the one behind.
         q.ignore(copy.seq).unwrap();
         assert_eq!(take(&q, 10), vec![a2]);
+        assert_eq!(q.blocked_by(&rec(a2)), None);
     }
 
     #[tokio::test]

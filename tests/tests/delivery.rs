@@ -331,10 +331,17 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
     .await;
     d.wait_for_state(&b1, "sent", WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        d.message(&a2).await["state"],
-        "queued",
-        "a2 waits behind a1"
+    let held = d.message(&a2).await;
+    assert_eq!(held["state"], "queued", "a2 waits behind a1");
+    // And says so, with what to do about it.
+    assert_eq!(held["blocked_by"], a1.as_str(), "{held}");
+    let out = d.cli(&["message", &a2]).await;
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains(&format!(
+            "blocked_by      {a1}, in error at the head of its ordering line: replay or ignore it"
+        )),
+        "{screen}"
     );
 
     // Replay: the copy takes a1's place and goes before a2.

@@ -240,6 +240,7 @@ async fn get(app: &Arc<App>, id: &str) -> ApiResult {
     })
     .await?;
     let mut v = view(&rec, Some(attempts));
+    v.blocked_by = app.queue.blocked_by(&rec).map(format_id);
     v.body = Some(String::from_utf8_lossy(&body).into_owned());
     ok(&v)
 }
@@ -301,6 +302,10 @@ pub struct MessageView {
     pub updated_at: String,
     pub due_at: Option<String>,
     pub last_error: Option<String>,
+    /// The message in `error` at the head of this one's ordering line,
+    /// which holds it until it is replayed and sent, or ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<Attempt>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -329,6 +334,7 @@ fn view(r: &MessageRecord, attempts: Option<Vec<Attempt>>) -> MessageView {
         updated_at: time(r.updated_ms),
         due_at: matches!(r.state, MessageState::Queued).then(|| time(r.due_ms)),
         last_error: r.last_error.clone(),
+        blocked_by: None,
         attempts,
         body: None,
     }

@@ -153,6 +153,12 @@ pub async fn show(api: &ApiClient, json: bool, id: &str) -> CliResult {
             outln!("  {k:<16}{}", cell(&v, k));
         }
     }
+    if let Some(head) = v["blocked_by"].as_str() {
+        outln!(
+            "  {:<16}{head}, in error at the head of its ordering line: replay or ignore it",
+            "blocked_by"
+        );
+    }
     let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
     // Waits for a MID server and goes through another relay are on record
     // but use no attempt; the list's ATTEMPTS column is the count that
