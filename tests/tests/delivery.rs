@@ -243,6 +243,20 @@ async fn the_instance_guard_refuses_a_connection_for_another_instance() {
         .post_json("/v1/integrations/acme/connections/dev/test", json!({}))
         .await;
     assert_eq!(t["guard"]["ok"], false);
+    // Switching to it says so at once, on the switch.
+    let out = d.cli(&["activate", "acme/dev"]).await;
+    assert!(out.status.success());
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("warning: instance guard: connection is for \"acme-prod\"")
+            && warned.contains("every message ends in error while this connection is active"),
+        "{warned}"
+    );
+    let (_, v) = d.get("/v1/integrations/acme").await;
+    assert!(
+        v["guard"].as_str().is_some_and(|g| g.contains("acme-dev")),
+        "{v}"
+    );
 }
 
 #[tokio::test]

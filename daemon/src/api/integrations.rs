@@ -18,6 +18,10 @@ pub struct IntegrationView {
     pub state: &'static str,
     pub active_connection: Option<String>,
     pub environment: Option<&'static str>,
+    /// Why the instance guard stops every message of the active
+    /// connection, when it does (SPEC §3.4): said on the switch itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
     pub max_attempts: u32,
     pub concurrency: u32,
     pub connections: Vec<Connection>,
@@ -34,6 +38,7 @@ pub fn view(app: &App, entry: &Entry) -> IntegrationView {
         state: entry.state().as_str(),
         active_connection: active.map(|c| c.name.clone()),
         environment: active.map(|c| c.environment.as_str()),
+        guard: active.and_then(|c| crate::deliver::guard(&app.config.instance_name, c).err()),
         max_attempts: entry.spec.max_attempts,
         concurrency: entry.spec.concurrency,
         connections: entry

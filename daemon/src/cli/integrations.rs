@@ -198,6 +198,11 @@ fn summary(json: bool, v: &Value) {
                 _ => ", no active connection".into(),
             }
         );
+        if let Some(guard) = v["guard"].as_str() {
+            eprintln!(
+                "warning: {guard}: every message ends in error while this connection is active"
+            );
+        }
     }
 }
 
