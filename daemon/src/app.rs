@@ -161,6 +161,19 @@ impl App {
 /// Applies each `(label, text)` in turn to `catalog`, so later files may
 /// refer to profiles of earlier ones; problems are prefixed with the label
 /// (a file's path; an API request has none).
+/// Logs what applies took away, however they came (the API, the files at
+/// start or on reload): a removed message type is a warning, since
+/// messages still queued for it end in `error` on their turn.
+pub fn warn_removed(changes: &[crate::catalog::Change]) {
+    for c in changes.iter().filter(|c| !c.removed.is_empty()) {
+        if c.removed.iter().any(|r| r.starts_with("message type ")) {
+            tracing::warn!(integration = %c.integration, removed = ?c.removed, "apply removed a message type: messages still queued for it end in error when sent");
+        } else {
+            tracing::info!(integration = %c.integration, removed = ?c.removed, "apply removed connections");
+        }
+    }
+}
+
 pub fn apply_all(
     catalog: &mut Catalog,
     texts: &[(String, String)],

@@ -526,6 +526,18 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `key` was given to a message of `integration` that is still
+    /// kept: an enqueue with it adds nothing and answers with that id.
+    pub fn seen(&self, integration: &str, key: &str) -> Result<bool, QueueError> {
+        let k = idempotency_key(integration, key);
+        Ok(
+            match self.trees.idempotency.get(&k).map_err(StoreError::from)? {
+                Some(existing) => self.trees.messages.contains(key_seq(&existing)),
+                None => false,
+            },
+        )
+    }
+
     /// Adds a message and answers once it is on disk.
     pub async fn enqueue(&self, new: NewMessage) -> Result<Enqueued, QueueError> {
         let enqueued = self.insert(new)?;
@@ -1214,7 +1226,11 @@ impl Queue {
         // One copy per message: a second replay (a script run twice, two
         // people at once) would deliver it twice more, under two ids the
         // target cannot tell apart. The copy is the one to replay.
-        if let Some(copy) = orig.replayed_by {
+        // (A copy pruned away leaves the original free to replay again.)
+        if let Some(copy) = orig
+            .replayed_by
+            .filter(|&c| self.trees.messages.contains(c))
+        {
             return Err(QueueError::Replayed {
                 id: format_id(seq),
                 copy: format_id(copy),
@@ -1259,10 +1275,10 @@ impl Queue {
         }
         let st = self.lock();
         let line = st.lanes.get(&rec.integration)?.lines.get(key)?;
-        match line.iter().next() {
-            Some((&(_, head), &due)) if head != rec.seq && due == u64::MAX => Some(head),
-            _ => None,
-        }
+        // The first in error ahead of it (a replayed copy may be before).
+        line.range(..(rec.order, rec.seq))
+            .find(|(_, &due)| due == u64::MAX)
+            .map(|(&(_, seq), _)| seq)
     }
 
     /// Repair (SPEC §4): replays every `error` message of the integration,
@@ -1686,6 +1702,26 @@ mod tests {
         q.ignore(copy.seq).unwrap();
         assert_eq!(take(&q, 10), vec![a2]);
         assert_eq!(q.blocked_by(&rec(a2)), None);
+    }
+
+    #[tokio::test]
+    async fn a_message_names_the_error_it_waits_behind_even_past_a_replayed_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&store(dir.path())).unwrap();
+        let a1 = enqueue(&q, Some("a")).await;
+        let a2 = enqueue(&q, Some("a")).await;
+        let a3 = enqueue(&q, Some("a")).await;
+        assert_eq!(take(&q, 10), vec![a1]);
+        done(&q, a1, Disposition::Final(MessageState::Error));
+        q.ignore(a1).unwrap();
+        assert_eq!(take(&q, 10), vec![a2]);
+        done(&q, a2, Disposition::Final(MessageState::Error));
+        // The ignored a1 replayed: its copy goes back to a1's place, ahead
+        // of a2, which still blocks a3.
+        let copy = q.replay(a1).unwrap();
+        let rec = |seq| q.record(seq).unwrap().unwrap();
+        assert_eq!(q.blocked_by(&rec(a3)), Some(a2));
+        assert_eq!(q.blocked_by(&rec(copy.seq)), None);
     }
 
     #[tokio::test]

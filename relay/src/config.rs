@@ -267,11 +267,11 @@ impl Config {
             .map_err(|e| err("log.level", format!("{log_level:?}: {e}")))?;
         // A bare word is a valid filter (it enables one target) but never
         // what is meant: `level = "loud"` would log nothing at all.
-        let level = |d: &str| d.parse::<tracing::level_filters::LevelFilter>().is_ok();
-        if let Some(word) = log_level
-            .split(',')
-            .map(str::trim)
-            .find(|d| !d.is_empty() && !d.contains(['=', '[']) && !level(d))
+        // (As the daemon reads its own: one plain word that is no level.)
+        let word = log_level.trim();
+        if !word.is_empty()
+            && word.parse::<tracing::level_filters::LevelFilter>().is_err()
+            && !word.contains([',', '=', '[', ':'])
         {
             return Err(err(
                 "log.level",

@@ -254,7 +254,9 @@ async fn the_instance_guard_refuses_a_connection_for_another_instance() {
     );
     let (_, v) = d.get("/v1/integrations/acme").await;
     assert!(
-        v["guard"].as_str().is_some_and(|g| g.contains("acme-dev")),
+        v["guard_error"]
+            .as_str()
+            .is_some_and(|g| g.contains("acme-dev")),
         "{v}"
     );
 }
@@ -365,6 +367,17 @@ async fn an_error_blocks_its_ordering_key_until_replayed_or_ignored() {
     assert_eq!(s, StatusCode::OK, "{copy}");
     let copy_id = copy["id"].as_str().unwrap().to_string();
     assert_eq!(copy["replay_of"], a1.as_str());
+    // Once: a second replay of a1 is refused, naming the copy to replay.
+    let (s, again) = d
+        .post_json(&format!("/v1/messages/{a1}/replay"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{again}");
+    assert!(
+        again
+            .to_string()
+            .contains(&format!("replay {copy_id} to send it again")),
+        "{again}"
+    );
     d.wait_for_state(&a2, "sent", WAIT).await;
     assert_eq!(d.message(&a1).await["state"], "ignored");
     let order: Vec<String> = sink
@@ -459,10 +472,24 @@ async fn a_message_without_a_parameter_its_type_uses_is_refused_at_enqueue() {
     assert!(v.to_string().contains("params.tenant"), "{v}");
     let id = send(
         &d,
-        json!({"message": "Create", "body": {}, "params": {"kind": "incident", "tenant": "t1"}}),
+        json!({"message": "Create", "body": {}, "params": {"kind": "incident", "tenant": "t1"},
+               "idempotency_key": "k-1"}),
     )
     .await;
     d.wait_for_state(&id, "sent", WAIT).await;
+    // A producer's retry with a key seen before gets the first id, even
+    // without the parameters (SPEC §7: it enqueues nothing).
+    let (s, v) = d
+        .post_json(
+            "/v1/integrations/acme/messages",
+            json!({"message": "Create", "body": {}, "idempotency_key": "k-1"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["id"].as_str()),
+        (StatusCode::ACCEPTED, Some(id.as_str())),
+        "{v}"
+    );
     let got = sink.last().unwrap();
     assert_eq!(got.path, format!("/api/incident/{id}"));
     assert_eq!(got.headers["x-tenant"], "t1");

@@ -72,6 +72,24 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
     })
     .await;
 
+    // A file that takes a message type away: said in the log, as a warning.
+    write(
+        files.path(),
+        "b.toml",
+        &integration(
+            "beta",
+            &[&connection("c", "test", &sink.url(), "active = true")],
+        )
+        .replace("name = \"Create\"", "name = \"Create2\""),
+    );
+    d.signal(libc::SIGHUP);
+    eventually_msg(WAIT, "the removal logged", async || {
+        let log = d.log();
+        (log.contains("apply removed a message type") && log.contains("message type Create"))
+            .then_some(())
+    })
+    .await;
+
     // A bad file: refused whole, logged with the reason, nothing changes.
     write(
         files.path(),

@@ -21,7 +21,7 @@ pub struct IntegrationView {
     /// Why the instance guard stops every message of the active
     /// connection, when it does (SPEC §3.4): said on the switch itself.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub guard: Option<String>,
+    pub guard_error: Option<String>,
     pub max_attempts: u32,
     pub concurrency: u32,
     pub connections: Vec<Connection>,
@@ -38,7 +38,7 @@ pub fn view(app: &App, entry: &Entry) -> IntegrationView {
         state: entry.state().as_str(),
         active_connection: active.map(|c| c.name.clone()),
         environment: active.map(|c| c.environment.as_str()),
-        guard: active.and_then(|c| crate::deliver::guard(&app.config.instance_name, c).err()),
+        guard_error: active.and_then(|c| crate::deliver::guard(&app.config.instance_name, c).err()),
         max_attempts: entry.spec.max_attempts,
         concurrency: entry.spec.concurrency,
         connections: entry
@@ -123,8 +123,9 @@ pub async fn apply(app: &Arc<App>, call: &Call) -> ApiResult {
     let text = call.text()?.to_string();
     let changes = app.apply_texts(&[(String::new(), text)]).await?;
     for c in &changes {
-        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), removed = ?c.removed, "applied");
+        tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), "applied");
     }
+    crate::app::warn_removed(&changes);
     ok(&serde_json::json!({ "changed": changes }))
 }
 

@@ -175,7 +175,11 @@ async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
     };
     // A parameter the message type's templates use and the message lacks
     // would fail every attempt: the producer hears of it now.
-    if let Some((place, key)) = missing_param(message_type, &new.params) {
+    // (A producer's retry of a message taken before still gets its id.)
+    let retry = |key: &str| app.queue.seen(&new.integration, key).unwrap_or(false);
+    if let Some((place, key)) = missing_param(message_type, &new.params)
+        .filter(|_| !new.idempotency_key.as_deref().is_some_and(retry))
+    {
         return Err(ApiError::bad_request(format!(
             "params.{key}: message type {} uses ${{params.{key}}} in its {place}, \
              and this message does not give it",
@@ -229,18 +233,19 @@ fn missing_param<'m>(
 async fn get(app: &Arc<App>, id: &str) -> ApiResult {
     let seq = parse_id(id).map_err(queue_error)?;
     let q = app.clone();
-    let (rec, attempts, body) = blocking(move || {
+    let (rec, attempts, body, blocked_by) = blocking(move || {
         let rec = q
             .queue
             .view(seq)?
             .ok_or_else(|| QueueError::UnknownMessage(format_id(seq)))?;
         let attempts = q.queue.attempts(&rec)?;
         let body = rec.body.clone();
-        Ok((rec, attempts, body))
+        let blocked_by = q.queue.blocked_by(&rec);
+        Ok((rec, attempts, body, blocked_by))
     })
     .await?;
     let mut v = view(&rec, Some(attempts));
-    v.blocked_by = app.queue.blocked_by(&rec).map(format_id);
+    v.blocked_by = blocked_by.map(format_id);
     v.body = Some(String::from_utf8_lossy(&body).into_owned());
     ok(&v)
 }

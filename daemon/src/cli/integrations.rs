@@ -198,9 +198,10 @@ fn summary(json: bool, v: &Value) {
                 _ => ", no active connection".into(),
             }
         );
-        if let Some(guard) = v["guard"].as_str() {
+        if let Some(guard) = v["guard_error"].as_str() {
             eprintln!(
-                "warning: {guard}: every message ends in error while this connection is active"
+                "warning: {}: every message ends in error while this connection is active",
+                guard.trim_end_matches("; not sent")
             );
         }
     }
