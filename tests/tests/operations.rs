@@ -57,14 +57,11 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
     };
 
     // A good new file: applied on SIGHUP.
-    write(
-        files.path(),
-        "b.toml",
-        &integration(
-            "beta",
-            &[&connection("c", "test", &sink.url(), "active = true")],
-        ),
+    let beta = integration(
+        "beta",
+        &[&connection("c", "test", &sink.url(), "active = true")],
     );
+    write(files.path(), "b.toml", &beta);
     d.signal(libc::SIGHUP);
     eventually_msg(WAIT, "beta after reload", async || {
         let (s, _) = d.get("/v1/integrations/beta").await;
@@ -76,11 +73,7 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
     write(
         files.path(),
         "b.toml",
-        &integration(
-            "beta",
-            &[&connection("c", "test", &sink.url(), "active = true")],
-        )
-        .replace("name = \"Create\"", "name = \"Create2\""),
+        &beta.replace("name = \"Create\"", "name = \"Create2\""),
     );
     d.signal(libc::SIGHUP);
     eventually_msg(WAIT, "the removal logged", async || {
