@@ -29,14 +29,36 @@ pub struct Context<'a> {
     pub mid_servers: &'a BTreeSet<String>,
 }
 
+/// A file that is not TOML, as one line: where (line and column, counted
+/// in characters) and what the parser says, without its drawing of the
+/// line, which a log line or a problem list cannot show.
+fn toml_problem(e: &toml::de::Error, text: &str) -> String {
+    let what = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(span) = e.span() else {
+        return format!("not valid TOML: {what}");
+    };
+    let mut at = span.start.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    format!(
+        "not valid TOML at line {}, column {}: {what}",
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1
+    )
+}
+
 /// Parses and checks `text`; on failure, every problem found, one per line.
 pub fn parse(text: &str, ctx: &Context<'_>) -> Result<Document, Vec<String>> {
-    let table: Table = toml::from_str(text).map_err(|e| {
-        vec![format!(
-            "not valid TOML: {}",
-            e.to_string().trim().replace('\n', " ")
-        )]
-    })?;
+    let table: Table = toml::from_str(text).map_err(|e| vec![toml_problem(&e, text)])?;
     let mut w = Walker::default();
     let doc = w.document(&table, ctx);
     if w.problems.is_empty() {
@@ -931,5 +953,13 @@ concurrency = 0
         let problems = ctx_parse("[[integration]\nname = ").unwrap_err();
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("not valid TOML"), "{problems:?}");
+        // One line: where, as the parser counts it, then what, without
+        // the parser's drawing.
+        let text = "name = \"é\"\n[[integration]\nname = \"x\"\n";
+        let problems = ctx_parse(text).unwrap_err();
+        assert_eq!(
+            problems,
+            ["not valid TOML at line 2, column 14: invalid table header, expected `.`, `]]`"]
+        );
     }
 }

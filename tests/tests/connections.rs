@@ -199,6 +199,10 @@ async fn an_invalid_document_is_refused_whole_with_every_problem() {
     let out = d.cli(&["apply", "-f", file.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}: the integration file has", file.display())),
+        "the file is named: {err}"
+    );
     assert!(err.contains("connection[prod].environment"), "{err}");
     assert!(err.contains("colour: unknown key"), "{err}");
 }

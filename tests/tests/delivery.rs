@@ -541,7 +541,7 @@ async fn idempotency_keys_bad_input_and_limits() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("Create"), "{v}");
-    let (s, _) = d
+    let (s, v) = d
         .post_body(
             "/v1/integrations/acme/messages",
             "application/json",
@@ -550,6 +550,12 @@ async fn idempotency_keys_bad_input_and_limits() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Where it is wrong, said once.
+    assert_eq!(
+        v["error"],
+        "request body is not valid JSON for this call: key must be a string at line 1 column 2",
+        "{v}"
+    );
     let big = vec![b'x'; 5 << 20];
     let (s, v) = d
         .post_body(

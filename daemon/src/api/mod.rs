@@ -205,12 +205,9 @@ impl Call {
                 "request body is empty; expected JSON",
             ));
         }
+        // serde_json's words already say where ("at line 1 column 2").
         serde_json::from_slice(&self.body).map_err(|e| {
-            ApiError::bad_request(format!(
-                "request body is not valid JSON for this call: {e} (line {}, column {})",
-                e.line(),
-                e.column()
-            ))
+            ApiError::bad_request(format!("request body is not valid JSON for this call: {e}"))
         })
     }
 

@@ -23,7 +23,11 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
     };
     let v = api
         .post_raw("/v1/apply", "application/toml", Bytes::from(text), &[])
-        .await?;
+        .await
+        .map_err(|e| match e {
+            CliError::Refused(why) => CliError::Refused(format!("{file}: {why}")),
+            other => other,
+        })?;
     if json {
         super::table::json(&v);
         return Ok(());
