@@ -349,8 +349,9 @@ impl Config {
         })?;
         // A bare word is a valid filter (it enables one target) but never
         // what is meant: `level = "loud"` would log nothing at all.
-        if let Some(word) = bare_word(&level) {
-            return Err(err("log.level", format!("{word:?} {NOT_A_LEVEL}")));
+        if let Some(word) = outbox_proto::bare_log_word(&level) {
+            let not_a_level = outbox_proto::NOT_A_LOG_LEVEL;
+            return Err(err("log.level", format!("{word:?} {not_a_level}")));
         }
         let format = match raw.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -495,29 +496,11 @@ fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// What a bare word in `log.level` is told.
-const NOT_A_LEVEL: &str =
-    "is not a level: use error, warn, info, debug, trace or off, or TARGET=LEVEL";
-
-/// A log filter that is one plain word and no level (`"loud"`), if it is
-/// that: valid for tracing (everything from a target of that name), but
-/// never what a level setting means. A word beside others
-/// (`"info,outbox_daemon"`), a path (`"hyper::proto"`) or `TARGET=LEVEL`
-/// is a filter as tracing reads it.
-fn bare_word(filter: &str) -> Option<&str> {
-    let word = filter.trim();
-    let level = word.parse::<tracing::level_filters::LevelFilter>().is_ok();
-    (!word.is_empty() && !level && !word.contains([',', '=', '[', ':'])).then_some(word)
-}
-
 /// A token of the config (`api.token`, `mid_servers.NAME.token`): read now,
 /// without the whitespace around it, and refused when blank (see
 /// [`Secret::resolve_token`]).
 fn resolve_token(key: &str, secret: &Secret) -> Result<SecretValue, ConfigError> {
-    secret
-        .resolve_token()
-        .map(SecretValue::new)
-        .map_err(|e| err(key, e.to_string()))
+    secret.resolve_token().map_err(|e| err(key, e.to_string()))
 }
 
 /// The TLS settings the tunnel listens with: TLS 1.3, the tunnel's ALPN,
@@ -669,22 +652,6 @@ mod tests {
         assert_eq!(c.instance_name, "acme-dev");
         assert_eq!(c.apply, ["/a/*.toml", "/b/*.toml"]);
         assert_eq!(c.retention, Duration::from_secs(3 * 86_400));
-    }
-
-    #[test]
-    fn a_log_filter_is_levels_and_target_levels() {
-        for good in [
-            "info",
-            "OFF",
-            "warn,outbox_daemon=debug",
-            "info,[req]=trace",
-            "info,outbox_daemon",
-            "hyper::proto",
-            "",
-        ] {
-            assert_eq!(bare_word(good), None, "{good}");
-        }
-        assert_eq!(bare_word(" loud "), Some("loud"));
     }
 
     #[test]

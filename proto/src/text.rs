@@ -1,4 +1,5 @@
-//! Text from the peer, made safe to log.
+//! Text from the peer, made safe to log; and the one rule for a log level
+//! that both the daemon's and the relay's configs check.
 
 use std::borrow::Cow;
 
@@ -45,5 +46,42 @@ mod tests {
             printable("x\u{2028}y\u{202e}z\u{2066}"),
             "x\\u{2028}y\\u{202e}z\\u{2066}"
         );
+    }
+}
+
+/// What a `log.level` that [`bare_log_word`] finds is told.
+pub const NOT_A_LOG_LEVEL: &str =
+    "is not a level: use error, warn, info, debug, trace or off, or TARGET=LEVEL";
+
+/// A log filter that is one plain word and no level (`"loud"`), if it is
+/// that: valid for tracing (everything from a target of that name, so
+/// nothing at all is logged), but never what a level setting means. A word
+/// beside others (`"info,outbox_daemon"`), a path (`"hyper::proto"`) or
+/// `TARGET=LEVEL` is a filter as tracing reads it.
+pub fn bare_log_word(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let word = filter.trim();
+    let level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word));
+    (!word.is_empty() && !level && !word.contains([',', '=', '[', ':'])).then_some(word)
+}
+
+#[cfg(test)]
+mod log_level_tests {
+    use super::bare_log_word;
+
+    #[test]
+    fn a_log_filter_is_levels_and_target_levels() {
+        for good in [
+            "info",
+            "OFF",
+            "warn,outbox_daemon=debug",
+            "info,[req]=trace",
+            "info,outbox_daemon",
+            "hyper::proto",
+            "",
+        ] {
+            assert_eq!(bare_log_word(good), None, "{good}");
+        }
+        assert_eq!(bare_log_word(" loud "), Some("loud"));
     }
 }

@@ -151,15 +151,14 @@ impl Config {
     fn parse_from(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
         // Names follow the one rule of the protocol (and of the daemon).
-        let name_ok = |n: &str| outbox_proto::check_name(n, &outbox_proto::Limits::default());
-        name_ok(&raw.name).map_err(|e| err("name", e.to_string()))?;
+        let names = outbox_proto::Limits::default();
+        outbox_proto::check_name(&raw.name, &names).map_err(|e| err("name", e.to_string()))?;
         // Read as the daemon reads its tokens: without whitespace around
         // it, and refused when blank.
-        let token = SecretValue::new(
-            raw.token
-                .resolve_token()
-                .map_err(|e| err("token", e.to_string()))?,
-        );
+        let token = raw
+            .token
+            .resolve_token()
+            .map_err(|e| err("token", e.to_string()))?;
         if raw.daemons.is_empty() {
             return Err(err(
                 "daemons",
@@ -227,12 +226,8 @@ impl Config {
                     p.name.clone()
                 }
             );
-            if name_ok(&p.name).is_err() {
-                return Err(err(
-                    format!("{at}.name"),
-                    "letters, digits, '.', '_' and '-' only",
-                ));
-            }
+            outbox_proto::check_name(&p.name, &names)
+                .map_err(|e| err(format!("{at}.name"), e.to_string()))?;
             match (&p.client_cert, &p.client_key) {
                 (Some(c), Some(k)) => {
                     readable(&format!("{at}.client_cert"), c)?;
@@ -267,16 +262,9 @@ impl Config {
             .map_err(|e| err("log.level", format!("{log_level:?}: {e}")))?;
         // A bare word is a valid filter (it enables one target) but never
         // what is meant: `level = "loud"` would log nothing at all.
-        // (As the daemon reads its own: one plain word that is no level.)
-        let word = log_level.trim();
-        if !word.is_empty()
-            && word.parse::<tracing::level_filters::LevelFilter>().is_err()
-            && !word.contains([',', '=', '[', ':'])
-        {
-            return Err(err(
-                "log.level",
-                format!("{word:?} is not a level: use error, warn, info, debug, trace or off, or TARGET=LEVEL"),
-            ));
+        if let Some(word) = outbox_proto::bare_log_word(&log_level) {
+            let not_a_level = outbox_proto::NOT_A_LOG_LEVEL;
+            return Err(err("log.level", format!("{word:?} {not_a_level}")));
         }
         let log_json = match raw.log.format.as_deref() {
             None | Some("text") => false,

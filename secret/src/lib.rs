@@ -115,8 +115,10 @@ impl Secret {
     /// client secrets keep [`Secret::resolve`]: an empty password is a real
     /// thing (some services take an API key as the basic-auth user name and
     /// an empty password), and those are the remote system's to judge.
-    pub fn resolve_token(&self) -> Result<String, SecretError> {
-        self.resolve().and_then(|value| self.non_blank(value))
+    pub fn resolve_token(&self) -> Result<SecretValue, SecretError> {
+        self.resolve()
+            .and_then(|value| self.non_blank(value))
+            .map(SecretValue)
     }
 
     /// `value`, read from this secret, without the whitespace around it,
@@ -354,7 +356,13 @@ mod tests {
         );
         // Other secrets keep an empty literal: an empty password is valid.
         assert_eq!(Secret::Literal(String::new()).resolve().unwrap(), "");
-        assert_eq!(Secret::Literal("t".into()).resolve_token().unwrap(), "t");
+        assert_eq!(
+            Secret::Literal("t".into())
+                .resolve_token()
+                .unwrap()
+                .expose(),
+            "t"
+        );
     }
 
     #[test]
@@ -363,11 +371,14 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "tok\n\n").unwrap();
         let file = Secret::File { file: path };
-        assert_eq!(file.resolve_token().unwrap(), "tok");
+        assert_eq!(file.resolve_token().unwrap().expose(), "tok");
         // A password keeps all but the one line ending.
         assert_eq!(file.resolve().unwrap(), "tok\n");
         assert_eq!(
-            Secret::Literal(" tok\t".into()).resolve_token().unwrap(),
+            Secret::Literal(" tok\t".into())
+                .resolve_token()
+                .unwrap()
+                .expose(),
             "tok"
         );
         let env = Secret::Env { env: "X".into() };
