@@ -377,16 +377,22 @@ impl Helper {
 /// Runs a helper process: binds a loopback port, prints it on stdout, and
 /// hands each connection accepted to `serve` (on the helper's runtime)
 /// until its stdin closes (the bench ended, however it ended).
-fn serve_helper(mut serve: impl FnMut(tokio::net::TcpStream)) -> Result<bool> {
+/// `workers` sets the runtime's threads (default: one per CPU).
+fn serve_helper(
+    workers: Option<usize>,
+    mut serve: impl FnMut(tokio::net::TcpStream),
+) -> Result<bool> {
     std::thread::spawn(|| {
         let mut sink = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
         std::process::exit(0);
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("listening {}", listener.local_addr()?);
@@ -406,7 +412,7 @@ fn serve_helper(mut serve: impl FnMut(tokio::net::TcpStream)) -> Result<bool> {
 /// The sink or the baseline server.
 fn helper(kind: Helper) -> Result<bool> {
     let sink = Arc::new(SinkState::default());
-    serve_helper(move |stream| {
+    serve_helper(None, move |stream| {
         let io = TokioIo::new(stream);
         match kind {
             Helper::Sink => {
@@ -441,7 +447,9 @@ fn forward_helper(target: String) -> Result<bool> {
     let target: SocketAddr = target
         .parse()
         .map_err(|_| anyhow!("--tcp-forward: {target:?} is not an address"))?;
-    serve_helper(move |mut inbound| {
+    // Two threads, as the relay has (relay/src/main.rs): the floor gets no
+    // more parallelism than what it is compared with.
+    serve_helper(Some(2), move |mut inbound| {
         tokio::spawn(async move {
             let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                 return;
