@@ -147,8 +147,11 @@ impl App {
         texts: &[(String, String)],
     ) -> Result<Vec<Change>, ChangeError> {
         let mids = self.mid_server_names();
-        self.change(|catalog| apply_all(catalog, texts, &mids))
-            .await
+        let changes = self
+            .change(|catalog| apply_all(catalog, texts, &mids))
+            .await?;
+        warn_removed(&changes);
+        Ok(changes)
     }
 
     /// Reads the `apply` files named in the config and applies them.
@@ -158,22 +161,22 @@ impl App {
     }
 }
 
-/// Applies each `(label, text)` in turn to `catalog`, so later files may
-/// refer to profiles of earlier ones; problems are prefixed with the label
-/// (a file's path; an API request has none).
 /// Logs what applies took away, however they came (the API, the files at
 /// start or on reload): a removed message type is a warning, since
 /// messages still queued for it end in `error` on their turn.
-pub fn warn_removed(changes: &[crate::catalog::Change]) {
-    for c in changes.iter().filter(|c| !c.removed.is_empty()) {
-        if c.removed.iter().any(|r| r.starts_with("message type ")) {
-            tracing::warn!(integration = %c.integration, removed = ?c.removed, "apply removed a message type: messages still queued for it end in error when sent");
-        } else {
-            tracing::info!(integration = %c.integration, removed = ?c.removed, "apply removed connections");
+fn warn_removed(changes: &[crate::catalog::Change]) {
+    for c in changes {
+        if !c.removed_message_types.is_empty() {
+            tracing::warn!(integration = %c.integration, message_types = ?c.removed_message_types, connections = ?c.removed_connections, "apply removed a message type: messages still queued for it end in error when sent");
+        } else if !c.removed_connections.is_empty() {
+            tracing::info!(integration = %c.integration, connections = ?c.removed_connections, "apply removed connections");
         }
     }
 }
 
+/// Applies each `(label, text)` in turn to `catalog`, so later files may
+/// refer to profiles of earlier ones; problems are prefixed with the label
+/// (a file's path; an API request has none).
 pub fn apply_all(
     catalog: &mut Catalog,
     texts: &[(String, String)],

@@ -98,12 +98,14 @@ pub struct Change {
     pub integration: String,
     pub state: State,
     pub active_connection: Option<String>,
-    /// What an apply took away: `message type NAME`, `connection NAME`.
-    /// Messages queued for a message type that is gone end in `error`
-    /// when their turn comes, so an apply says so rather than doing it
-    /// silently.
+    /// The message types an apply took away. Messages queued for one end
+    /// in `error` when their turn comes, so an apply says so rather than
+    /// doing it silently.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub removed: Vec<String>,
+    pub removed_message_types: Vec<String>,
+    /// The connections an apply took away.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_connections: Vec<String>,
 }
 
 impl Catalog {
@@ -125,7 +127,8 @@ impl Catalog {
             integration: integration.to_string(),
             state: e.state(),
             active_connection: e.spec.active_connection().map(|c| c.name.clone()),
-            removed: Vec::new(),
+            removed_message_types: Vec::new(),
+            removed_connections: Vec::new(),
         }
     }
 
@@ -273,11 +276,13 @@ impl Catalog {
                 entry.last_active = None;
             }
             let changed = previous.is_none_or(|p| *p != entry);
-            let removed = previous.map_or_else(Vec::new, |p| removed(&p.spec, &entry.spec));
+            let (types, connections) =
+                previous.map_or_else(Default::default, |p| removed(&p.spec, &entry.spec));
             self.integrations.insert(spec.name.clone(), entry);
             if changed || was_active != now_active {
                 changes.push(Change {
-                    removed,
+                    removed_message_types: types,
+                    removed_connections: connections,
                     ..self.change(&spec.name)
                 });
             }
@@ -298,19 +303,19 @@ impl Catalog {
     }
 }
 
-/// The message types and connections of `before` that `after` lacks.
-fn removed(before: &Integration, after: &Integration) -> Vec<String> {
+/// The message types and the connections of `before` that `after` lacks.
+fn removed(before: &Integration, after: &Integration) -> (Vec<String>, Vec<String>) {
     let types = before
         .messages
         .iter()
         .filter(|m| after.message_type(&m.name).is_none())
-        .map(|m| format!("message type {}", m.name));
+        .map(|m| m.name.clone());
     let connections = before
         .connections
         .iter()
         .filter(|c| after.connection(&c.name).is_none())
-        .map(|c| format!("connection {}", c.name));
-    types.chain(connections).collect()
+        .map(|c| c.name.clone());
+    (types.collect(), connections.collect())
 }
 
 #[cfg(test)]
@@ -546,13 +551,16 @@ mod tests {
             headers: Default::default(),
         }];
         let changes = c.apply(&doc);
-        assert!(changes[0].removed.is_empty(), "{changes:?}");
+        assert!(changes[0].removed_message_types.is_empty(), "{changes:?}");
         doc.integration[0].messages.clear();
         doc.integration[0].connections.retain(|c| c.name == "a");
         let changes = c.apply(&doc);
         assert_eq!(
-            changes[0].removed,
-            ["message type Create", "connection b"],
+            (
+                &changes[0].removed_message_types,
+                &changes[0].removed_connections
+            ),
+            (&vec!["Create".to_string()], &vec!["b".to_string()]),
             "{changes:?}"
         );
     }

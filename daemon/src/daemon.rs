@@ -82,7 +82,6 @@ pub async fn run(
             changed = changes.len(),
             "applied integration files"
         );
-        crate::app::warn_removed(&changes);
     }
 
     let stranded = app.connections_without_mid_server(&app.mid_server_names());
@@ -279,7 +278,6 @@ async fn reload_inner(app: &Arc<App>, config_path: Option<&std::path::Path>) {
                 app.relays.set_server_config(server);
             }
             tracing::info!(files = texts.len(), changed = changes.len(), "reloaded");
-            crate::app::warn_removed(&changes);
         }
         Err(e) => {
             tracing::error!(error = %one_line(&e.to_string()), "reload refused: the running integrations stay")

@@ -22,14 +22,15 @@ use crate::queue::{format_id, Attempt, MessageRecord};
 use crate::template::{self, Ref};
 
 /// The instance-name guard (SPEC §3.4): a connection whose `instance_name`
-/// is set and differs from the daemon's gets no request.
+/// is set and differs from the daemon's gets no request. The error is the
+/// reason alone; each user says what follows from it.
 pub fn guard(daemon_instance: &str, connection: &Connection) -> Result<(), String> {
     let wanted = connection.instance_name.trim();
     if wanted.is_empty() || wanted == daemon_instance {
         Ok(())
     } else {
         Err(format!(
-            "instance guard: connection is for {wanted:?} but this daemon is {daemon_instance:?}; not sent"
+            "instance guard: connection is for {wanted:?} but this daemon is {daemon_instance:?}"
         ))
     }
 }

@@ -259,7 +259,7 @@ async fn attempt(app: &App, integration: &str, seq: u64) -> Option<Finished> {
     };
     if let Err(e) = deliver::guard(&app.config.instance_name, connection) {
         tracing::warn!(integration, id = %MessageId(seq), connection = %connection.name, environment = %connection.environment, error = %e, "not sent");
-        base.error = Some(e);
+        base.error = Some(format!("{e}; not sent"));
         base.outcome = "error".into();
         return finished(rec, Some(base), Disposition::Final(MessageState::Error));
     }

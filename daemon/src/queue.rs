@@ -529,13 +529,21 @@ impl Queue {
     /// Whether `key` was given to a message of `integration` that is still
     /// kept: an enqueue with it adds nothing and answers with that id.
     pub fn seen(&self, integration: &str, key: &str) -> Result<bool, QueueError> {
-        let k = idempotency_key(integration, key);
-        Ok(
-            match self.trees.idempotency.get(&k).map_err(StoreError::from)? {
-                Some(existing) => self.trees.messages.contains(key_seq(&existing)),
-                None => false,
-            },
-        )
+        let (kept, _) = self.idempotent(&idempotency_key(integration, key))?;
+        Ok(kept.is_some())
+    }
+
+    /// The message an idempotency key (as stored) names, if it is still
+    /// kept; else the key's stale entry, if any (its message pruned part
+    /// way, before an old crash), for an enqueue to take over.
+    #[allow(clippy::type_complexity)]
+    fn idempotent(&self, key: &[u8]) -> Result<(Option<u64>, Option<sled::IVec>), QueueError> {
+        match self.trees.idempotency.get(key).map_err(StoreError::from)? {
+            Some(existing) if self.trees.messages.contains(key_seq(&existing)) => {
+                Ok((Some(key_seq(&existing)), None))
+            }
+            stale => Ok((None, stale)),
+        }
     }
 
     /// Adds a message and answers once it is on disk.
@@ -559,16 +567,13 @@ impl Queue {
             .idempotency_key
             .as_ref()
             .map(|k| idempotency_key(&new.integration, k));
-        // A key whose message is gone (pruned part way, before an old
-        // crash) is free again: it is taken over below, from that seq.
+        // A key whose message is gone is free again: it is taken over
+        // below, from that seq.
         let mut stale = None;
         if let Some(key) = &idem_key {
-            if let Some(existing) = self.trees.idempotency.get(key).map_err(StoreError::from)? {
-                let first = key_seq(&existing);
-                if self.trees.messages.contains(first) {
-                    return self.duplicate(first);
-                }
-                stale = Some(existing);
+            match self.idempotent(key)? {
+                (Some(first), _) => return self.duplicate(first),
+                (None, old) => stale = old,
             }
         }
         let seq = self.commit.store.generate_id()?;

@@ -78,8 +78,9 @@ async fn sighup_reloads_good_files_and_keeps_the_running_state_on_bad_ones() {
     d.signal(libc::SIGHUP);
     eventually_msg(WAIT, "the removal logged", async || {
         let log = d.log();
-        (log.contains("apply removed a message type") && log.contains("message type Create"))
-            .then_some(())
+        (log.contains("apply removed a message type")
+            && log.contains(r#"message_types=["Create"]"#))
+        .then_some(())
     })
     .await;
 

@@ -125,7 +125,6 @@ pub async fn apply(app: &Arc<App>, call: &Call) -> ApiResult {
     for c in &changes {
         tracing::info!(integration = %c.integration, state = c.state.as_str(), active_connection = c.active_connection.as_deref().unwrap_or("none"), "applied");
     }
-    crate::app::warn_removed(&changes);
     ok(&serde_json::json!({ "changed": changes }))
 }
 

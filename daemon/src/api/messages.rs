@@ -175,16 +175,20 @@ async fn enqueue(app: &Arc<App>, new: NewMessage) -> ApiResult {
     };
     // A parameter the message type's templates use and the message lacks
     // would fail every attempt: the producer hears of it now.
-    // (A producer's retry of a message taken before still gets its id.)
-    let retry = |key: &str| app.queue.seen(&new.integration, key).unwrap_or(false);
-    if let Some((place, key)) = missing_param(message_type, &new.params)
-        .filter(|_| !new.idempotency_key.as_deref().is_some_and(retry))
-    {
-        return Err(ApiError::bad_request(format!(
-            "params.{key}: message type {} uses ${{params.{key}}} in its {place}, \
-             and this message does not give it",
-            new.message
-        )));
+    if let Some((place, key)) = missing_param(message_type, &new.params) {
+        // A producer's retry of a message taken before still gets its id
+        // (SPEC §7); anything else hears now what every attempt would say.
+        let retry = match &new.idempotency_key {
+            Some(k) => app.queue.seen(&new.integration, k).map_err(queue_error)?,
+            None => false,
+        };
+        if !retry {
+            return Err(ApiError::bad_request(format!(
+                "params.{key}: message type {} uses ${{params.{key}}} in its {place}, \
+                 and this message does not give it",
+                new.message
+            )));
+        }
     }
     for (what, value) in [
         ("ordering_key", &new.ordering_key),
@@ -214,15 +218,19 @@ fn missing_param<'m>(
     message_type: &'m crate::model::MessageType,
     params: &BTreeMap<String, String>,
 ) -> Option<(String, &'m str)> {
-    let templates = std::iter::once(("path".to_string(), message_type.path.as_str())).chain(
+    let templates = std::iter::once((None, message_type.path.as_str())).chain(
         message_type
             .headers
             .iter()
-            .map(|(name, value)| (format!("header {name}"), value.as_str())),
+            .map(|(name, value)| (Some(name), value.as_str())),
     );
-    for (place, template) in templates {
+    for (header, template) in templates {
         for r in crate::template::refs(template).unwrap_or_default() {
             if r.namespace == "params" && !params.contains_key(r.key) {
+                let place = match header {
+                    None => "path".to_string(),
+                    Some(name) => format!("header {name}"),
+                };
                 return Some((place, r.key));
             }
         }

@@ -38,12 +38,17 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
     } else {
         outln!("applied {file}:");
         for c in changed {
-            let removed: Vec<&str> = c["removed"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let names = |key: &str, what: &str| -> Vec<String> {
+                c[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(|n| format!("{what} {n}"))
+                    .collect()
+            };
+            let types = names("removed_message_types", "message type");
+            let removed = [types.clone(), names("removed_connections", "connection")].concat();
             outln!(
                 "  {}: {}{}{}",
                 cell(&c, "integration"),
@@ -52,15 +57,12 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
                     .as_str()
                     .map(|a| format!(", active connection {a}"))
                     .unwrap_or_default(),
-                match removed.is_empty() {
-                    true => String::new(),
-                    false => format!(
-                        "; removed {}{}",
-                        removed.join(", "),
-                        match removed.iter().any(|r| r.starts_with("message type ")) {
-                            true => " (messages queued for it end in error when sent)",
-                            false => "",
-                        }
+                match (removed.is_empty(), types.is_empty()) {
+                    (true, _) => String::new(),
+                    (false, true) => format!("; removed {}", removed.join(", ")),
+                    (false, false) => format!(
+                        "; removed {} (messages queued for it end in error when sent)",
+                        removed.join(", ")
                     ),
                 }
             );
@@ -204,8 +206,7 @@ fn summary(json: bool, v: &Value) {
         );
         if let Some(guard) = v["guard_error"].as_str() {
             eprintln!(
-                "warning: {}: every message ends in error while this connection is active",
-                guard.trim_end_matches("; not sent")
+                "warning: {guard}: every message ends in error while this connection is active"
             );
         }
     }
