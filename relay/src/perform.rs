@@ -118,36 +118,75 @@ impl tower_service::Service<http::Uri> for AllowConnector {
                 Box::pin(async move {
                     checked.call(uri).await.map_err(|e| {
                         // The resolver refused the name's addresses.
-                        match refused_by_resolver(&e) {
-                            true => format!(
-                                "{host}:{port} is not in this relay's allow list \
-                                 ({host} resolves outside the allow-list's CIDR blocks)"
-                            )
-                            .into(),
-                            false => e.into(),
+                        match in_chain::<OutsideBlocks>(&e) {
+                            Some(_) => NotAllowed::outside_blocks(&host, port).into(),
+                            None => e.into(),
                         }
                     })
                 })
             }
-            Verdict::Denied => Box::pin(async move {
-                Err(format!("{host}:{port} is not in this relay's allow list").into())
-            }),
+            // (`Performer::send` checks first; the connector is where the
+            // list is enforced, whatever calls it.)
+            Verdict::Denied => Box::pin(async move { Err(NotAllowed::target(&host, port).into()) }),
         }
     }
 }
 
-/// Whether a connection failed because [`CidrResolver`] refused the name.
-fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
+/// A refusal by the allow-list, typed so that [`classify`] finds it under
+/// whatever hyper wraps it in.
+#[derive(Debug)]
+struct NotAllowed(String);
+
+impl NotAllowed {
+    fn target(host: &str, port: u16) -> NotAllowed {
+        NotAllowed(format!("{host}:{port} is not in this relay's allow list"))
+    }
+
+    fn outside_blocks(host: &str, port: u16) -> NotAllowed {
+        NotAllowed(format!(
+            "{host}:{port} is not in this relay's allow list \
+             ({host} resolves outside the allow-list's CIDR blocks)"
+        ))
+    }
+}
+
+impl std::fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotAllowed {}
+
+/// [`CidrResolver`]'s refusal of a name, inside the `io::Error` a
+/// resolver must give.
+#[derive(Debug)]
+struct OutsideBlocks(String);
+
+impl std::fmt::Display for OutsideBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} resolves outside the allow-list", self.0)
+    }
+}
+
+impl std::error::Error for OutsideBlocks {}
+
+/// The first error of type `T` in `e`'s chain, looking inside `io::Error`s
+/// too (which hold theirs rather than give it as a source).
+fn in_chain<'e, T: std::error::Error + 'static>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
     let mut source = Some(e);
     while let Some(e) = source {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
-        {
-            return true;
+        if let Some(found) = e.downcast_ref::<T>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref()?.downcast_ref::<T>())
+        }) {
+            return Some(found);
         }
         source = e.source();
     }
-    false
+    None
 }
 
 /// A DNS resolver that hands out a name's addresses only when every one of
@@ -177,7 +216,7 @@ impl tower_service::Service<Name> for CidrResolver {
             } else {
                 Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{host} resolves outside the allow-list"),
+                    OutsideBlocks(host),
                 ))
             }
         })
@@ -212,7 +251,7 @@ impl Performer {
             Verdict::Allowed | Verdict::ResolveAndCheck => Ok(()),
             Verdict::Denied => Err(Failure::new(
                 ErrorKind::NotAllowed,
-                format!("{host}:{port} is not in this relay's allow list"),
+                NotAllowed::target(host, port).to_string(),
             )),
         }
     }
@@ -326,13 +365,8 @@ pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Result<Bytes
 
 fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
     // The connector's refusal says all there is to say.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if text.contains("not in this relay's allow list") {
-            return Failure::new(ErrorKind::NotAllowed, text);
-        }
-        source = s.source();
+    if let Some(refused) = in_chain::<NotAllowed>(e) {
+        return Failure::new(ErrorKind::NotAllowed, refused.to_string());
     }
     let text = chain(e);
     let kind = if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
@@ -455,6 +489,27 @@ mod tests {
 
     /// A `host:port` entry allows its name on that port only: on another
     /// port the name must resolve into a CIDR block like any other.
+    #[test]
+    fn only_the_allow_lists_own_refusals_count_as_refusals() {
+        // A connection refused by the system (EACCES from a local firewall)
+        // is no allow-list refusal, though its kind is the resolver's.
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(in_chain::<OutsideBlocks>(&denied).is_none());
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            OutsideBlocks("jira.internal".into()),
+        );
+        assert!(in_chain::<OutsideBlocks>(&refused).is_some());
+        let boxed: Box<dyn std::error::Error + Send + Sync> =
+            NotAllowed::target("jira.internal", 22).into();
+        assert_eq!(
+            in_chain::<NotAllowed>(&*boxed)
+                .map(|n| n.to_string())
+                .as_deref(),
+            Some("jira.internal:22 is not in this relay's allow list")
+        );
+    }
+
     #[tokio::test]
     async fn a_name_listed_with_one_port_is_not_allowed_on_another() {
         let port = target().await;
