@@ -562,6 +562,20 @@ impl Daemon {
         .await
     }
 
+    /// Message `id` once it has an attempt, and that first attempt.
+    pub async fn first_attempt(&self, id: &str, timeout: Duration) -> (Value, Value) {
+        let m = crate::eventually_msg(timeout, format!("a first attempt of {id}"), async || {
+            let m = self.message(id).await;
+            m["attempts"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+                .then_some(m)
+        })
+        .await;
+        let first = m["attempts"][0].clone();
+        (m, first)
+    }
+
     /// Runs `outbox --api URL --token T ARGS...` to completion (at most
     /// [`REQUEST_TIMEOUT`]). Async so that the test's sinks keep serving
     /// while the CLI has the daemon call them (`outbox test I/C`).

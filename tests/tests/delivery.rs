@@ -769,11 +769,7 @@ async fn an_unreadable_credential_sends_nothing_and_is_a_warning() {
     )
     .await;
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let m = eventually_msg(WAIT, "a first attempt", async || {
-        let m = d.message(&id).await;
-        (!m["attempts"].as_array()?.is_empty()).then_some(m)
-    })
-    .await;
+    let (m, _) = d.first_attempt(&id, WAIT).await;
     let a = &m["attempts"][0];
     assert!(
         a["error"]
@@ -856,11 +852,7 @@ async fn answers_are_read_as_far_as_they_can_be() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let m = eventually_msg(WAIT, "a first attempt", async || {
-        let m = d.message(&id).await;
-        (!m["attempts"].as_array()?.is_empty()).then_some(m)
-    })
-    .await;
+    let (m, _) = d.first_attempt(&id, WAIT).await;
     assert_eq!(
         m["attempts"][0]["error"], "the response body did not end within 5s",
         "{m}"

@@ -1086,11 +1086,7 @@ async fn oauth_tokens_are_fetched_through_the_relay() {
     let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
     wait_sessions(&d, 1, WAIT).await;
     let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
-    let m = eventually_msg(WAIT, "a first attempt", async || {
-        let m = d.message(&id).await;
-        (!attempts(&m).is_empty()).then_some(m)
-    })
-    .await;
+    let (m, _) = d.first_attempt(&id, WAIT).await;
     let error = attempts(&m)[0]["error"].as_str().unwrap_or("").to_string();
     assert!(
         error.contains("oauth profile tok: token endpoint")
@@ -1193,17 +1189,6 @@ async fn one_slot_relay(slow: u32) -> (Pki, Sink, Daemon, Relay) {
     (pki, sink, d, relay)
 }
 
-/// Message `id` once it has an attempt, and its first attempt.
-async fn first_attempt(d: &Daemon, id: &str) -> (Value, Value) {
-    let m = eventually_msg(WAIT, format!("a first attempt of {id}"), async || {
-        let m = d.message(id).await;
-        (!attempts(&m).is_empty()).then_some(m)
-    })
-    .await;
-    let first = attempts(&m)[0].clone();
-    (m, first)
-}
-
 /// A request waiting at the relay for a free slot counts that wait in its
 /// timeout: past it the relay answers without sending it, so the remote
 /// system never gets a request the daemon has given up on (and would send
@@ -1214,7 +1199,7 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
     let a = send(&d, "slow", json!({"message": "Create", "body": {"n": 1}})).await;
     sink.wait_for(1, WAIT).await;
     let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 2}})).await;
-    let (m, first) = first_attempt(&d, &b).await;
+    let (m, first) = d.first_attempt(&b, WAIT).await;
     let error = first["error"].as_str().unwrap_or("");
     assert!(
         error.contains("not sent: no free slot within "),
@@ -1237,7 +1222,7 @@ async fn a_request_the_relay_has_no_room_for_is_not_sent_within_its_timeout() {
     let a2 = send(&d, "slow", json!({"message": "Create", "body": {"n": 2}})).await;
     sink.wait_for(1, WAIT).await;
     let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 3}})).await;
-    let (m, first) = first_attempt(&d, &b).await;
+    let (m, first) = d.first_attempt(&b, WAIT).await;
     let error = first["error"].as_str().unwrap_or("");
     assert!(
         error.contains("not sent: the relay took no new request within 1s"),

@@ -1089,11 +1089,7 @@ async fn a_request_on_a_session_the_daemon_drops_says_why() {
     let _ = control.send.write_all(&[0, 0, 0, 1, 42]).await;
     let (code, _) = relay.closed("garbage").await;
     assert_eq!(code, 3);
-    let m = eventually_msg(WAIT, "the cut attempt recorded", async || {
-        let m = t.daemon.message(&id).await;
-        (!m["attempts"].as_array()?.is_empty()).then_some(m)
-    })
-    .await;
+    let (m, _) = t.daemon.first_attempt(&id, WAIT).await;
     let error = m["attempts"][0]["error"].as_str().unwrap_or("");
     assert!(
         error.contains(&format!(
