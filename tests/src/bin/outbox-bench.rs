@@ -2812,29 +2812,24 @@ async fn relay_phase(
             "plain": plain.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
         },
     });
-    if let (Some(k), Some(info)) = (at(SSH_CONNECTION), ssh_info) {
-        let ssh_rate = rate[k];
-        result["ssh_per_s"] = json!(round(ssh_rate, 0));
-        result["relay_vs_ssh"] = json!(round(relay_rate / ssh_rate.max(1e-9), 3));
-        result["ssh_vs_direct"] = json!(round(ssh_rate / direct_rate.max(1e-9), 3));
-        // As `cpu_cost_ratio`: the ratios the rates would have if CPU were
-        // the only limit.
-        result["relay_vs_ssh_cpu_cost_ratio"] = json!(round(us[k] / us[1].max(1e-9), 3));
-        result["ssh_vs_direct_cpu_cost_ratio"] = json!(round(us[0] / us[k].max(1e-9), 3));
+    // Each comparison that ran, under its connection's name: its rate,
+    // the relay against it, it against direct, and, as `cpu_cost_ratio`,
+    // the ratios the rates would have if CPU were the only limit.
+    for name in [SSH_CONNECTION, FORWARD_CONNECTION] {
+        let Some(k) = at(name) else { continue };
+        result[format!("{name}_per_s")] = json!(round(rate[k], 0));
+        result[format!("relay_vs_{name}")] = json!(round(relay_rate / rate[k].max(1e-9), 3));
+        result[format!("{name}_vs_direct")] = json!(round(rate[k] / direct_rate.max(1e-9), 3));
+        result[format!("relay_vs_{name}_cpu_cost_ratio")] =
+            json!(round(us[k] / us[1].max(1e-9), 3));
+        result[format!("{name}_vs_direct_cpu_cost_ratio")] =
+            json!(round(us[0] / us[k].max(1e-9), 3));
+        result["cpu_us_per_msg_all"][name] = json!(round(us[k], 1));
+        result["cpu"][name] = cpu[k].clone();
+    }
+    if let Some(info) = ssh_info.filter(|_| at(SSH_CONNECTION).is_some()) {
         result["ssh_tunnel"] = info;
         result["ssh_tunnel"]["skipped"] = Value::Null;
-        result["cpu_us_per_msg_all"]["ssh"] = json!(round(us[k], 1));
-        result["cpu"]["ssh"] = cpu[k].clone();
-    }
-    if let Some(k) = at(FORWARD_CONNECTION) {
-        let forward_rate = rate[k];
-        result["forward_per_s"] = json!(round(forward_rate, 0));
-        result["relay_vs_forward"] = json!(round(relay_rate / forward_rate.max(1e-9), 3));
-        result["forward_vs_direct"] = json!(round(forward_rate / direct_rate.max(1e-9), 3));
-        result["relay_vs_forward_cpu_cost_ratio"] = json!(round(us[k] / us[1].max(1e-9), 3));
-        result["forward_vs_direct_cpu_cost_ratio"] = json!(round(us[0] / us[k].max(1e-9), 3));
-        result["cpu_us_per_msg_all"]["forward"] = json!(round(us[k], 1));
-        result["cpu"]["forward"] = cpu[k].clone();
     }
     Ok((result, complete))
 }
