@@ -32,7 +32,13 @@ async fn setup(extra: &str) -> (Daemon, Sink) {
 }
 
 async fn send(d: &Daemon, body: Value) -> String {
-    let (s, v) = d.post_json("/v1/integrations/acme/messages", body).await;
+    send_to(d, "acme", body).await
+}
+
+/// Enqueues `body` (the JSON envelope) into `integration`; its id.
+async fn send_to(d: &Daemon, integration: &str, body: Value) -> String {
+    let path = format!("/v1/integrations/{integration}/messages");
+    let (s, v) = d.post_json(&path, body).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
@@ -832,26 +838,11 @@ async fn answers_are_read_as_far_as_they_can_be() {
         let (s, v) = d.apply(&doc).await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
-    let (s, v) = d
-        .post_json(
-            "/v1/integrations/odd/messages",
-            json!({"message": "Create", "body": "x"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let m = d
-        .wait_for_state(v["id"].as_str().unwrap(), "sent", WAIT)
-        .await;
+    let id = send_to(&d, "odd", json!({"message": "Create", "body": "x"})).await;
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
     assert_eq!(m["attempts"][0]["status"], 201, "{m}");
 
-    let (s, v) = d
-        .post_json(
-            "/v1/integrations/stalled/messages",
-            json!({"message": "Create", "body": "x"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let id = v["id"].as_str().unwrap().to_string();
+    let id = send_to(&d, "stalled", json!({"message": "Create", "body": "x"})).await;
     let (m, _) = d.first_attempt(&id, WAIT).await;
     assert_eq!(
         m["attempts"][0]["error"], "the response body did not end within 5s",
