@@ -268,6 +268,117 @@ impl Via {
     }
 }
 
+/// A request's way out, for the message's own request and the OAuth token
+/// request alike: the daemon's HTTP client for a TLS setting, or a relay
+/// with its protocol profile of a name.
+pub enum Route<'a> {
+    Direct {
+        client: std::sync::Arc<crate::client::HttpClient>,
+        tls: TlsSettings,
+    },
+    Relay {
+        session: &'a crate::tunnel::Session,
+        protocol_profile: Option<&'a str>,
+    },
+}
+
+/// What one request through a [`Route`] brought.
+pub struct Sent {
+    pub result: Result<Reply, SendError>,
+    pub elapsed: Duration,
+    /// Set when a relay carried the request and did not deliver a response.
+    pub relay_error: Option<crate::tunnel::RelayError>,
+}
+
+impl<'a> Route<'a> {
+    /// The route `via` gives. Going directly, the client is the one for
+    /// the TLS setting `tls` makes (asked for only then); through a relay,
+    /// the relay applies its own protocol profile `relay_profile`.
+    pub fn new(
+        via: &'a Via,
+        clients: &Clients,
+        relay_profile: Option<&'a str>,
+        tls: impl FnOnce() -> Result<TlsSettings, String>,
+    ) -> Result<Route<'a>, String> {
+        Ok(match via {
+            Via::Direct => {
+                let tls = tls()?;
+                Route::Direct {
+                    client: clients.get(&tls)?,
+                    tls,
+                }
+            }
+            Via::Relay(session) => Route::Relay {
+                session,
+                protocol_profile: relay_profile,
+            },
+        })
+    }
+
+    /// Sends one request. An error is a request that cannot be built; a
+    /// request that fails is in [`Sent::result`], where a direct one's
+    /// vague TLS failure is explained.
+    pub async fn send(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+        keep: usize,
+    ) -> Result<Sent, String> {
+        match self {
+            Route::Direct { client, tls } => {
+                let mut req = Request::builder()
+                    .method(method.clone())
+                    .uri(url)
+                    .body(Full::new(body))
+                    .map_err(|e| format!("URL {url}: {e}"))?;
+                *req.headers_mut() = headers;
+                let (mut result, elapsed) = send(client, req, timeout, keep).await;
+                if let Err(SendError::Failed(msg)) = &result {
+                    if let Some(why) = crate::client::explain_failure(tls, url, msg).await {
+                        result = Err(SendError::Failed(format!("{msg}: {why}")));
+                    }
+                }
+                Ok(Sent {
+                    result,
+                    elapsed,
+                    relay_error: None,
+                })
+            }
+            Route::Relay {
+                session,
+                protocol_profile,
+            } => {
+                let started = std::time::Instant::now();
+                let out = crate::tunnel::Outbound {
+                    method: method.as_str(),
+                    url,
+                    headers: &headers,
+                    protocol_profile: *protocol_profile,
+                    body,
+                };
+                let (result, relay) = session.request(out, timeout, keep).await;
+                Ok(Sent {
+                    result,
+                    elapsed: started.elapsed(),
+                    relay_error: relay.err(),
+                })
+            }
+        }
+    }
+
+    /// Words for an error's end saying which relay carried the request;
+    /// empty for a direct request.
+    pub fn through(&self) -> String {
+        match self {
+            Route::Direct { .. } => String::new(),
+            Route::Relay { session, .. } => format!(" (through {})", session.via()),
+        }
+    }
+}
+
 /// The result of sending a prepared request with authentication.
 pub struct Exchange {
     pub method: String,
@@ -289,26 +400,24 @@ pub async fn exchange(
     timeout: Duration,
     via: &Via,
 ) -> Result<Exchange, String> {
-    let (client, tls) = match via {
-        Via::Relay(_) => (None, TlsSettings::default()),
-        Via::Direct => {
+    let route = Route::new(
+        via,
+        s.clients,
+        connection.protocol_profile.as_deref(),
+        || {
             let profile = match &connection.protocol_profile {
                 Some(name) => Some(
                     s.catalog
                         .protocol_profiles
                         .get(name)
-                        .ok_or_else(|| format!("protocol profile {name:?} does not exist"))?,
+                        .ok_or_else(|| format!("{name:?} does not exist"))?,
                 ),
                 None => None,
             };
-            let tls = TlsSettings::from_profile(profile);
-            let client = s
-                .clients
-                .get(&tls)
-                .map_err(|e| format!("protocol profile: {e}"))?;
-            (Some(client), tls)
-        }
-    };
+            Ok(TlsSettings::from_profile(profile))
+        },
+    )
+    .map_err(|e| format!("protocol profile: {e}"))?;
     let oauth_profile = match &connection.auth {
         Auth::Oauth { profile } => Some(
             s.catalog
@@ -339,14 +448,9 @@ pub async fn exchange(
             }
             _ => (None, None),
         };
-        let mut req = Request::builder()
-            .method(prepared.method.clone())
-            .uri(&prepared.url)
-            .body(Full::new(prepared.body.clone()))
-            .map_err(|e| format!("URL {}: {e}", prepared.url))?;
         // Only an OAuth 401 sends a second time; otherwise this round is
         // the last and the headers move into the request.
-        *req.headers_mut() = if round == 0 && oauth_profile.is_some() {
+        let mut headers = if round == 0 && oauth_profile.is_some() {
             prepared.headers.clone()
         } else {
             std::mem::take(&mut prepared.headers)
@@ -355,35 +459,23 @@ pub async fn exchange(
             let mut value = HeaderValue::from_str(v)
                 .map_err(|_| "credentials are not a valid header value".to_string())?;
             value.set_sensitive(true);
-            req.headers_mut().insert(header::AUTHORIZATION, value);
+            headers.insert(header::AUTHORIZATION, value);
         }
-        let request_headers = Headers::masked(req.headers());
-        let (result, elapsed, relay_error) = match (&client, via) {
-            (Some(client), _) => {
-                let (mut r, e) = send(client, req, timeout, EXCERPT_BYTES).await;
-                if let Err(SendError::Failed(msg)) = &r {
-                    if let Some(why) =
-                        crate::client::explain_failure(&tls, &prepared.url, msg).await
-                    {
-                        r = Err(SendError::Failed(format!("{msg}: {why}")));
-                    }
-                }
-                (r, e, None)
-            }
-            (None, Via::Relay(session)) => {
-                let started = std::time::Instant::now();
-                let out = crate::tunnel::Outbound {
-                    method: prepared.method.as_str(),
-                    url: &prepared.url,
-                    headers: req.headers(),
-                    protocol_profile: connection.protocol_profile.as_deref(),
-                    body: prepared.body.clone(),
-                };
-                let (r, relay) = session.request(out, timeout, EXCERPT_BYTES).await;
-                (r, started.elapsed(), relay.err())
-            }
-            (None, Via::Direct) => return Err("no HTTP client for a direct request".into()),
-        };
+        let request_headers = Headers::masked(&headers);
+        let Sent {
+            result,
+            elapsed,
+            relay_error,
+        } = route
+            .send(
+                &prepared.method,
+                &prepared.url,
+                headers,
+                prepared.body.clone(),
+                timeout,
+                EXCERPT_BYTES,
+            )
+            .await?;
         total += elapsed;
         let unauthorized = matches!(&result, Ok(r) if r.status == 401);
         if round == 0 && unauthorized {

@@ -13,13 +13,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request};
-use http_body_util::Full;
+use http::{header, HeaderMap, HeaderValue, Method};
 
-use crate::client::{send, Clients, TlsSettings};
-use crate::deliver::Via;
+use crate::client::{Clients, TlsSettings};
+use crate::deliver::{Route, Via};
 use crate::model::OAuthProfile;
-use crate::tunnel::Outbound;
 use outbox_secret::SecretValue;
 
 /// Fraction of `expires_in` after which a token is refreshed.
@@ -127,44 +125,31 @@ async fn fetch(
         .map_err(|_| format!("{what}: client_id or client_secret is no header value"))?;
     credentials.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, credentials);
-    let body = Bytes::from(form);
     let started = Instant::now();
-    let reply = match via {
-        Via::Direct => {
-            let client = clients
-                .get(&TlsSettings {
-                    ca: profile.ca.clone(),
-                    identity: None,
-                })
-                .map_err(|e| format!("{what}: {e}"))?;
-            let mut req = Request::builder()
-                .method(Method::POST)
-                .uri(&profile.token_url)
-                .body(Full::new(body))
-                .map_err(|e| format!("{what}: token_url {}: {e}", profile.token_url))?;
-            *req.headers_mut() = headers;
-            send(&client, req, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT).await.0
-        }
-        Via::Relay(session) => {
-            let out = Outbound {
-                method: "POST",
-                url: &profile.token_url,
-                headers: &headers,
-                protocol_profile: relay_profile,
-                body,
-            };
-            session
-                .request(out, TOKEN_TIMEOUT, TOKEN_BODY_LIMIT)
-                .await
-                .0
-        }
-    };
-    let reply = reply.map_err(|e| {
-        let route = match via {
-            Via::Direct => String::new(),
-            Via::Relay(session) => format!(" (through {})", session.via()),
-        };
-        format!("{what}: token endpoint {}{route}: {e}", profile.token_url)
+    let route = Route::new(via, clients, relay_profile, || {
+        Ok(TlsSettings {
+            ca: profile.ca.clone(),
+            identity: None,
+        })
+    })
+    .map_err(|e| format!("{what}: {e}"))?;
+    let sent = route
+        .send(
+            &Method::POST,
+            &profile.token_url,
+            headers,
+            Bytes::from(form),
+            TOKEN_TIMEOUT,
+            TOKEN_BODY_LIMIT,
+        )
+        .await
+        .map_err(|e| format!("{what}: token_url: {e}"))?;
+    let reply = sent.result.map_err(|e| {
+        format!(
+            "{what}: token endpoint {}{}: {e}",
+            profile.token_url,
+            route.through()
+        )
     })?;
     if reply.status != 200 {
         return Err(format!(
