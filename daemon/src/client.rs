@@ -177,42 +177,41 @@ pub async fn send(
     keep: usize,
 ) -> (Result<Reply, SendError>, Duration) {
     let started = Instant::now();
-    let answered = std::sync::atomic::AtomicBool::new(false);
-    let result = tokio::time::timeout(timeout, async {
-        let resp = client
-            .request(req)
+    let deadline = tokio::time::Instant::from_std(started) + timeout;
+    let result = async {
+        let resp = tokio::time::timeout_at(deadline, client.request(req))
             .await
+            .map_err(|_| SendError::Timeout(timeout))?
             .map_err(|e| SendError::Failed(error_chain(&e)))?;
-        answered.store(true, std::sync::atomic::Ordering::Relaxed);
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
-        let mut excerpt = BytesMut::new();
-        let mut read = 0usize;
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { break };
-            if let Some(data) = frame.data_ref() {
-                read += data.len();
-                let room = keep.saturating_sub(excerpt.len());
-                excerpt.extend_from_slice(&data[..data.len().min(room)]);
-                if read > DRAIN_LIMIT {
-                    break;
+        let read_body = async {
+            let mut excerpt = BytesMut::new();
+            let mut read = 0usize;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(data) = frame.data_ref() {
+                    read += data.len();
+                    let room = keep.saturating_sub(excerpt.len());
+                    excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                    if read > DRAIN_LIMIT {
+                        break;
+                    }
                 }
             }
-        }
+            excerpt.freeze()
+        };
+        let excerpt = tokio::time::timeout_at(deadline, read_body)
+            .await
+            .map_err(|_| SendError::BodyTimeout(timeout))?;
         Ok(Reply {
             status,
             headers: parts.headers,
-            excerpt: excerpt.freeze(),
+            excerpt,
             duration: started.elapsed(),
         })
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(match answered.load(std::sync::atomic::Ordering::Relaxed) {
-            true => SendError::BodyTimeout(timeout),
-            false => SendError::Timeout(timeout),
-        })
-    });
+    }
+    .await;
     (result, started.elapsed())
 }
 
