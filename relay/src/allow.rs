@@ -49,16 +49,12 @@ impl AllowList {
                 out.push(Entry::Net(IpNet::from(ip)));
                 continue;
             }
-            let (host, port) = split_host_port(e).ok_or_else(|| {
-                format!(
+            let (host, port) = split_host_port(e).map_err(|bad| match bad {
+                NotHostPort::Shape => format!(
                     "allow[{i}]: {e:?} is neither host:port (\"jira.internal:443\") nor a CIDR block (\"10.20.0.0/16\")"
-                )
+                ),
+                NotHostPort::PortZero => format!("allow[{i}]: {e:?} {PORT_ZERO}"),
             })?;
-            if port == 0 {
-                return Err(format!(
-                    "allow[{i}]: {e:?} names port 0, which nothing listens on"
-                ));
-            }
             out.push(Entry::HostPort {
                 host: host.to_ascii_lowercase(),
                 port,
@@ -103,14 +99,29 @@ impl AllowList {
     }
 }
 
-/// `host:port` (`[v6]:port` too) as its parts.
-pub(crate) fn split_host_port(e: &str) -> Option<(&str, u16)> {
-    let (host, port) = e.rsplit_once(':')?;
+/// Why a text is no `host:port` a relay can connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotHostPort {
+    /// Not shaped `host:port` at all.
+    Shape,
+    /// Port 0.
+    PortZero,
+}
+
+/// What follows the text when its port is 0.
+pub(crate) const PORT_ZERO: &str = "names port 0, which nothing listens on";
+
+/// `host:port` (`[v6]:port` too) as its parts; port 0 is refused.
+pub(crate) fn split_host_port(e: &str) -> Result<(&str, u16), NotHostPort> {
+    let (host, port) = e.rsplit_once(':').ok_or(NotHostPort::Shape)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains('/') {
-        return None;
+        return Err(NotHostPort::Shape);
     }
-    Some((host, port.parse().ok()?))
+    match port.parse().map_err(|_| NotHostPort::Shape)? {
+        0 => Err(NotHostPort::PortZero),
+        port => Ok((host, port)),
+    }
 }
 
 #[cfg(test)]

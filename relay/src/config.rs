@@ -167,14 +167,16 @@ impl Config {
         }
         let mut daemons = Vec::new();
         for (i, d) in raw.daemons.iter().enumerate() {
-            let (host, port) = crate::allow::split_host_port(d)
-                .filter(|(_, port)| *port != 0)
-                .ok_or_else(|| {
-                    err(
-                        format!("daemons[{i}]"),
-                        format!("{d:?} is not host:port like \"outbox.example.com:4433\""),
-                    )
-                })?;
+            let (host, port) = crate::allow::split_host_port(d).map_err(|bad| {
+                use crate::allow::{NotHostPort, PORT_ZERO};
+                let what = match bad {
+                    NotHostPort::Shape => {
+                        format!("{d:?} is not host:port like \"outbox.example.com:4433\"")
+                    }
+                    NotHostPort::PortZero => format!("{d:?} {PORT_ZERO}"),
+                };
+                err(format!("daemons[{i}]"), what)
+            })?;
             // Two sessions to one daemon from one relay would only take
             // twice the hello places and show twice in its list.
             if let Some(j) = raw.daemons[..i]
@@ -608,6 +610,7 @@ mod tests {
             ("max_body = \"big\"", "max_body"),
             ("max_body = \"0\"", "max_body"),
             ("allow = [\"127.0.0.1:0\"]", "allow[0]"),
+            ("allow = [\"jira.internal:0\"]", "allow[0]"),
             ("colour = 1", "colour"),
             (
                 "[[protocol_profile]]\nname = \"p\"\nclient_cert = \"/nonexistent\"\nclient_key = \"/nonexistent\"",
@@ -627,6 +630,11 @@ mod tests {
         assert_eq!(e.key, "daemons[0]");
         let e = Config::parse(&text.replace("127.0.0.1:4433", "127.0.0.1:0")).unwrap_err();
         assert_eq!(e.key, "daemons[0]");
+        assert!(
+            e.problem
+                .ends_with("names port 0, which nothing listens on"),
+            "{e}"
+        );
         let twice = text.replace(
             "\"127.0.0.1:4433\"",
             "\"127.0.0.1:4433\", \"127.0.0.1:4433\"",
