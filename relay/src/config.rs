@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_secret::{Secret, SecretValue};
@@ -54,6 +55,23 @@ struct RawProfile {
     ca: Option<PathBuf>,
 }
 
+impl RawProfile {
+    fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            ca: self.ca.as_deref(),
+            client: self.client_cert.as_deref().zip(self.client_key.as_deref()),
+        }
+    }
+}
+
+/// The files a target's TLS settings are built from: a CA to trust besides
+/// the system's, and a client certificate and key for mutual TLS.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TlsFiles<'a> {
+    pub ca: Option<&'a Path>,
+    pub client: Option<(&'a Path, &'a Path)>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
@@ -70,6 +88,8 @@ pub struct Config {
     /// `host:port` of each daemon; the relay keeps a session to each.
     pub daemons: Vec<Daemon>,
     pub server_ca: PathBuf,
+    /// The certificates of `server_ca`, read once at load.
+    pub server_roots: Arc<rustls::RootCertStore>,
     pub allow: AllowList,
     /// Requests performed at once (across daemons).
     pub concurrency: usize,
@@ -90,12 +110,15 @@ pub struct Daemon {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// The rustls settings its files give, built once at load: the relay
+    /// connects with them, and a file changed later does not matter.
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 pub mod defaults {
@@ -117,30 +140,14 @@ impl Config {
         warnings
     }
 
+    /// Reads and validates the file, with the certificates and keys it
+    /// names, so `--check-config` finds a `server_ca` that holds no
+    /// certificate, or a profile's key that does not load, before anything
+    /// is started.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
-        let config = Self::parse_from(&text, Some(path))?;
-        config.check_tls_files()?;
-        Ok(config)
-    }
-
-    /// Reads the certificates and keys the file names, as the relay will
-    /// when it connects and when a request uses a protocol profile, so
-    /// `--check-config` finds a `server_ca` that holds no certificate, or
-    /// a profile's key that does not load, before anything is started.
-    fn check_tls_files(&self) -> Result<(), ConfigError> {
-        crate::perform::server_roots(&self.server_ca).map_err(|e| err("server_ca", e))?;
-        for profile in self.protocol_profiles.values() {
-            crate::perform::tls_config(Some(profile)).map_err(|(key, e)| {
-                let at = format!("protocol_profile[{}]", profile.name);
-                match key {
-                    "" => err(at, e),
-                    key => err(format!("{at}.{key}"), e),
-                }
-            })?;
-        }
-        Ok(())
+        Self::parse_from(&text, Some(path))
     }
 
     /// Validates a configuration given as text; its errors name no file.
@@ -195,6 +202,8 @@ impl Config {
             });
         }
         readable("server_ca", &raw.server_ca)?;
+        let server_roots =
+            crate::perform::server_roots(&raw.server_ca).map_err(|e| err("server_ca", e))?;
         let allow = AllowList::parse(&raw.allow).map_err(|p| {
             let (key, problem) = p.split_once(": ").unwrap_or(("allow", &p));
             err(key, problem)
@@ -249,6 +258,10 @@ impl Config {
             if protocol_profiles.contains_key(&p.name) {
                 return Err(err(at, "is defined more than once"));
             }
+            let tls = crate::perform::tls_config(&p.files()).map_err(|(key, e)| match key {
+                "" => err(&at, e),
+                key => err(format!("{at}.{key}"), e),
+            })?;
             protocol_profiles.insert(
                 p.name.clone(),
                 Profile {
@@ -256,6 +269,7 @@ impl Config {
                     client_cert: p.client_cert,
                     client_key: p.client_key,
                     ca: p.ca,
+                    tls: Arc::new(tls),
                 },
             );
         }
@@ -283,6 +297,7 @@ impl Config {
             token,
             daemons,
             server_ca: raw.server_ca,
+            server_roots: Arc::new(server_roots),
             allow,
             concurrency: concurrency as usize,
             max_body,
@@ -581,7 +596,12 @@ mod tests {
     fn with_ca(extra: &str) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.crt");
-        std::fs::write(&ca, "x").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["outbox-ca".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
         let text = format!(
             "name = \"dc1\"\ntoken = \"t\"\ndaemons = [\"127.0.0.1:4433\"]\nserver_ca = {:?}\n{extra}",
             ca.display().to_string()

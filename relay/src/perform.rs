@@ -22,7 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::allow::{AllowList, Verdict};
-use crate::config::Profile;
+use crate::config::{Profile, TlsFiles};
 
 type HttpClient = Client<HttpsConnector<AllowConnector>, Full<Bytes>>;
 
@@ -262,22 +262,21 @@ impl Performer {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let profile = match profile {
-            None => None,
-            Some(name) => Some(self.profiles.get(name).ok_or_else(|| {
-                Failure::new(
-                    ErrorKind::Protocol,
-                    format!("this relay has no protocol profile {name:?}"),
-                )
-            })?),
+        // A profile's settings were built at load; the system's roots alone
+        // are built here, on first use.
+        let tls = match profile {
+            Some(name) => {
+                let profile = self.profiles.get(name).ok_or_else(|| {
+                    Failure::new(
+                        ErrorKind::Protocol,
+                        format!("this relay has no protocol profile {name:?}"),
+                    )
+                })?;
+                rustls::ClientConfig::clone(&profile.tls)
+            }
+            None => tls_config(&TlsFiles::default())
+                .map_err(|(_, e)| Failure::new(ErrorKind::Tls, e))?,
         };
-        let tls = tls_config(profile).map_err(|(key, e)| {
-            let at = match profile {
-                Some(p) => format!("protocol profile {:?}: {key}: ", p.name),
-                None => String::new(),
-            };
-            Failure::new(ErrorKind::Tls, format!("{at}{e}"))
-        })?;
         let http = AllowConnector::new(self.allow.clone());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -396,7 +395,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// CA, and its client certificate for mutual TLS. An error names the
 /// profile's key it comes from (`ca`, `client_cert`, `client_key`).
 pub(crate) fn tls_config(
-    profile: Option<&Profile>,
+    files: &TlsFiles<'_>,
 ) -> Result<rustls::ClientConfig, (&'static str, String)> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -405,7 +404,7 @@ pub(crate) fn tls_config(
             let _ = roots.add(cert);
         }
     }
-    if let Some(ca) = profile.and_then(|p| p.ca.as_ref()) {
+    if let Some(ca) = files.ca {
         for cert in read_certs(ca).map_err(|e| ("ca", e))? {
             roots
                 .add(cert)
@@ -418,7 +417,7 @@ pub(crate) fn tls_config(
     .with_safe_default_protocol_versions()
     .map_err(|e| ("", e.to_string()))?
     .with_root_certificates(roots);
-    match profile.and_then(|p| p.client_cert.as_ref().zip(p.client_key.as_ref())) {
+    match files.client {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
             let key = PrivateKeyDer::from_pem_file(key)

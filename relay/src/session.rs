@@ -31,13 +31,11 @@ const CHUNK: usize = 64 * 1024;
 /// The QUIC client endpoint shared by all sessions.
 pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
-    let roots = crate::perform::server_roots(&config.server_ca)
-        .map_err(|e| anyhow::anyhow!("server_ca: {e}"))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(roots)
+    .with_root_certificates(config.server_roots.clone())
     .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;

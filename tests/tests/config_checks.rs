@@ -164,6 +164,19 @@ fn the_relay_refuses_blank_tokens_and_places_toml_errors() {
             ),
         ),
         (
+            // Built at the check, as at the start: a key file that holds
+            // no key is the key's problem.
+            format!(
+                "{base}[[protocol_profile]]\nname = \"p\"\nclient_cert = {:?}\nclient_key = {:?}\n",
+                dir.join("ca.crt").display().to_string(),
+                dir.join("relay-token").display().to_string()
+            ),
+            format!(
+                "protocol_profile[p].client_key: {}: no items found",
+                dir.join("relay-token").display()
+            ),
+        ),
+        (
             base.replace("name = \"dc1\"", "name = \"dc 1\""),
             "name: MID server name \"dc 1\" has ' ' at byte 2, expected only letters, digits, '.', '_' or '-'"
                 .to_string(),
