@@ -42,6 +42,23 @@ impl Failure {
     }
 }
 
+/// A request's time: when it is up, and the timeout it was given, which
+/// is what an error says ran out.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    pub fn starting_now(timeout: Duration) -> Deadline {
+        Deadline {
+            at: tokio::time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+}
+
 /// A response: status, headers, and the body as it arrives.
 pub struct Response {
     pub status: u16,
@@ -302,7 +319,7 @@ impl Performer {
         headers: &[(String, Vec<u8>)],
         protocol_profile: Option<&str>,
         body: Bytes,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Response, Failure> {
         let uri: http::Uri = url
             .parse()
@@ -325,12 +342,12 @@ impl Performer {
                 .map_err(|_| Failure::new(ErrorKind::Protocol, format!("header {k}: bad value")))?;
             req.headers_mut().append(name, value);
         }
-        let resp = tokio::time::timeout(timeout, client.request(req))
+        let resp = tokio::time::timeout_at(deadline.at, client.request(req))
             .await
             .map_err(|_| {
                 Failure::new(
                     ErrorKind::Timeout,
-                    format!("no response within {timeout:?}"),
+                    format!("no response within {:?}", deadline.timeout),
                 )
             })?
             .map_err(|e| classify(&e))?;
@@ -481,7 +498,14 @@ mod tests {
     async fn get(allow: &[String], url: &str) -> Result<u16, Failure> {
         let performer = Performer::new(AllowList::parse(allow).unwrap(), []);
         let r = performer
-            .send("GET", url, &[], None, Bytes::new(), Duration::from_secs(5))
+            .send(
+                "GET",
+                url,
+                &[],
+                None,
+                Bytes::new(),
+                Deadline::starting_now(Duration::from_secs(5)),
+            )
             .await?;
         Ok(r.status)
     }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Config, Daemon};
-use crate::perform::{next_chunk, Failure};
+use crate::perform::{next_chunk, Deadline, Failure};
 use crate::Relay;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -394,10 +394,10 @@ async fn perform(
     // the relay gives up before the daemon does and never sends a request
     // the daemon has already given up on (and will send again).
     let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = Deadline::starting_now(timeout);
     let mut body = BytesMut::new();
     loop {
-        let frame = tokio::time::timeout_at(deadline, frames.next())
+        let frame = tokio::time::timeout_at(deadline.at, frames.next())
             .await
             .map_err(|_| {
                 Failure::new(
@@ -429,7 +429,7 @@ async fn perform(
             None => return Err(protocol("the stream ended before the body's end".into())),
         }
     }
-    let _permit = match tokio::time::timeout_at(deadline, relay.permits.acquire()).await {
+    let _permit = match tokio::time::timeout_at(deadline.at, relay.permits.acquire()).await {
         Ok(Ok(permit)) => permit,
         Ok(Err(_)) => return Err(Failure::new(ErrorKind::Overloaded, "relay is stopping")),
         Err(_) => {
@@ -442,7 +442,6 @@ async fn perform(
             ))
         }
     };
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut resp = relay
         .performer
         .send(
@@ -451,7 +450,7 @@ async fn perform(
             &headers,
             protocol_profile.as_deref(),
             body.freeze(),
-            left,
+            deadline,
         )
         .await?;
     tracing::debug!(%daemon, %method, %url, status = resp.status, "performed");
@@ -486,7 +485,7 @@ async fn perform(
     .map_err(io)?;
     let mut total = 0u64;
     loop {
-        let next = tokio::time::timeout_at(deadline, next_chunk(&mut resp.body))
+        let next = tokio::time::timeout_at(deadline.at, next_chunk(&mut resp.body))
             .await
             .map_err(|_| {
                 Failure::new(

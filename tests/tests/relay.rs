@@ -1209,6 +1209,19 @@ async fn a_request_that_waits_past_its_timeout_for_a_slot_is_not_sent() {
     assert_eq!(ids, [a], "only the slow message reached the sink");
 }
 
+/// A target slower than the request's timeout: the relay gives up and
+/// says which timeout ran out, as given (not the time that was left of it
+/// when the request went).
+#[tokio::test]
+async fn a_target_slower_than_the_timeout_is_reported_with_that_timeout() {
+    let (_pki, sink, d, _relay) = one_slot_relay(1).await;
+    let b = send(&d, "quick", json!({"message": "Create", "body": {"n": 1}})).await;
+    let (m, first) = d.first_attempt(&b, WAIT).await;
+    let error = first["error"].as_str().unwrap_or("");
+    assert!(error.ends_with(": no response within 1s"), "{m}");
+    sink.wait_for(1, WAIT).await;
+}
+
 /// A relay takes at most twice its concurrency in requests at once; a
 /// request that waits past its timeout for the relay to take it is not
 /// sent either, and says so within its timeout, rather than being taken
