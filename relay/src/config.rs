@@ -357,6 +357,9 @@ fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErr
             Some(f) => f.display().to_string(),
             None => "config".to_string(),
         });
+    // A field missing from the file's top level has no place of its own
+    // (its span is the whole file): the file is the place.
+    let at = at.filter(|_| !(message.starts_with("missing field") && !key.contains('.')));
     let place = at.map(|at| {
         // An error at the very end (an unclosed array) is placed at the
         // end of the last line rather than on the empty line after it.
@@ -750,7 +753,7 @@ mod tests {
                 text.replace("name = \"dc1\"\n", ""),
                 "name",
                 "missing field `name`",
-                "line 1, column 1",
+                "",
             ),
             (
                 format!("{text}[[protocol_profile]]\nclient_cert = \"x\"\n"),
@@ -794,7 +797,10 @@ mod tests {
             let e = Config::load(&path).expect_err(&text);
             assert_eq!(e.key, key, "{text}\n{e}");
             assert!(e.problem.contains(message), "{e}");
-            let at = format!("({}, {place})", path.display());
+            let at = match place {
+                "" => format!("({})", path.display()),
+                place => format!("({}, {place})", path.display()),
+            };
             assert!(e.problem.ends_with(&at), "{e}\nshould end with {at}");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
         }
