@@ -177,41 +177,41 @@ pub async fn send(
     keep: usize,
 ) -> (Result<Reply, SendError>, Duration) {
     let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started) + timeout;
-    let result = async {
-        let resp = tokio::time::timeout_at(deadline, client.request(req))
+    // Set once the head is in: a timeout after it is the body's.
+    let mut answered = false;
+    let result = tokio::time::timeout(timeout, async {
+        let resp = client
+            .request(req)
             .await
-            .map_err(|_| SendError::Timeout(timeout))?
             .map_err(|e| SendError::Failed(error_chain(&e)))?;
+        answered = true;
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
-        let read_body = async {
-            let mut excerpt = BytesMut::new();
-            let mut read = 0usize;
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { break };
-                if let Some(data) = frame.data_ref() {
-                    read += data.len();
-                    let room = keep.saturating_sub(excerpt.len());
-                    excerpt.extend_from_slice(&data[..data.len().min(room)]);
-                    if read > DRAIN_LIMIT {
-                        break;
-                    }
+        let mut excerpt = BytesMut::new();
+        let mut read = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                read += data.len();
+                let room = keep.saturating_sub(excerpt.len());
+                excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                if read > DRAIN_LIMIT {
+                    break;
                 }
             }
-            excerpt.freeze()
-        };
-        let excerpt = tokio::time::timeout_at(deadline, read_body)
-            .await
-            .map_err(|_| SendError::BodyTimeout(timeout))?;
+        }
         Ok(Reply {
             status,
             headers: parts.headers,
-            excerpt,
+            excerpt: excerpt.freeze(),
             duration: started.elapsed(),
         })
-    }
+    })
     .await;
+    let result = result.unwrap_or(Err(match answered {
+        true => SendError::BodyTimeout(timeout),
+        false => SendError::Timeout(timeout),
+    }));
     (result, started.elapsed())
 }
 
