@@ -6,6 +6,7 @@
 //! together around one HTTP request.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -14,7 +15,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 use http_body_util::Full;
 use rand::Rng;
 
-use crate::client::{send, Clients, Reply, SendError, TlsSettings, EXCERPT_BYTES};
+use crate::client::{send, Clients, HttpClient, Reply, SendError, TlsSettings, EXCERPT_BYTES};
 use crate::headers::Headers;
 use crate::model::{Auth, Backoff, Connection, FinalState, Integration, MessageType};
 use crate::oauth::TokenCache;
@@ -273,7 +274,7 @@ impl Via {
 /// with its protocol profile of a name.
 pub enum Route<'a> {
     Direct {
-        client: std::sync::Arc<crate::client::HttpClient>,
+        client: Arc<HttpClient>,
         tls: TlsSettings,
     },
     Relay {
@@ -291,22 +292,18 @@ pub struct Sent {
 }
 
 impl<'a> Route<'a> {
-    /// The route `via` gives. Going directly, the client is the one for
-    /// the TLS setting `tls` makes (asked for only then); through a relay,
-    /// the relay applies its own protocol profile `relay_profile`.
+    /// The route `via` gives. Going directly, `direct` gives the client and
+    /// the TLS settings it was made for (asked for only then); through a
+    /// relay, the relay applies its own protocol profile `relay_profile`.
     pub fn new(
         via: &'a Via,
-        clients: &Clients,
         relay_profile: Option<&'a str>,
-        tls: impl FnOnce() -> Result<TlsSettings, String>,
+        direct: impl FnOnce() -> Result<(Arc<HttpClient>, TlsSettings), String>,
     ) -> Result<Route<'a>, String> {
         Ok(match via {
             Via::Direct => {
-                let tls = tls()?;
-                Route::Direct {
-                    client: clients.get(&tls)?,
-                    tls,
-                }
+                let (client, tls) = direct()?;
+                Route::Direct { client, tls }
             }
             Via::Relay(session) => Route::Relay {
                 session,
@@ -315,9 +312,9 @@ impl<'a> Route<'a> {
         })
     }
 
-    /// Sends one request. An error is a request that cannot be built; a
-    /// request that fails is in [`Sent::result`], where a direct one's
-    /// vague TLS failure is explained.
+    /// Sends one request. An error is a request that cannot be built (the
+    /// builder's words; the caller names the URL); a request that fails is
+    /// in [`Sent::result`].
     pub async fn send(
         &self,
         method: &Method,
@@ -328,19 +325,14 @@ impl<'a> Route<'a> {
         keep: usize,
     ) -> Result<Sent, String> {
         match self {
-            Route::Direct { client, tls } => {
+            Route::Direct { client, .. } => {
                 let mut req = Request::builder()
                     .method(method.clone())
                     .uri(url)
                     .body(Full::new(body))
-                    .map_err(|e| format!("URL {url}: {e}"))?;
+                    .map_err(|e| e.to_string())?;
                 *req.headers_mut() = headers;
-                let (mut result, elapsed) = send(client, req, timeout, keep).await;
-                if let Err(SendError::Failed(msg)) = &result {
-                    if let Some(why) = crate::client::explain_failure(tls, url, msg).await {
-                        result = Err(SendError::Failed(format!("{msg}: {why}")));
-                    }
-                }
+                let (result, elapsed) = send(client, req, timeout, keep).await;
                 Ok(Sent {
                     result,
                     elapsed,
@@ -366,6 +358,18 @@ impl<'a> Route<'a> {
                     relay_error: relay.err(),
                 })
             }
+        }
+    }
+
+    /// A direct request's failure without a reason, explained by a TLS
+    /// probe of `url` with the same settings ([`crate::client::explain_failure`]).
+    /// For a message's request only: the probe may take seconds.
+    pub async fn explain(&self, url: &str, result: &mut Result<Reply, SendError>) {
+        let (Route::Direct { tls, .. }, Err(SendError::Failed(msg))) = (self, &*result) else {
+            return;
+        };
+        if let Some(why) = crate::client::explain_failure(tls, url, msg).await {
+            *result = Err(SendError::Failed(format!("{msg}: {why}")));
         }
     }
 
@@ -400,24 +404,23 @@ pub async fn exchange(
     timeout: Duration,
     via: &Via,
 ) -> Result<Exchange, String> {
-    let route = Route::new(
-        via,
-        s.clients,
-        connection.protocol_profile.as_deref(),
-        || {
-            let profile = match &connection.protocol_profile {
-                Some(name) => Some(
-                    s.catalog
-                        .protocol_profiles
-                        .get(name)
-                        .ok_or_else(|| format!("{name:?} does not exist"))?,
-                ),
-                None => None,
-            };
-            Ok(TlsSettings::from_profile(profile))
-        },
-    )
-    .map_err(|e| format!("protocol profile: {e}"))?;
+    let route = Route::new(via, connection.protocol_profile.as_deref(), || {
+        let profile = match &connection.protocol_profile {
+            Some(name) => Some(
+                s.catalog
+                    .protocol_profiles
+                    .get(name)
+                    .ok_or_else(|| format!("protocol profile {name:?} does not exist"))?,
+            ),
+            None => None,
+        };
+        let tls = TlsSettings::from_profile(profile);
+        let client = s
+            .clients
+            .get(&tls)
+            .map_err(|e| format!("protocol profile: {e}"))?;
+        Ok((client, tls))
+    })?;
     let oauth_profile = match &connection.auth {
         Auth::Oauth { profile } => Some(
             s.catalog
@@ -463,7 +466,7 @@ pub async fn exchange(
         }
         let request_headers = Headers::masked(&headers);
         let Sent {
-            result,
+            mut result,
             elapsed,
             relay_error,
         } = route
@@ -475,7 +478,9 @@ pub async fn exchange(
                 timeout,
                 EXCERPT_BYTES,
             )
-            .await?;
+            .await
+            .map_err(|e| format!("URL {}: {e}", prepared.url))?;
+        route.explain(&prepared.url, &mut result).await;
         total += elapsed;
         let unauthorized = matches!(&result, Ok(r) if r.status == 401);
         if round == 0 && unauthorized {

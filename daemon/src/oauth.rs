@@ -126,13 +126,17 @@ async fn fetch(
     credentials.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, credentials);
     let started = Instant::now();
-    let route = Route::new(via, clients, relay_profile, || {
-        Ok(TlsSettings {
+    let route = Route::new(via, relay_profile, || {
+        let tls = TlsSettings {
             ca: profile.ca.clone(),
             identity: None,
-        })
-    })
-    .map_err(|e| format!("{what}: {e}"))?;
+        };
+        let client = clients.get(&tls).map_err(|e| format!("{what}: {e}"))?;
+        Ok((client, tls))
+    })?;
+    // (No TLS probe on a vague failure, as a message's request has: the
+    // token's lock is held, and every delivery waiting for it would wait
+    // for the probe too.)
     let sent = route
         .send(
             &Method::POST,
@@ -143,7 +147,7 @@ async fn fetch(
             TOKEN_BODY_LIMIT,
         )
         .await
-        .map_err(|e| format!("{what}: token_url: {e}"))?;
+        .map_err(|e| format!("{what}: token_url {}: {e}", profile.token_url))?;
     let reply = sent.result.map_err(|e| {
         format!(
             "{what}: token endpoint {}{}: {e}",

@@ -454,9 +454,9 @@ impl Session {
             })) => {
                 // The relay's words say what ran out: a request never sent
                 // (it waited for a free slot), no response, or a response
-                // body that did not end.
-                let e = SendError::Failed(format!("relay {}: {message}", self.via));
-                (Err(e), Err(self.remote(ErrorKind::Timeout, message)))
+                // body that did not end. Named as every relay error is.
+                let e = self.remote(ErrorKind::Timeout, message);
+                (Err(SendError::Failed(e.to_string())), Err(e))
             }
             Ok(Err(e)) => {
                 match e {
