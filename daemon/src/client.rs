@@ -7,7 +7,7 @@
 //! connections.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
 use crate::model::ProtocolProfile;
 
@@ -31,9 +29,6 @@ pub const EXCERPT_BYTES: usize = 2048;
 /// How much of a response body is read (and dropped) so the connection can
 /// be reused; a larger body closes the connection instead.
 const DRAIN_LIMIT: usize = 1 << 20;
-
-/// The system CA bundle on Debian and most distributions.
-const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What a TLS client needs: extra trusted CAs and an optional identity.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -54,58 +49,18 @@ impl TlsSettings {
     }
 }
 
-/// The process-wide crypto provider: ring, for the whole workspace.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Builds a rustls client config: the system and webpki roots plus the
-/// settings' CA, and the client certificate when there is one.
+/// settings' CA, and the client certificate when there is one
+/// ([`outbox_tls::client_config`]).
 pub fn tls_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Ok(iter) = CertificateDer::pem_file_iter(SYSTEM_BUNDLE) {
-        for cert in iter.flatten() {
-            let _ = roots.add(cert);
-        }
-    }
-    if let Some(ca) = &settings.ca {
-        let certs = read_certs(ca)?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
-        }
-    }
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    match &settings.identity {
-        None => Ok(builder.with_no_client_auth()),
-        Some((cert, key)) => {
-            let certs = read_certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("client key {} cannot be read: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| format!("client certificate {}: {e}", cert.display()))
-        }
-    }
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("certificate file {} cannot be read: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "certificate file {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(certs)
+    let files = outbox_tls::Files {
+        ca: settings.ca.as_deref(),
+        client: settings
+            .identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path())),
+    };
+    outbox_tls::client_config(&files).map_err(|e| e.to_string())
 }
 
 /// Clients by TLS settings, built on first use. A client is handed out as
@@ -230,22 +185,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Words of a request error that say the connection went away without
-/// saying why.
-const VAGUE: [&str; 4] = [
-    "Canceled",
-    "channel closed",
-    "connection closed",
-    "broken pipe",
-];
-
 /// When an HTTPS request failed without a reason — over HTTP/2 a TLS alert
 /// sent after the handshake (a refused client certificate, with TLS 1.3)
 /// reaches only the connection task, and the request just sees the
 /// connection close — opens one TLS connection with the same settings and
 /// reads from it: the alert, if the server sends one, is the reason.
 pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> Option<String> {
-    if !VAGUE.iter().any(|w| error.contains(w)) {
+    if !outbox_tls::is_vague(error) {
         return None;
     }
     let uri: http::Uri = url.parse().ok()?;
@@ -259,20 +205,12 @@ pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> 
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
     let probe = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .ok()?;
-        let mut tls = match connector.connect(name, tcp).await {
-            Ok(t) => t,
-            Err(e) => return Some(format!("TLS: {e}")),
-        };
-        // An HTTP/2 preface makes a healthy server answer at once.
-        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-        let mut buf = [0u8; 64];
-        match tls.read(&mut buf).await {
+        match connector.connect(name, tcp).await {
+            Ok(tls) => outbox_tls::alert(tls).await,
             Err(e) => Some(format!("TLS: {e}")),
-            Ok(_) => None,
         }
     };
     tokio::time::timeout(Duration::from_secs(2), probe)

@@ -56,20 +56,12 @@ struct RawProfile {
 }
 
 impl RawProfile {
-    fn files(&self) -> TlsFiles<'_> {
-        TlsFiles {
+    fn files(&self) -> outbox_tls::Files<'_> {
+        outbox_tls::Files {
             ca: self.ca.as_deref(),
             client: self.client_cert.as_deref().zip(self.client_key.as_deref()),
         }
     }
-}
-
-/// The files a target's TLS settings are built from: a CA to trust besides
-/// the system's, and a client certificate and key for mutual TLS.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TlsFiles<'a> {
-    pub ca: Option<&'a Path>,
-    pub client: Option<(&'a Path, &'a Path)>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,14 +102,12 @@ pub struct Daemon {
     pub port: u16,
 }
 
+/// A protocol profile: its name, and the rustls settings its files
+/// (`ca`, `client_cert`, `client_key`) give, built once at load. The relay
+/// connects with them, and a file changed later does not matter.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    /// The rustls settings its files give, built once at load: the relay
-    /// connects with them, and a file changed later does not matter.
     pub tls: Arc<rustls::ClientConfig>,
 }
 
@@ -258,17 +248,14 @@ impl Config {
             if protocol_profiles.contains_key(&p.name) {
                 return Err(err(at, "is defined more than once"));
             }
-            let tls = crate::perform::tls_config(&p.files()).map_err(|(key, e)| match key {
-                "" => err(&at, e),
-                key => err(format!("{at}.{key}"), e),
+            let tls = outbox_tls::client_config(&p.files()).map_err(|e| match e.key {
+                "" => err(&at, e.problem),
+                key => err(format!("{at}.{key}"), e.problem),
             })?;
             protocol_profiles.insert(
                 p.name.clone(),
                 Profile {
                     name: p.name,
-                    client_cert: p.client_cert,
-                    client_key: p.client_key,
-                    ca: p.ca,
                     tls: Arc::new(tls),
                 },
             );
@@ -359,7 +346,7 @@ fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErr
         });
     // A field missing from the file's top level has no place of its own
     // (its span is the whole file): the file is the place.
-    let at = at.filter(|_| !(message.starts_with("missing field") && !key.contains('.')));
+    let at = at.filter(|_| !message.starts_with("missing field") || key.contains('.'));
     let place = at.map(|at| {
         // An error at the very end (an unclosed array) is placed at the
         // end of the last line rather than on the empty line after it.
@@ -633,7 +620,6 @@ mod tests {
             ("max_body = \"big\"", "max_body"),
             ("max_body = \"0\"", "max_body"),
             ("allow = [\"127.0.0.1:0\"]", "allow[0]"),
-            ("allow = [\"jira.internal:0\"]", "allow[0]"),
             ("colour = 1", "colour"),
             (
                 "[[protocol_profile]]\nname = \"p\"\nclient_cert = \"/nonexistent\"\nclient_key = \"/nonexistent\"",
@@ -653,6 +639,12 @@ mod tests {
         assert_eq!(e.key, "daemons[0]");
         let e = Config::parse(&text.replace("127.0.0.1:4433", "127.0.0.1:0")).unwrap_err();
         assert_eq!(e.key, "daemons[0]");
+        let (_d, port_zero) = with_ca("allow = [\"jira.internal:0\"]");
+        let e = Config::parse(&port_zero).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "allow[0]: \"jira.internal:0\" names port 0, which nothing listens on"
+        );
         assert!(
             e.problem
                 .ends_with("names port 0, which nothing listens on"),

@@ -18,13 +18,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outbox_proto::ErrorKind;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::allow::{AllowList, Verdict};
-use crate::config::{Profile, TlsFiles};
+use crate::config::Profile;
 
-type HttpClient = Client<HttpsConnector<AllowConnector>, Full<Bytes>>;
+type Connector = HttpsConnector<AllowConnector>;
+type HttpClient = Client<Connector, Full<Bytes>>;
+
+/// A protocol profile's client, and its connector for a TLS probe.
+#[derive(Clone)]
+struct Target {
+    client: HttpClient,
+    connector: Connector,
+}
 
 /// A failed request, as the error frame the daemon gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +77,7 @@ pub struct Response {
 pub struct Performer {
     allow: Arc<AllowList>,
     profiles: HashMap<String, Profile>,
-    clients: Mutex<HashMap<Option<String>, HttpClient>>,
+    clients: Mutex<HashMap<Option<String>, Target>>,
 }
 
 /// The connector under every client: it connects only where the allow-list
@@ -273,7 +279,7 @@ impl Performer {
         }
     }
 
-    fn client(&self, profile: Option<&str>) -> Result<HttpClient, Failure> {
+    fn target(&self, profile: Option<&str>) -> Result<Target, Failure> {
         let key = profile.map(str::to_string);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&key) {
@@ -291,8 +297,8 @@ impl Performer {
                 })?;
                 rustls::ClientConfig::clone(&profile.tls)
             }
-            None => tls_config(&TlsFiles::default())
-                .map_err(|(_, e)| Failure::new(ErrorKind::Tls, e))?,
+            None => outbox_tls::client_config(&outbox_tls::Files::default())
+                .map_err(|e| Failure::new(ErrorKind::Tls, e.to_string()))?,
         };
         let http = AllowConnector::new(self.allow.clone());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -306,9 +312,10 @@ impl Performer {
             // A malformed header line in an answer is skipped: the target
             // has answered, and its status counts.
             .http1_ignore_invalid_headers_in_responses(true)
-            .build(connector);
-        clients.insert(key, client.clone());
-        Ok(client)
+            .build(connector.clone());
+        let target = Target { client, connector };
+        clients.insert(key, target.clone());
+        Ok(target)
     }
 
     /// Sends the request; the caller streams the response body.
@@ -328,10 +335,10 @@ impl Performer {
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| {
             Failure::new(ErrorKind::Protocol, format!("{method:?} is not a method"))
         })?;
-        let client = self.client(protocol_profile)?;
+        let target = self.target(protocol_profile)?;
         let mut req = Request::builder()
             .method(method)
-            .uri(uri)
+            .uri(uri.clone())
             .body(Full::new(body))
             .map_err(|e| Failure::new(ErrorKind::Protocol, e.to_string()))?;
         for (k, v) in headers {
@@ -342,15 +349,26 @@ impl Performer {
                 .map_err(|_| Failure::new(ErrorKind::Protocol, format!("header {k}: bad value")))?;
             req.headers_mut().append(name, value);
         }
-        let resp = tokio::time::timeout_at(deadline.at, client.request(req))
+        let resp = tokio::time::timeout_at(deadline.at, target.client.request(req))
             .await
             .map_err(|_| {
                 Failure::new(
                     ErrorKind::Timeout,
                     format!("no response within {:?}", deadline.timeout),
                 )
-            })?
-            .map_err(|e| classify(&e))?;
+            })?;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => {
+                let failure = classify(&e);
+                return Err(match explain(&target.connector, &uri, &failure).await {
+                    Some(why) => {
+                        Failure::new(ErrorKind::Tls, format!("{}: {why}", failure.message))
+                    }
+                    None => failure,
+                });
+            }
+        };
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -408,68 +426,37 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// rustls settings for targets: webpki and system roots plus the profile's
-/// CA, and its client certificate for mutual TLS. An error names the
-/// profile's key it comes from (`ca`, `client_cert`, `client_key`).
-pub(crate) fn tls_config(
-    files: &TlsFiles<'_>,
-) -> Result<rustls::ClientConfig, (&'static str, String)> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Ok(iter) = CertificateDer::pem_file_iter("/etc/ssl/certs/ca-certificates.crt") {
-        for cert in iter.flatten() {
-            let _ = roots.add(cert);
-        }
+/// When an HTTPS request failed without a reason ([`outbox_tls::is_vague`]),
+/// one more TLS connection through the same connector (the same settings,
+/// the same allow-list) and its server's alert, if it sends one: a target
+/// that refuses the relay's client certificate says so only after the
+/// handshake, and hyper's request sees just the connection close.
+async fn explain(connector: &Connector, uri: &http::Uri, failure: &Failure) -> Option<String> {
+    use tower_service::Service;
+    if uri.scheme_str() != Some("https") || !outbox_tls::is_vague(&failure.message) {
+        return None;
     }
-    if let Some(ca) = files.ca {
-        for cert in read_certs(ca).map_err(|e| ("ca", e))? {
-            roots
-                .add(cert)
-                .map_err(|e| ("ca", format!("{}: {e}", ca.display())))?;
+    let probe = async {
+        match connector.clone().call(uri.clone()).await.ok()? {
+            hyper_rustls::MaybeHttpsStream::Https(tls) => outbox_tls::alert(tls.into_inner()).await,
+            hyper_rustls::MaybeHttpsStream::Http(_) => None,
         }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ("", e.to_string()))?
-    .with_root_certificates(roots);
-    match files.client {
-        None => Ok(builder.with_no_client_auth()),
-        Some((cert, key)) => {
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| ("client_key", format!("{}: {e}", key.display())))?;
-            let certs = read_certs(cert).map_err(|e| ("client_cert", e))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                (
-                    "client_cert",
-                    format!("{} and client_key: {e}", cert.display()),
-                )
-            })
-        }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The roots a relay trusts the daemon's certificate with: `server_ca`.
 pub fn server_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(path)? {
+    for cert in outbox_tls::read_certs(path)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(roots)
-}
-
-pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
 }
 
 #[cfg(test)]

@@ -393,8 +393,7 @@ async fn perform(
     // stream's opening: reading the body and waiting for a permit count, so
     // the relay gives up before the daemon does and never sends a request
     // the daemon has already given up on (and will send again).
-    let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
-    let deadline = Deadline::starting_now(timeout);
+    let deadline = Deadline::starting_now(Duration::from_millis(timeout_ms.clamp(1, 600_000)));
     let mut body = BytesMut::new();
     loop {
         let frame = tokio::time::timeout_at(deadline.at, frames.next())
@@ -402,7 +401,10 @@ async fn perform(
             .map_err(|_| {
                 Failure::new(
                     ErrorKind::Timeout,
-                    format!("{NOT_SENT} the request's body did not arrive within {timeout:?}"),
+                    format!(
+                        "{NOT_SENT} the request's body did not arrive within {:?}",
+                        deadline.timeout
+                    ),
                 )
             })?
             .map_err(|e| protocol(e.to_string()))?;
@@ -436,8 +438,8 @@ async fn perform(
             return Err(Failure::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{NOT_SENT} no free slot within {timeout:?} (the relay's concurrency is {})",
-                    relay.config.concurrency
+                    "{NOT_SENT} no free slot within {:?} (the relay's concurrency is {})",
+                    deadline.timeout, relay.config.concurrency
                 ),
             ))
         }
@@ -490,7 +492,10 @@ async fn perform(
             .map_err(|_| {
                 Failure::new(
                     ErrorKind::Timeout,
-                    format!("the response body did not end within {timeout:?}"),
+                    format!(
+                        "the response body did not end within {:?}",
+                        deadline.timeout
+                    ),
                 )
             })?;
         let mut chunk: Bytes = match next {

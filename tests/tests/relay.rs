@@ -1107,6 +1107,79 @@ async fn oauth_tokens_are_fetched_through_the_relay() {
     assert_eq!(sink.count(), 1);
 }
 
+/// Mutual TLS through a relay comes from the relay's own protocol profile
+/// of the connection's profile name: its CA is trusted for the target's
+/// certificate, and its client certificate is the one the target sees.
+/// The daemon's profile of that name gives neither (a relayed request
+/// never uses it); a relay whose profile lacks the client certificate is
+/// refused by the target, in TLS's words.
+#[tokio::test]
+async fn the_relay_applies_mutual_tls_from_its_own_protocol_profile() {
+    let tls = outbox_tests::Pki::new();
+    let files_dir = tempfile::tempdir().expect("temp dir");
+    let files = tls.write_to(files_dir.path());
+    let sink = Sink::builder()
+        .tls(&tls)
+        .require_client_cert(tls.ca_pem())
+        .start()
+        .await;
+    let pki = Pki::init();
+    let port = free_udp_port();
+    let d = daemon(&pki, port).await;
+    let doc = integration(
+        "acme",
+        &[&connection(
+            "dc",
+            "production",
+            &format!("https://{}", sink.addr()),
+            "active = true\n  mid_server = \"dc1\"\n  protocol_profile = \"mtls\"",
+        )],
+    ) + &format!(
+        "\n[[protocol_profile]]\nname = \"mtls\"\nca = {:?}\n",
+        files.ca.display().to_string()
+    );
+    apply(&d, &doc).await;
+    let profile = |client: bool| {
+        let path = |p: &Path| toml::Value::String(p.display().to_string());
+        let mut p = toml::Table::new();
+        p.insert("name".into(), "mtls".into());
+        p.insert("ca".into(), path(&files.ca));
+        if client {
+            p.insert("client_cert".into(), path(&files.client_cert));
+            p.insert("client_key".into(), path(&files.client_key));
+        }
+        toml::Value::Array(vec![toml::Value::Table(p)])
+    };
+
+    let mut config = pki.relay_config(&[port], &allow(&sink));
+    config.insert("protocol_profile".into(), profile(false));
+    let mut relay = Relay::start(&config);
+    wait_sessions(&d, 1, WAIT).await;
+    let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
+    let (m, first) = d.first_attempt(&id, WAIT).await;
+    let error = first["error"].as_str().unwrap_or("");
+    assert!(error.starts_with("relay dc1 (127.0.0.1:"), "{m}");
+    // The target's alert, whether hyper passed it on or the relay's probe
+    // found it behind a connection closed without a reason.
+    assert!(error.contains("CertificateRequired"), "a TLS refusal: {m}");
+    assert_eq!(sink.count(), 0, "no request got past the handshake");
+
+    relay.terminate().await;
+    wait_sessions(&d, 0, WAIT).await;
+    config.insert("protocol_profile".into(), profile(true));
+    let _relay = Relay::start(&config);
+    let m = d.wait_for_state(&id, "sent", WAIT).await;
+    let last = attempts(&m).last().cloned().unwrap_or_default();
+    assert_eq!(last["status"], 200, "{m}");
+    let seen = sink.received();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].client_cert.as_deref(),
+        Some(&tls.client().cert_der[..]),
+        "the target was shown the relay profile's client certificate"
+    );
+}
+
 /// A daemon restarted without a MID server that stored connections still
 /// use says so at start, and their messages wait with an attempt that says
 /// the MID server is not configured (not merely "not connected").
