@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rustls::ClientConfig;
 
 use crate::model::ProtocolProfile;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// Connections to remote systems with one set of TLS settings
+/// ([`outbox_remote::pool`]).
+pub type HttpClient = outbox_remote::pool::Pool<HttpsConnector<HttpConnector>>;
 
 /// How much of a response body an attempt keeps.
 pub const EXCERPT_BYTES: usize = 2048;
@@ -51,21 +51,19 @@ impl TlsSettings {
 
 /// Builds a rustls client config: the system and webpki roots plus the
 /// settings' CA, and the client certificate when there is one
-/// ([`outbox_tls::client_config`]).
+/// ([`outbox_remote::tls::client_config`]).
 pub fn tls_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
-    let files = outbox_tls::Files {
+    let files = outbox_remote::tls::Files {
         ca: settings.ca.as_deref(),
         client: settings
             .identity
             .as_ref()
             .map(|(cert, key)| (cert.as_path(), key.as_path())),
     };
-    outbox_tls::client_config(&files).map_err(|e| e.to_string())
+    outbox_remote::tls::client_config(&files).map_err(|e| e.to_string())
 }
 
-/// Clients by TLS settings, built on first use. A client is handed out as
-/// an `Arc`: cloning hyper's client itself copies its connector and pool
-/// handles, several reference counts on every request.
+/// Clients by TLS settings, built on first use, handed out as an `Arc`.
 #[derive(Default)]
 pub struct Clients {
     cache: Mutex<HashMap<TlsSettings, Arc<HttpClient>>>,
@@ -84,14 +82,7 @@ impl Clients {
             .enable_http1()
             .enable_http2()
             .build();
-        let client = Arc::new(
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                // A malformed header line in an answer is skipped: the
-                // remote system has answered, and its status counts.
-                .http1_ignore_invalid_headers_in_responses(true)
-                .build(connector),
-        );
+        let client = Arc::new(HttpClient::new(connector));
         cache.insert(settings.clone(), client.clone());
         Ok(client)
     }
@@ -138,21 +129,19 @@ pub async fn send(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| SendError::Failed(error_chain(&e)))?;
+            .map_err(|e| SendError::Failed(error_chain(e.inner())))?;
         answered = true;
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
         let mut excerpt = BytesMut::new();
         let mut read = 0usize;
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { break };
-            if let Some(data) = frame.data_ref() {
-                read += data.len();
-                let room = keep.saturating_sub(excerpt.len());
-                excerpt.extend_from_slice(&data[..data.len().min(room)]);
-                if read > DRAIN_LIMIT {
-                    break;
-                }
+        while let Some(data) = body.next_chunk().await {
+            let Ok(data) = data else { break };
+            read += data.len();
+            let room = keep.saturating_sub(excerpt.len());
+            excerpt.extend_from_slice(&data[..data.len().min(room)]);
+            if read > DRAIN_LIMIT {
+                break;
             }
         }
         Ok(Reply {
@@ -171,7 +160,7 @@ pub async fn send(
 }
 
 /// An error and its causes on one line: hyper's top-level messages alone
-/// ("client error (Connect)") do not say what went wrong.
+/// ("connection error") do not say what went wrong.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();
@@ -191,7 +180,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// connection close — opens one TLS connection with the same settings and
 /// reads from it: the alert, if the server sends one, is the reason.
 pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> Option<String> {
-    if !outbox_tls::is_vague(error) {
+    if !outbox_remote::tls::is_vague(error) {
         return None;
     }
     let uri: http::Uri = url.parse().ok()?;
@@ -209,7 +198,7 @@ pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> 
             .await
             .ok()?;
         match connector.connect(name, tcp).await {
-            Ok(tls) => outbox_tls::alert(tls).await,
+            Ok(tls) => outbox_remote::tls::alert(tls).await,
             Err(e) => Some(format!("TLS: {e}")),
         }
     };

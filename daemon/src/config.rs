@@ -528,7 +528,7 @@ fn tunnel_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ConfigErr
         }
         other => err("tunnel.key", format!("{key_path}: {other}")),
     })?;
-    let provider = outbox_tls::provider();
+    let provider = outbox_remote::tls::provider();
     // Loaded once on its own so that a key rustls cannot use is reported
     // as the key's problem, not the pair's.
     provider

@@ -56,8 +56,8 @@ struct RawProfile {
 }
 
 impl RawProfile {
-    fn files(&self) -> outbox_tls::Files<'_> {
-        outbox_tls::Files {
+    fn files(&self) -> outbox_remote::tls::Files<'_> {
+        outbox_remote::tls::Files {
             ca: self.ca.as_deref(),
             client: self.client_cert.as_deref().zip(self.client_key.as_deref()),
         }
@@ -248,7 +248,7 @@ impl Config {
             if protocol_profiles.contains_key(&p.name) {
                 return Err(err(at, "is defined more than once"));
             }
-            let tls = outbox_tls::client_config(&p.files()).map_err(|e| match e.key {
+            let tls = outbox_remote::tls::client_config(&p.files()).map_err(|e| match e.key {
                 "" => err(&at, e.problem),
                 key => err(format!("{at}.{key}"), e.problem),
             })?;

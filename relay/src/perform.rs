@@ -11,26 +11,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use outbox_proto::ErrorKind;
 
 use crate::allow::{AllowList, Verdict};
 use crate::config::Profile;
 
 type Connector = HttpsConnector<AllowConnector>;
-type HttpClient = Client<Connector, Full<Bytes>>;
-
-/// A protocol profile's client, and its connector for a TLS probe.
-#[derive(Clone)]
-struct Target {
-    client: HttpClient,
-    connector: Connector,
-}
+/// Connections to targets with one protocol profile's TLS settings.
+type HttpClient = Arc<outbox_remote::pool::Pool<Connector>>;
 
 /// A failed request, as the error frame the daemon gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +61,7 @@ impl Deadline {
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
-    pub body: hyper::body::Incoming,
+    pub body: outbox_remote::pool::Body,
 }
 
 /// The relay's HTTP side: one client per protocol profile, built on first
@@ -77,7 +69,7 @@ pub struct Response {
 pub struct Performer {
     allow: Arc<AllowList>,
     profiles: HashMap<String, Profile>,
-    clients: Mutex<HashMap<Option<String>, Target>>,
+    clients: Mutex<HashMap<Option<String>, HttpClient>>,
 }
 
 /// The connector under every client: it connects only where the allow-list
@@ -279,7 +271,7 @@ impl Performer {
         }
     }
 
-    fn target(&self, profile: Option<&str>) -> Result<Target, Failure> {
+    fn client(&self, profile: Option<&str>) -> Result<HttpClient, Failure> {
         let key = profile.map(str::to_string);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&key) {
@@ -297,7 +289,7 @@ impl Performer {
                 })?;
                 rustls::ClientConfig::clone(&profile.tls)
             }
-            None => outbox_tls::client_config(&outbox_tls::Files::default())
+            None => outbox_remote::tls::client_config(&outbox_remote::tls::Files::default())
                 .map_err(|e| Failure::new(ErrorKind::Tls, e.to_string()))?,
         };
         let http = AllowConnector::new(self.allow.clone());
@@ -307,15 +299,9 @@ impl Performer {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            // A malformed header line in an answer is skipped: the target
-            // has answered, and its status counts.
-            .http1_ignore_invalid_headers_in_responses(true)
-            .build(connector.clone());
-        let target = Target { client, connector };
-        clients.insert(key, target.clone());
-        Ok(target)
+        let client = Arc::new(outbox_remote::pool::Pool::new(connector));
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Sends the request; the caller streams the response body.
@@ -335,7 +321,7 @@ impl Performer {
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| {
             Failure::new(ErrorKind::Protocol, format!("{method:?} is not a method"))
         })?;
-        let target = self.target(protocol_profile)?;
+        let client = self.client(protocol_profile)?;
         let mut req = Request::builder()
             .method(method)
             .uri(uri.clone())
@@ -349,7 +335,7 @@ impl Performer {
                 .map_err(|_| Failure::new(ErrorKind::Protocol, format!("header {k}: bad value")))?;
             req.headers_mut().append(name, value);
         }
-        let resp = tokio::time::timeout_at(deadline.at, target.client.request(req))
+        let resp = tokio::time::timeout_at(deadline.at, client.request(req))
             .await
             .map_err(|_| {
                 Failure::new(
@@ -361,7 +347,7 @@ impl Performer {
             Ok(resp) => resp,
             Err(e) => {
                 let failure = classify(&e);
-                return Err(match explain(&target.connector, &uri, &failure).await {
+                return Err(match explain(client.connector(), &uri, &failure).await {
                     Some(why) => {
                         Failure::new(ErrorKind::Tls, format!("{}: {why}", failure.message))
                     }
@@ -383,26 +369,12 @@ impl Performer {
     }
 }
 
-/// Reads the next piece of a response body.
-pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Result<Bytes, String>> {
-    loop {
-        match body.frame().await? {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    return Some(Ok(data));
-                }
-            }
-            Err(e) => return Some(Err(e.to_string())),
-        }
-    }
-}
-
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+fn classify(e: &outbox_remote::pool::Error) -> Failure {
     // The connector's refusal says all there is to say.
-    if let Some(refused) = in_chain::<NotAllowed>(e) {
+    if let Some(refused) = in_chain::<NotAllowed>(e.inner()) {
         return Failure::new(ErrorKind::NotAllowed, refused.to_string());
     }
-    let text = chain(e);
+    let text = chain(e.inner());
     let kind = if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
         ErrorKind::Tls
     } else if e.is_connect() {
@@ -426,19 +398,21 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// When an HTTPS request failed without a reason ([`outbox_tls::is_vague`]),
+/// When an HTTPS request failed without a reason ([`outbox_remote::tls::is_vague`]),
 /// one more TLS connection through the same connector (the same settings,
 /// the same allow-list) and its server's alert, if it sends one: a target
 /// that refuses the relay's client certificate says so only after the
 /// handshake, and hyper's request sees just the connection close.
 async fn explain(connector: &Connector, uri: &http::Uri, failure: &Failure) -> Option<String> {
     use tower_service::Service;
-    if uri.scheme_str() != Some("https") || !outbox_tls::is_vague(&failure.message) {
+    if uri.scheme_str() != Some("https") || !outbox_remote::tls::is_vague(&failure.message) {
         return None;
     }
     let probe = async {
         match connector.clone().call(uri.clone()).await.ok()? {
-            hyper_rustls::MaybeHttpsStream::Https(tls) => outbox_tls::alert(tls.into_inner()).await,
+            hyper_rustls::MaybeHttpsStream::Https(tls) => {
+                outbox_remote::tls::alert(tls.into_inner()).await
+            }
             hyper_rustls::MaybeHttpsStream::Http(_) => None,
         }
     };
@@ -451,7 +425,7 @@ async fn explain(connector: &Connector, uri: &http::Uri, failure: &Failure) -> O
 /// The roots a relay trusts the daemon's certificate with: `server_ca`.
 pub fn server_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in outbox_tls::read_certs(path)? {
+    for cert in outbox_remote::tls::read_certs(path)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Config, Daemon};
-use crate::perform::{next_chunk, Deadline, Failure};
+use crate::perform::{Deadline, Failure};
 use crate::Relay;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -487,7 +487,7 @@ async fn perform(
     .map_err(io)?;
     let mut total = 0u64;
     loop {
-        let next = tokio::time::timeout_at(deadline.at, next_chunk(&mut resp.body))
+        let next = tokio::time::timeout_at(deadline.at, resp.body.next_chunk())
             .await
             .map_err(|_| {
                 Failure::new(
@@ -502,7 +502,7 @@ async fn perform(
             None => break,
             Some(Ok(chunk)) => chunk,
             Some(Err(e)) => {
-                tracing::info!(%daemon, %url, status = resp.status, error = %printable(&e),
+                tracing::info!(%daemon, %url, status = resp.status, error = %printable(&e.to_string()),
                     "the response body broke off; the answer ends with what came");
                 break;
             }

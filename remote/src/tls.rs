@@ -1,5 +1,4 @@
-//! TLS toward remote systems, as the daemon (direct connections) and the
-//! relay (connections through a MID server) both make it:
+//! TLS toward remote systems:
 //!
 //! - [`client_config`]: rustls client settings from a protocol profile's
 //!   files — the webpki and system roots plus the profile's `ca`, and its
