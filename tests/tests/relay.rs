@@ -164,18 +164,24 @@ async fn daemon(pki: &Pki, tunnel_port: u16) -> Daemon {
 
 /// One integration whose active connection goes through MID server dc1.
 fn relayed(name: &str, url: &str, concurrency: u32) -> String {
+    relayed_with(name, url, "").replace(
+        "concurrency = 4\n",
+        &format!("concurrency = {concurrency}\n"),
+    )
+}
+
+/// One integration whose active connection "dc" goes through MID server
+/// dc1, with `more` keys of the connection (TOML lines, each starting with
+/// a newline).
+fn relayed_with(name: &str, url: &str, more: &str) -> String {
     integration(
         name,
         &[&connection(
             "dc",
             "production",
             url,
-            "active = true\n  mid_server = \"dc1\"",
+            &format!("active = true\n  mid_server = \"dc1\"{more}"),
         )],
-    )
-    .replace(
-        "concurrency = 4\n",
-        &format!("concurrency = {concurrency}\n"),
     )
 }
 
@@ -1037,14 +1043,10 @@ async fn a_reload_that_drops_a_mid_server_in_use_is_refused() {
 async fn the_guard_refuses_a_relay_connection_for_another_instance() {
     let pki = Pki::init();
     let d = daemon(&pki, free_udp_port()).await;
-    let doc = integration(
+    let doc = relayed_with(
         "acme",
-        &[&connection(
-            "dc",
-            "production",
-            "http://127.0.0.1:9/",
-            "active = true\n  mid_server = \"dc1\"\n  instance_name = \"elsewhere\"",
-        )],
+        "http://127.0.0.1:9/",
+        "\n  instance_name = \"elsewhere\"",
     );
     apply(&d, &doc).await;
     let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
@@ -1068,14 +1070,10 @@ async fn oauth_tokens_are_fetched_through_the_relay() {
     let pki = Pki::init();
     let port = free_udp_port();
     let d = daemon(&pki, port).await;
-    let doc = integration(
+    let doc = relayed_with(
         "acme",
-        &[&connection(
-            "dc",
-            "production",
-            &sink.url(),
-            "active = true\n  mid_server = \"dc1\"\n  auth = { type = \"oauth\", profile = \"tok\" }",
-        )],
+        &sink.url(),
+        "\n  auth = { type = \"oauth\", profile = \"tok\" }",
     ) + &format!(
         "\n[[oauth_profile]]\nname = \"tok\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
         tokens.token_url(),
@@ -1126,14 +1124,10 @@ async fn the_relay_applies_mutual_tls_from_its_own_protocol_profile() {
     let pki = Pki::init();
     let port = free_udp_port();
     let d = daemon(&pki, port).await;
-    let doc = integration(
+    let doc = relayed_with(
         "acme",
-        &[&connection(
-            "dc",
-            "production",
-            &format!("https://{}", sink.addr()),
-            "active = true\n  mid_server = \"dc1\"\n  protocol_profile = \"mtls\"",
-        )],
+        &format!("https://{}", sink.addr()),
+        "\n  protocol_profile = \"mtls\"",
     ) + &format!(
         "\n[[protocol_profile]]\nname = \"mtls\"\nca = {:?}\n",
         files.ca.display().to_string()
