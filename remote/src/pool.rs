@@ -16,8 +16,9 @@
 //! A connection the target closes ends its task, and its sender says so
 //! (`is_closed`): it is dropped when it is next taken, or by the sweep. A
 //! request that a pooled connection gives back unsent (it closed meanwhile)
-//! goes on a new connection. HTTP/1.1 connections idle past [`IDLE`] are
-//! closed by the sweep, a task started with the pool's first connection.
+//! goes on a new connection. Connections idle past [`IDLE`] (an HTTP/2 one:
+//! not handed out for that long) are closed by the sweep, a task started
+//! with the pool's first connection, or when next looked for.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +36,9 @@ use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-/// How long an HTTP/1.1 connection may wait in the pool for its next
-/// request.
+/// How long a connection may wait in the pool for its next request. An
+/// idle connection may be dropped silently on the way (a NAT, a firewall),
+/// and a request sent on it would wait out its timeout.
 pub const IDLE: Duration = Duration::from_secs(90);
 
 /// What a connector gives: TCP, with TLS for `https`.
@@ -53,10 +55,11 @@ struct Origin {
     authority: String,
 }
 
+/// Senders of open connections, with when each was last handed out.
 #[derive(Default)]
 struct Idle {
     http1: HashMap<Origin, Vec<(Http1, Instant)>>,
-    http2: HashMap<Origin, Http2>,
+    http2: HashMap<Origin, (Http2, Instant)>,
 }
 
 /// Connections over one connector (one set of TLS settings).
@@ -160,8 +163,28 @@ fn lock(idle: &Mutex<Idle>) -> MutexGuard<'_, Idle> {
 }
 
 enum Conn {
-    Http1(Http1),
+    /// A sender, and for a new connection, where its error will come.
+    Http1(Http1, Option<Failed>),
     Http2(Http2),
+}
+
+/// A connection's error, from its task, once the connection has ended.
+type Failed = tokio::sync::oneshot::Receiver<hyper::Error>;
+
+/// Runs a connection on a task of its own; its error goes to the returned
+/// receiver (and the log).
+fn spawn_connection<F>(conn: F) -> Failed
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection to a remote system ended");
+            let _ = tx.send(e);
+        }
+    });
+    rx
 }
 
 impl<C> Pool<C>
@@ -211,13 +234,19 @@ where
                         Err(e) => e,
                     }
                 }
-                Conn::Http1(mut sender) => {
+                Conn::Http1(mut sender, failed) => {
                     if let Err(e) = sender.ready().await {
                         // Closed while idle: the next one, or a new one.
                         if reused {
                             continue;
                         }
-                        return Err(Error::Request(e));
+                        // A new connection that ended says why itself
+                        // ("channel closed" does not).
+                        let why = match failed {
+                            Some(failed) => failed.await.unwrap_or(e),
+                            None => e,
+                        };
+                        return Err(Error::Request(why));
                     }
                     to_origin_form(&mut req, &target);
                     match sender.try_send_request(req).await {
@@ -252,8 +281,9 @@ where
     /// HTTP/2 one, or the HTTP/1.1 one used last.
     fn take(&self, origin: &Origin) -> Option<Conn> {
         let mut idle = lock(&self.idle);
-        if let Some(sender) = idle.http2.get(origin) {
-            if !sender.is_closed() {
+        if let Some((sender, used)) = idle.http2.get_mut(origin) {
+            if !sender.is_closed() && used.elapsed() < IDLE {
+                *used = Instant::now();
                 return Some(Conn::Http2(sender.clone()));
             }
             idle.http2.remove(origin);
@@ -261,7 +291,7 @@ where
         let parked = idle.http1.get_mut(origin)?;
         while let Some((sender, since)) = parked.pop() {
             if !sender.is_closed() && since.elapsed() < IDLE {
-                return Some(Conn::Http1(sender));
+                return Some(Conn::Http1(sender, None));
             }
         }
         None
@@ -282,13 +312,19 @@ where
                 .handshake(io)
                 .await
                 .map_err(Error::Request)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            lock(&self.idle)
-                .http2
-                .insert(origin.clone(), sender.clone());
-            return Ok(Conn::Http2(sender));
+            spawn_connection(conn);
+            // Requests that connected at once share the first connection
+            // made; the others' connections close with their last sender.
+            let mut idle = lock(&self.idle);
+            let shared = match idle.http2.get(origin) {
+                Some((open, _)) if !open.is_closed() => open.clone(),
+                _ => {
+                    idle.http2
+                        .insert(origin.clone(), (sender.clone(), Instant::now()));
+                    sender
+                }
+            };
+            return Ok(Conn::Http2(shared));
         }
         let (sender, conn) = http1::Builder::new()
             // A malformed header line in an answer is skipped: the remote
@@ -297,15 +333,13 @@ where
             .handshake(io)
             .await
             .map_err(Error::Request)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Conn::Http1(sender))
+        let failed = spawn_connection(conn);
+        Ok(Conn::Http1(sender, Some(failed)))
     }
 
     /// Starts the sweep, once: every [`IDLE`] / 3 it drops the senders of
-    /// closed connections and of HTTP/1.1 connections idle past [`IDLE`]
-    /// (which closes them), until the pool is dropped.
+    /// closed connections and of connections idle past [`IDLE`] (which
+    /// closes them), until the pool is dropped.
     fn sweep(&self) {
         if self.sweeping.swap(true, Ordering::Relaxed) {
             return;
@@ -322,7 +356,8 @@ where
                     parked.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE);
                     !parked.is_empty()
                 });
-                idle.http2.retain(|_, sender| !sender.is_closed());
+                idle.http2
+                    .retain(|_, (sender, used)| !sender.is_closed() && used.elapsed() < IDLE);
             }
         });
     }
@@ -346,15 +381,15 @@ fn to_origin_form(req: &mut Request<Full<Bytes>>, target: &Uri) {
             req.headers_mut().entry(HOST).or_insert(value);
         }
     }
-    let form = if req.method() == Method::CONNECT {
-        target.authority().map(|a| a.as_str())
+    let mut form = http::uri::Parts::default();
+    if req.method() == Method::CONNECT {
+        form.authority = target.authority().cloned();
     } else {
-        target
-            .path_and_query()
-            .map(|p| p.as_str())
-            .filter(|p| *p != "/")
-    };
-    *req.uri_mut() = form.and_then(|f| f.parse().ok()).unwrap_or_default();
+        // ("?x=1" alone, from a URL with a query and no path, is shown as
+        // "/?x=1".)
+        form.path_and_query = target.path_and_query().cloned();
+    }
+    *req.uri_mut() = Uri::from_parts(form).unwrap_or_default();
 }
 
 #[cfg(test)]
@@ -477,6 +512,10 @@ mod tests {
         assert_eq!(
             origin_form(Method::GET, "https://jira.internal:443"),
             ("/".into(), Some("jira.internal".into()))
+        );
+        assert_eq!(
+            origin_form(Method::GET, "http://jira.internal?token=t"),
+            ("/?token=t".into(), Some("jira.internal".into()))
         );
         assert_eq!(
             origin_form(Method::GET, "http://[::1]:80/a"),

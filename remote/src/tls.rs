@@ -115,7 +115,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// Words of a request error that say the connection went away without
 /// saying why.
 const VAGUE: [&str; 4] = [
-    "Canceled",
+    "operation was canceled",
     "channel closed",
     "connection closed",
     "broken pipe",
@@ -195,8 +195,9 @@ mod tests {
     #[test]
     fn only_a_connection_gone_without_a_reason_is_vague() {
         assert!(is_vague(
-            "client error (SendRequest): connection error: stream closed because of a broken pipe"
+            "connection error: stream closed because of a broken pipe"
         ));
+        assert!(is_vague("operation was canceled: connection was not ready"));
         assert!(!is_vague(
             "connection error: received fatal alert: CertificateRequired"
         ));
