@@ -173,37 +173,3 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
-
-/// When an HTTPS request failed without a reason — over HTTP/2 a TLS alert
-/// sent after the handshake (a refused client certificate, with TLS 1.3)
-/// reaches only the connection task, and the request just sees the
-/// connection close — opens one TLS connection with the same settings and
-/// reads from it: the alert, if the server sends one, is the reason.
-pub async fn explain_failure(settings: &TlsSettings, url: &str, error: &str) -> Option<String> {
-    if !outbox_remote::tls::is_vague(error) {
-        return None;
-    }
-    let uri: http::Uri = url.parse().ok()?;
-    if uri.scheme_str() != Some("https") {
-        return None;
-    }
-    let host = uri.host()?.trim_matches(['[', ']']).to_string();
-    let port = uri.port_u16().unwrap_or(443);
-    let mut config = tls_config(settings).ok()?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
-    let probe = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .ok()?;
-        match connector.connect(name, tcp).await {
-            Ok(tls) => outbox_remote::tls::alert(tls).await,
-            Err(e) => Some(format!("TLS: {e}")),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .ok()
-        .flatten()
-}

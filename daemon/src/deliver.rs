@@ -273,10 +273,7 @@ impl Via {
 /// request alike: the daemon's HTTP client for a TLS setting, or a relay
 /// with its protocol profile of a name.
 pub enum Route<'a> {
-    Direct {
-        client: Arc<HttpClient>,
-        tls: TlsSettings,
-    },
+    Direct(Arc<HttpClient>),
     Relay {
         session: &'a crate::tunnel::Session,
         protocol_profile: Option<&'a str>,
@@ -292,19 +289,16 @@ pub struct Sent {
 }
 
 impl<'a> Route<'a> {
-    /// The route `via` gives. Going directly, `direct` gives the client and
-    /// the TLS settings it was made for (asked for only then); through a
-    /// relay, the relay applies its own protocol profile `relay_profile`.
+    /// The route `via` gives. Going directly, `direct` gives the client
+    /// (asked for only then); through a relay, the relay applies its own
+    /// protocol profile `relay_profile`.
     pub fn new(
         via: &'a Via,
         relay_profile: Option<&'a str>,
-        direct: impl FnOnce() -> Result<(Arc<HttpClient>, TlsSettings), String>,
+        direct: impl FnOnce() -> Result<Arc<HttpClient>, String>,
     ) -> Result<Route<'a>, String> {
         Ok(match via {
-            Via::Direct => {
-                let (client, tls) = direct()?;
-                Route::Direct { client, tls }
-            }
+            Via::Direct => Route::Direct(direct()?),
             Via::Relay(session) => Route::Relay {
                 session,
                 protocol_profile: relay_profile,
@@ -325,7 +319,7 @@ impl<'a> Route<'a> {
         keep: usize,
     ) -> Result<Sent, String> {
         match self {
-            Route::Direct { client, .. } => {
+            Route::Direct(client) => {
                 let mut req = Request::builder()
                     .method(method.clone())
                     .uri(url)
@@ -362,13 +356,17 @@ impl<'a> Route<'a> {
     }
 
     /// A direct request's failure without a reason, explained by a TLS
-    /// probe of `url` with the same settings ([`crate::client::explain_failure`]).
-    /// For a message's request only: the probe may take seconds.
+    /// probe of `url` with the same client ([`outbox_remote::pool::Pool::explain`];
+    /// the relay probes its own). For a message's request only: the probe
+    /// may take seconds.
     pub async fn explain(&self, url: &str, result: &mut Result<Reply, SendError>) {
-        let (Route::Direct { tls, .. }, Err(SendError::Failed(msg))) = (self, &*result) else {
+        let (Route::Direct(client), Err(SendError::Failed(msg))) = (self, &*result) else {
             return;
         };
-        if let Some(why) = crate::client::explain_failure(tls, url, msg).await {
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            return;
+        };
+        if let Some(why) = client.explain(&uri, msg).await {
             *result = Err(SendError::Failed(format!("{msg}: {why}")));
         }
     }
@@ -377,7 +375,7 @@ impl<'a> Route<'a> {
     /// empty for a direct request.
     pub fn through(&self) -> String {
         match self {
-            Route::Direct { .. } => String::new(),
+            Route::Direct(_) => String::new(),
             Route::Relay { session, .. } => format!(" (through {})", session.via()),
         }
     }
@@ -414,12 +412,9 @@ pub async fn exchange(
             ),
             None => None,
         };
-        let tls = TlsSettings::from_profile(profile);
-        let client = s
-            .clients
-            .get(&tls)
-            .map_err(|e| format!("protocol profile: {e}"))?;
-        Ok((client, tls))
+        s.clients
+            .get(&TlsSettings::from_profile(profile))
+            .map_err(|e| format!("protocol profile: {e}"))
     })?;
     let oauth_profile = match &connection.auth {
         Auth::Oauth { profile } => Some(

@@ -131,8 +131,7 @@ async fn fetch(
             ca: profile.ca.clone(),
             identity: None,
         };
-        let client = clients.get(&tls).map_err(|e| format!("{what}: {e}"))?;
-        Ok((client, tls))
+        clients.get(&tls).map_err(|e| format!("{what}: {e}"))
     })?;
     // (No TLS probe on a vague failure, as a message's request has: the
     // token's lock is held, and every delivery waiting for it would wait

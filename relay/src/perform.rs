@@ -347,7 +347,10 @@ impl Performer {
             Ok(resp) => resp,
             Err(e) => {
                 let failure = classify(&e);
-                return Err(match explain(client.connector(), &uri, &failure).await {
+                // A failure without a reason may be a target's TLS alert
+                // that only the connection saw (a refused client
+                // certificate): the probe finds it.
+                return Err(match client.explain(&uri, &failure.message).await {
                     Some(why) => {
                         Failure::new(ErrorKind::Tls, format!("{}: {why}", failure.message))
                     }
@@ -396,30 +399,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     parts.join(": ")
-}
-
-/// When an HTTPS request failed without a reason ([`outbox_remote::tls::is_vague`]),
-/// one more TLS connection through the same connector (the same settings,
-/// the same allow-list) and its server's alert, if it sends one: a target
-/// that refuses the relay's client certificate says so only after the
-/// handshake, and hyper's request sees just the connection close.
-async fn explain(connector: &Connector, uri: &http::Uri, failure: &Failure) -> Option<String> {
-    use tower_service::Service;
-    if uri.scheme_str() != Some("https") || !outbox_remote::tls::is_vague(&failure.message) {
-        return None;
-    }
-    let probe = async {
-        match connector.clone().call(uri.clone()).await.ok()? {
-            hyper_rustls::MaybeHttpsStream::Https(tls) => {
-                outbox_remote::tls::alert(tls.into_inner()).await
-            }
-            hyper_rustls::MaybeHttpsStream::Http(_) => None,
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// The roots a relay trusts the daemon's certificate with: `server_ca`.

@@ -200,9 +200,25 @@ where
         }
     }
 
-    /// The connector new connections are made with.
-    pub fn connector(&self) -> &C {
-        &self.connector
+    /// Explains a request to `uri` that failed with `error` without a
+    /// reason ([`crate::tls::is_vague`]): one more TLS connection through
+    /// the pool's connector (the same settings; for the relay, the same
+    /// allow-list), and the alert its server sends, if any. Bounded at
+    /// 2 s; `None` when there is nothing to add.
+    pub async fn explain(&self, uri: &Uri, error: &str) -> Option<String> {
+        if uri.scheme_str() != Some("https") || !crate::tls::is_vague(error) {
+            return None;
+        }
+        let probe = async {
+            match self.connector.clone().call(uri.clone()).await.ok()? {
+                MaybeHttpsStream::Https(tls) => crate::tls::alert(tls.into_inner()).await,
+                MaybeHttpsStream::Http(_) => None,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), probe)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Sends `req`, whose URI is absolute; the caller reads the body.
