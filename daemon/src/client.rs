@@ -129,7 +129,7 @@ pub async fn send(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| SendError::Failed(error_chain(e.inner())))?;
+            .map_err(|e| SendError::Failed(outbox_remote::error_chain(e.inner())))?;
         answered = true;
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
@@ -157,19 +157,4 @@ pub async fn send(
         false => SendError::Timeout(timeout),
     }));
     (result, started.elapsed())
-}
-
-/// An error and its causes on one line: hyper's top-level messages alone
-/// ("connection error") do not say what went wrong.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }

@@ -79,7 +79,6 @@ pub struct Config {
     pub token: SecretValue,
     /// `host:port` of each daemon; the relay keeps a session to each.
     pub daemons: Vec<Daemon>,
-    pub server_ca: PathBuf,
     /// The certificates of `server_ca`, read once at load.
     pub server_roots: Arc<rustls::RootCertStore>,
     pub allow: AllowList,
@@ -108,7 +107,7 @@ pub struct Daemon {
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: rustls::ClientConfig,
 }
 
 pub mod defaults {
@@ -191,9 +190,8 @@ impl Config {
                 port,
             });
         }
-        readable("server_ca", &raw.server_ca)?;
         let server_roots =
-            crate::perform::server_roots(&raw.server_ca).map_err(|e| err("server_ca", e))?;
+            outbox_remote::tls::roots(&raw.server_ca).map_err(|e| err("server_ca", e))?;
         let allow = AllowList::parse(&raw.allow).map_err(|p| {
             let (key, problem) = p.split_once(": ").unwrap_or(("allow", &p));
             err(key, problem)
@@ -230,10 +228,7 @@ impl Config {
             outbox_proto::check_name(&p.name, &names)
                 .map_err(|e| err(format!("{at}.name"), e.to_string()))?;
             match (&p.client_cert, &p.client_key) {
-                (Some(c), Some(k)) => {
-                    readable(&format!("{at}.client_cert"), c)?;
-                    readable(&format!("{at}.client_key"), k)?;
-                }
+                (Some(_), Some(_)) => {}
                 (None, None) if p.ca.is_some() => {}
                 _ => {
                     return Err(err(
@@ -242,9 +237,6 @@ impl Config {
                     ))
                 }
             }
-            if let Some(ca) = &p.ca {
-                readable(&format!("{at}.ca"), ca)?;
-            }
             if protocol_profiles.contains_key(&p.name) {
                 return Err(err(at, "is defined more than once"));
             }
@@ -252,13 +244,7 @@ impl Config {
                 "" => err(&at, e.problem),
                 key => err(format!("{at}.{key}"), e.problem),
             })?;
-            protocol_profiles.insert(
-                p.name.clone(),
-                Profile {
-                    name: p.name,
-                    tls: Arc::new(tls),
-                },
-            );
+            protocol_profiles.insert(p.name.clone(), Profile { name: p.name, tls });
         }
         let log_level = raw.log.level.unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level)
@@ -283,7 +269,6 @@ impl Config {
             name: raw.name,
             token,
             daemons,
-            server_ca: raw.server_ca,
             server_roots: Arc::new(server_roots),
             allow,
             concurrency: concurrency as usize,
@@ -551,12 +536,6 @@ fn key_above(text: &str, at: usize) -> Option<String> {
         push_key(&mut path, &key);
     }
     Some(path)
-}
-
-fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| err(key, format!("{} cannot be read: {e}", path.display())))
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {

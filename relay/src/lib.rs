@@ -45,7 +45,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         performer: perform::Performer::new(
             config.allow.clone(),
             config.protocol_profiles.values().cloned(),
-        ),
+        )
+        .map_err(|e| anyhow::anyhow!("TLS settings for targets: {e}"))?,
         permits: Arc::new(Semaphore::new(config.concurrency)),
         draining: CancellationToken::new(),
         requests: TaskTracker::new(),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,12 +64,13 @@ pub struct Response {
     pub body: outbox_remote::pool::Body,
 }
 
-/// The relay's HTTP side: one client per protocol profile, built on first
-/// use, each resolving names only into allowed addresses.
+/// The relay's HTTP side: a client for requests without a protocol
+/// profile and one per profile, built at the start, each resolving names
+/// only into allowed addresses.
 pub struct Performer {
     allow: Arc<AllowList>,
-    profiles: HashMap<String, Profile>,
-    clients: Mutex<HashMap<Option<String>, HttpClient>>,
+    default: HttpClient,
+    by_profile: HashMap<String, HttpClient>,
 }
 
 /// The connector under every client: it connects only where the allow-list
@@ -247,12 +248,33 @@ fn target_port(uri: &http::Uri) -> u16 {
 }
 
 impl Performer {
-    pub fn new(allow: AllowList, profiles: impl IntoIterator<Item = Profile>) -> Performer {
-        Performer {
-            allow: Arc::new(allow),
-            profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
-            clients: Mutex::default(),
-        }
+    /// Builds every client; an error is the system's roots failing to
+    /// make TLS settings.
+    pub fn new(
+        allow: AllowList,
+        profiles: impl IntoIterator<Item = Profile>,
+    ) -> Result<Performer, String> {
+        let allow = Arc::new(allow);
+        let client = |tls: rustls::ClientConfig| {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(AllowConnector::new(allow.clone()));
+            Arc::new(outbox_remote::pool::Pool::new(connector))
+        };
+        let system = outbox_remote::tls::client_config(&outbox_remote::tls::Files::default())
+            .map_err(|e| e.to_string())?;
+        let by_profile = profiles
+            .into_iter()
+            .map(|p| (p.name, client(p.tls)))
+            .collect();
+        Ok(Performer {
+            default: client(system),
+            by_profile,
+            allow,
+        })
     }
 
     /// Checks the target against the allow-list, before anything is
@@ -271,37 +293,17 @@ impl Performer {
         }
     }
 
-    fn client(&self, profile: Option<&str>) -> Result<HttpClient, Failure> {
-        let key = profile.map(str::to_string);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
+    /// The client for `profile` (none: the system's roots alone).
+    fn client(&self, profile: Option<&str>) -> Result<&HttpClient, Failure> {
+        match profile {
+            None => Ok(&self.default),
+            Some(name) => self.by_profile.get(name).ok_or_else(|| {
+                Failure::new(
+                    ErrorKind::Protocol,
+                    format!("this relay has no protocol profile {name:?}"),
+                )
+            }),
         }
-        // A profile's settings were built at load; the system's roots alone
-        // are built here, on first use.
-        let tls = match profile {
-            Some(name) => {
-                let profile = self.profiles.get(name).ok_or_else(|| {
-                    Failure::new(
-                        ErrorKind::Protocol,
-                        format!("this relay has no protocol profile {name:?}"),
-                    )
-                })?;
-                rustls::ClientConfig::clone(&profile.tls)
-            }
-            None => outbox_remote::tls::client_config(&outbox_remote::tls::Files::default())
-                .map_err(|e| Failure::new(ErrorKind::Tls, e.to_string()))?,
-        };
-        let http = AllowConnector::new(self.allow.clone());
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Arc::new(outbox_remote::pool::Pool::new(connector));
-        clients.insert(key, client.clone());
-        Ok(client)
     }
 
     /// Sends the request; the caller streams the response body.
@@ -377,7 +379,7 @@ fn classify(e: &outbox_remote::pool::Error) -> Failure {
     if let Some(refused) = in_chain::<NotAllowed>(e.inner()) {
         return Failure::new(ErrorKind::NotAllowed, refused.to_string());
     }
-    let text = chain(e.inner());
+    let text = outbox_remote::error_chain(e.inner());
     let kind = if text.to_ascii_lowercase().contains("certificate") || text.contains("tls") {
         ErrorKind::Tls
     } else if e.is_connect() {
@@ -386,30 +388,6 @@ fn classify(e: &outbox_remote::pool::Error) -> Failure {
         ErrorKind::Other
     };
     Failure::new(kind, text)
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
-}
-
-/// The roots a relay trusts the daemon's certificate with: `server_ca`.
-pub fn server_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in outbox_remote::tls::read_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(roots)
 }
 
 #[cfg(test)]
@@ -436,7 +414,7 @@ mod tests {
     }
 
     async fn get(allow: &[String], url: &str) -> Result<u16, Failure> {
-        let performer = Performer::new(AllowList::parse(allow).unwrap(), []);
+        let performer = Performer::new(AllowList::parse(allow).unwrap(), []).unwrap();
         let r = performer
             .send(
                 "GET",

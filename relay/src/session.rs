@@ -31,12 +31,10 @@ const CHUNK: usize = 64 * 1024;
 /// The QUIC client endpoint shared by all sessions.
 pub fn client_endpoint(config: &Config) -> anyhow::Result<quinn::Endpoint> {
     use anyhow::Context;
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(config.server_roots.clone())
-    .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(outbox_remote::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(config.server_roots.clone())
+        .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));

@@ -9,3 +9,19 @@
 
 pub mod pool;
 pub mod tls;
+
+/// An error and its causes on one line: hyper's top-level messages alone
+/// ("connection error") do not say what went wrong. A cause whose words
+/// the line has already is left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

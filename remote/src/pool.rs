@@ -47,12 +47,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Http1 = http1::SendRequest<Full<Bytes>>;
 type Http2 = http2::SendRequest<Full<Bytes>>;
 
-/// Where a connection goes.
+/// Where a connection goes. (`Authority` compares and hashes without
+/// case, and is shared, not copied: no allocation per request.)
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Origin {
     https: bool,
-    /// `host:port` as the URL gives it, lowercased.
-    authority: String,
+    authority: Option<http::uri::Authority>,
 }
 
 /// Senders of open connections, with when each was last handed out.
@@ -226,10 +226,7 @@ where
         let target = req.uri().clone();
         let origin = Origin {
             https: target.scheme_str() == Some("https"),
-            authority: target
-                .authority()
-                .map(|a| a.as_str().to_ascii_lowercase())
-                .unwrap_or_default(),
+            authority: target.authority().cloned(),
         };
         // After a pooled connection gave the request back unsent, only a
         // new connection is tried.

@@ -63,9 +63,8 @@ fn fault(key: &'static str, problem: impl Into<String>) -> FileError {
     }
 }
 
-/// rustls client settings: the webpki and system roots plus `files.ca`,
-/// and the client certificate when there is one.
-pub fn client_config(files: &Files<'_>) -> Result<ClientConfig, FileError> {
+/// The webpki roots and the system's, read once per process.
+static BASE_ROOTS: std::sync::LazyLock<RootCertStore> = std::sync::LazyLock::new(|| {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Ok(iter) = CertificateDer::pem_file_iter(SYSTEM_BUNDLE) {
@@ -73,12 +72,15 @@ pub fn client_config(files: &Files<'_>) -> Result<ClientConfig, FileError> {
             let _ = roots.add(cert);
         }
     }
+    roots
+});
+
+/// rustls client settings: the webpki and system roots plus `files.ca`,
+/// and the client certificate when there is one.
+pub fn client_config(files: &Files<'_>) -> Result<ClientConfig, FileError> {
+    let mut roots = BASE_ROOTS.clone();
     if let Some(ca) = files.ca {
-        for cert in read_certs(ca).map_err(|e| fault("ca", e))? {
-            roots
-                .add(cert)
-                .map_err(|e| fault("ca", format!("{}: {e}", ca.display())))?;
-        }
+        add_certs(&mut roots, ca).map_err(|e| fault("ca", e))?;
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -87,9 +89,9 @@ pub fn client_config(files: &Files<'_>) -> Result<ClientConfig, FileError> {
     match files.client {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
+            let certs = read_certs(cert).map_err(|e| fault("client_cert", e))?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| fault("client_key", format!("{}: {e}", key.display())))?;
-            let certs = read_certs(cert).map_err(|e| fault("client_cert", e))?;
             builder.with_client_auth_cert(certs, key).map_err(|e| {
                 fault(
                     "client_cert",
@@ -100,8 +102,25 @@ pub fn client_config(files: &Files<'_>) -> Result<ClientConfig, FileError> {
     }
 }
 
+/// The certificates of `path` as trusted roots, alone: what the relay
+/// trusts the daemon's certificate with (`server_ca`).
+pub fn roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    add_certs(&mut roots, path)?;
+    Ok(roots)
+}
+
+fn add_certs(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The PEM certificates in `path`; none is an error.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -123,14 +142,14 @@ const VAGUE: [&str; 4] = [
 
 /// True when a request's error says the connection went away without
 /// saying why: worth a probe with [`alert`].
-pub fn is_vague(error: &str) -> bool {
+pub(crate) fn is_vague(error: &str) -> bool {
     VAGUE.iter().any(|w| error.contains(w))
 }
 
 /// Reads the server's answer on a TLS connection just made: an HTTP/2
 /// preface makes a healthy server answer at once, and one that refuses the
 /// connection sends its alert, which is returned as "TLS: ...".
-pub async fn alert<S>(mut tls: S) -> Option<String>
+pub(crate) async fn alert<S>(mut tls: S) -> Option<String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

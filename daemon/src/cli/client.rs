@@ -66,7 +66,7 @@ impl ApiClient {
             CliError::Refused(format!(
                 "cannot reach outboxd at {}: {} (is it running? see --api)",
                 self.base,
-                crate::client::error_chain(&e)
+                outbox_remote::error_chain(&e)
             ))
         })?;
         let status = resp.status();
