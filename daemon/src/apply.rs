@@ -33,27 +33,12 @@ pub struct Context<'a> {
 /// in characters) and what the parser says, without its drawing of the
 /// line, which a log line or a problem list cannot show.
 fn toml_problem(e: &toml::de::Error, text: &str) -> String {
-    let what = e
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let what = outbox_proto::one_line(e.message());
     let Some(span) = e.span() else {
         return format!("not valid TOML: {what}");
     };
-    let mut at = span.start.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    let before = &text[..at];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    format!(
-        "not valid TOML at line {}, column {}: {what}",
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1
-    )
+    let (line, column) = outbox_proto::line_column(text, span.start);
+    format!("not valid TOML at line {line}, column {column}: {what}")
 }
 
 /// Parses and checks `text`; on failure, every problem found, one per line.

@@ -116,4 +116,4 @@ pub use handshake::{
 };
 pub use limits::{LimitExceeded, Limits, FRAME_CEILING, HEADER_LEN};
 pub use reader::{ChunkSource, FrameReader, ReadError};
-pub use text::{bare_log_word, printable, NOT_A_LOG_LEVEL};
+pub use text::{bare_log_word, char_boundary, line_column, one_line, printable, NOT_A_LOG_LEVEL};

@@ -65,6 +65,65 @@ pub fn bare_log_word(filter: &str) -> Option<&str> {
     (!word.is_empty() && !level && !word.contains([',', '=', '[', ':'])).then_some(word)
 }
 
+/// A parser's message on one line, for a log line or a problem list: its
+/// lines trimmed, blank ones left out, joined with ", " (TOML's messages
+/// come with a drawing of the line, which neither can show).
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Byte `at` of `text`, moved back to the start of its character (and
+/// into the text).
+pub fn char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The line and column (from 1; columns in characters) of byte `at` of
+/// `text`, as a parser's error is placed for a user. An error at the very
+/// end of a text that ends in a newline (an unclosed array) is placed at
+/// the end of the last line rather than on the empty line after it.
+pub fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let at = char_boundary(text, at);
+    let before = match text[..at].strip_suffix('\n') {
+        Some(trimmed) if at == text.len() => trimmed,
+        _ => &text[..at],
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    #[test]
+    fn places_count_lines_and_characters() {
+        let text = "a = 1\nb = \"é\" x\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 10), (2, 5));
+        // Inside the two bytes of "é": its start.
+        assert_eq!(line_column(text, 12), (2, 6));
+        // At the very end: the end of the last line.
+        assert_eq!(line_column(text, text.len()), (2, 10));
+        assert_eq!(
+            one_line("expected `]`\n  |\n\n  found x\n"),
+            "expected `]`, |, found x"
+        );
+    }
+}
+
 #[cfg(test)]
 mod log_level_tests {
     use super::bare_log_word;

@@ -288,20 +288,10 @@ impl Config {
 /// reading the document again as a tree of spans ([`Node`]), or, when it
 /// is not even TOML, from the lines above the error.
 fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigError {
-    let message = e
-        .message()
-        .trim()
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let at = e.span().map(|span| {
-        let mut at = span.start.min(text.len());
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        at
-    });
+    let message = outbox_proto::one_line(e.message());
+    let at = e
+        .span()
+        .map(|span| outbox_proto::char_boundary(text, span.start));
     let key = at
         .and_then(|at| match toml::from_str::<Node>(text) {
             Ok(root) => {
@@ -333,15 +323,7 @@ fn toml_error(e: &toml::de::Error, text: &str, file: Option<&Path>) -> ConfigErr
     // (its span is the whole file): the file is the place.
     let at = at.filter(|_| !message.starts_with("missing field") || key.contains('.'));
     let place = at.map(|at| {
-        // An error at the very end (an unclosed array) is placed at the
-        // end of the last line rather than on the empty line after it.
-        let before = match text[..at].strip_suffix('\n') {
-            Some(trimmed) if at == text.len() => trimmed,
-            _ => &text[..at],
-        };
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let line = before.matches('\n').count() + 1;
-        let column = before[line_start..].chars().count() + 1;
+        let (line, column) = outbox_proto::line_column(text, at);
         format!("line {line}, column {column}")
     });
     let place = match (file, place) {
