@@ -37,8 +37,7 @@ async fn send(d: &Daemon, body: Value) -> String {
 
 /// Enqueues `body` (the JSON envelope) into `integration`; its id.
 async fn send_to(d: &Daemon, integration: &str, body: Value) -> String {
-    let path = format!("/v1/integrations/{integration}/messages");
-    let (s, v) = d.post_json(&path, body).await;
+    let (s, v) = d.enqueue(integration, &body).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
@@ -57,13 +56,7 @@ async fn a_message_is_built_from_the_active_connection_and_delivered() {
     .await;
     d.wait_for_state(&id, "queued", WAIT).await;
     // Missing env var: the attempt says so and the message waits to retry.
-    let m = eventually_msg(WAIT, "an attempt", async || {
-        let m = d.message(&id).await;
-        (!m["attempts"].as_array().unwrap().is_empty()).then_some(m)
-    })
-    .await;
-    let _ = m;
-    let a = &d.message(&id).await["attempts"][0];
+    let (_, a) = d.first_attempt(&id, WAIT).await;
     assert!(a["error"].as_str().unwrap().contains("E2E_PW"), "{a}");
     assert_eq!(sink.count(), 0);
 
@@ -452,9 +445,9 @@ async fn a_message_without_a_parameter_its_type_uses_is_refused_at_enqueue() {
     let (s, v) = d.apply(&doc).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = d
-        .post_json(
-            "/v1/integrations/acme/messages",
-            json!({"message": "Create", "body": {}, "params": {"tenant": "t1"}}),
+        .enqueue(
+            "acme",
+            &json!({"message": "Create", "body": {}, "params": {"tenant": "t1"}}),
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
@@ -486,9 +479,9 @@ async fn a_message_without_a_parameter_its_type_uses_is_refused_at_enqueue() {
     // A producer's retry with a key seen before gets the first id, even
     // without the parameters (SPEC §7: it enqueues nothing).
     let (s, v) = d
-        .post_json(
-            "/v1/integrations/acme/messages",
-            json!({"message": "Create", "body": {}, "idempotency_key": "k-1"}),
+        .enqueue(
+            "acme",
+            &json!({"message": "Create", "body": {}, "idempotency_key": "k-1"}),
         )
         .await;
     assert_eq!(
@@ -775,8 +768,7 @@ async fn an_unreadable_credential_sends_nothing_and_is_a_warning() {
     )
     .await;
     let id = send(&d, json!({"message": "Create", "body": "x"})).await;
-    let (m, _) = d.first_attempt(&id, WAIT).await;
-    let a = &m["attempts"][0];
+    let (m, a) = d.first_attempt(&id, WAIT).await;
     assert!(
         a["error"]
             .as_str()

@@ -1084,8 +1084,8 @@ async fn oauth_tokens_are_fetched_through_the_relay() {
     let mut relay = Relay::start(&pki.relay_config(&[port], &allow(&sink)));
     wait_sessions(&d, 1, WAIT).await;
     let id = send(&d, "acme", json!({"message": "Create", "body": {}})).await;
-    let (m, _) = d.first_attempt(&id, WAIT).await;
-    let error = attempts(&m)[0]["error"].as_str().unwrap_or("").to_string();
+    let (m, first) = d.first_attempt(&id, WAIT).await;
+    let error = first["error"].as_str().unwrap_or("").to_string();
     assert!(
         error.contains("oauth profile tok: token endpoint")
             && error.contains("(through mid:dc1")
@@ -1338,23 +1338,16 @@ async fn a_request_cut_by_the_end_of_a_drain_says_the_relay_stopped() {
     let a = send(&d, "acme", json!({"message": "Create", "body": {"n": 1}})).await;
     sink.wait_for(1, WAIT).await;
     assert!(relay.terminate().await.success());
-    let m = eventually_msg(WAIT, "the cut attempt recorded", async || {
+    let cut = eventually_msg(WAIT, "the cut attempt recorded", async || {
         let m = d.message(&a).await;
-        attempts(&m)
-            .iter()
-            .any(|x| {
-                x["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("disconnected"))
-            })
-            .then_some(m)
+        attempts(&m).iter().find_map(|x| {
+            x["error"]
+                .as_str()
+                .filter(|e| e.contains("disconnected"))
+                .map(str::to_owned)
+        })
     })
     .await;
-    let cut = attempts(&m)
-        .iter()
-        .find_map(|x| x["error"].as_str().filter(|e| e.contains("disconnected")))
-        .unwrap()
-        .to_string();
     assert!(
         cut.contains("the relay closed the session: relay stopping"),
         "{cut}"

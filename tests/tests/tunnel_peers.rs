@@ -1089,8 +1089,8 @@ async fn a_request_on_a_session_the_daemon_drops_says_why() {
     let _ = control.send.write_all(&[0, 0, 0, 1, 42]).await;
     let (code, _) = relay.closed("garbage").await;
     assert_eq!(code, 3);
-    let (m, _) = t.daemon.first_attempt(&id, WAIT).await;
-    let error = m["attempts"][0]["error"].as_str().unwrap_or("");
+    let (m, first) = t.daemon.first_attempt(&id, WAIT).await;
+    let error = first["error"].as_str().unwrap_or("");
     assert!(
         error.contains(&format!(
             "relay dc1 ({address}) disconnected: this daemon closed the session: unknown frame kind 42"

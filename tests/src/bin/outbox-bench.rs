@@ -623,6 +623,19 @@ struct Proc {
     addr: SocketAddr,
 }
 
+/// A command running `exe`, pinned to `cpus` (`taskset -c`) when given.
+/// taskset execs the program, so the child's pid is the program's.
+fn pinned(exe: &std::path::Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        None => Command::new(exe),
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(exe);
+            c
+        }
+    }
+}
+
 impl Proc {
     fn spawn_helper(kind: Helper) -> Result<Proc> {
         Proc::spawn_with(&[kind.flag()], None)
@@ -637,16 +650,7 @@ impl Proc {
     /// This binary with `args`, a helper that prints the address it serves;
     /// pinned to `cpus` (`taskset -c`, which execs it) when given.
     fn spawn_with(args: &[&str], cpus: Option<&str>) -> Result<Proc> {
-        let exe = std::env::current_exe()?;
-        let mut cmd = match cpus {
-            None => Command::new(exe),
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpus).arg(exe);
-                c
-            }
-        };
-        let mut child = cmd
+        let mut child = pinned(&std::env::current_exe()?, cpus)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1942,18 +1946,15 @@ fn print_relay(r: &Value) {
         .into_iter()
         .flatten()
         .map(|d| {
-            let mut ssh = match d["relay_vs_ssh"].as_f64() {
-                Some(v) => format!("; relay/ssh {v}, ssh/direct {}", d["ssh_vs_direct"]),
-                None => String::new(),
-            };
-            if let Some(v) = d["relay_vs_forward"].as_f64() {
-                ssh.push_str(&format!(
-                    "; relay/forward {v}, forward/direct {}",
-                    d["forward_vs_direct"]
-                ));
+            let mut others = String::new();
+            for name in [SSH_CONNECTION, FORWARD_CONNECTION] {
+                if let Some(v) = d[format!("relay_vs_{name}")].as_f64() {
+                    let vs_direct = &d[format!("{name}_vs_direct")];
+                    others.push_str(&format!("; relay/{name} {v}, {name}/direct {vs_direct}"));
+                }
             }
             format!(
-                "{} ({} first{ssh})",
+                "{} ({} first{others})",
                 d["ratio"],
                 d["first"].as_str().unwrap_or("?")
             )
@@ -2152,16 +2153,7 @@ impl RelayProc {
         )?;
         let log = dir.join("relay.log");
         let out = std::fs::File::create(&log)?;
-        // taskset execs the relay: the child's pid is the relay's.
-        let mut cmd = match &o.relay_cpus {
-            None => Command::new(exe),
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(exe);
-                c
-            }
-        };
-        let child = cmd
+        let child = pinned(exe, o.relay_cpus.as_deref())
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -2740,13 +2732,11 @@ async fn relay_phase(
         }
         let (direct, through_relay) = (rates[0], rates[1]);
         round_json["ratio"] = json!(round(through_relay / direct.max(1e-9), 3));
-        if let Some(k) = at(SSH_CONNECTION) {
-            round_json["relay_vs_ssh"] = json!(round(through_relay / rates[k].max(1e-9), 3));
-            round_json["ssh_vs_direct"] = json!(round(rates[k] / direct.max(1e-9), 3));
-        }
-        if let Some(k) = at(FORWARD_CONNECTION) {
-            round_json["relay_vs_forward"] = json!(round(through_relay / rates[k].max(1e-9), 3));
-            round_json["forward_vs_direct"] = json!(round(rates[k] / direct.max(1e-9), 3));
+        for name in [SSH_CONNECTION, FORWARD_CONNECTION] {
+            let Some(k) = at(name) else { continue };
+            round_json[format!("relay_vs_{name}")] =
+                json!(round(through_relay / rates[k].max(1e-9), 3));
+            round_json[format!("{name}_vs_direct")] = json!(round(rates[k] / direct.max(1e-9), 3));
         }
         rounds.push(round_json);
     }
@@ -2827,7 +2817,7 @@ async fn relay_phase(
         result["cpu_us_per_msg_all"][name] = json!(round(us[k], 1));
         result["cpu"][name] = cpu[k].clone();
     }
-    if let Some(info) = ssh_info.filter(|_| at(SSH_CONNECTION).is_some()) {
+    if let Some(info) = ssh_info {
         result["ssh_tunnel"] = info;
         result["ssh_tunnel"]["skipped"] = Value::Null;
     }
