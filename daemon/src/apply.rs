@@ -383,11 +383,13 @@ impl Walker {
         }
         // A `${variables.K}` that some connection lacks can be seen now.
         for m in &messages {
-            let templates = std::iter::once(("path".to_string(), &m.path))
-                .chain(m.headers.iter().map(|(k, v)| (format!("headers.{k}"), v)));
-            for (field, text) in templates {
+            for (header, text) in m.templates() {
                 let Ok(refs) = template::refs(text) else {
                     continue;
+                };
+                let field = match header {
+                    None => "path".to_string(),
+                    Some(name) => format!("headers.{name}"),
                 };
                 for r in refs.iter().filter(|r| r.namespace == "variables") {
                     for c in &connections {

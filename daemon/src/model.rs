@@ -163,6 +163,18 @@ pub struct MessageType {
     pub headers: BTreeMap<String, String>,
 }
 
+impl MessageType {
+    /// Its templates: the path (`None`), then each header's value, under
+    /// the header's name.
+    pub fn templates(&self) -> impl Iterator<Item = (Option<&str>, &str)> {
+        std::iter::once((None, self.path.as_str())).chain(
+            self.headers
+                .iter()
+                .map(|(name, value)| (Some(name.as_str()), value.as_str())),
+        )
+    }
+}
+
 /// Everything specific to one environment of the remote system.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -218,13 +218,7 @@ fn missing_param<'m>(
     message_type: &'m crate::model::MessageType,
     params: &BTreeMap<String, String>,
 ) -> Option<(String, &'m str)> {
-    let templates = std::iter::once((None, message_type.path.as_str())).chain(
-        message_type
-            .headers
-            .iter()
-            .map(|(name, value)| (Some(name), value.as_str())),
-    );
-    for (header, template) in templates {
+    for (header, template) in message_type.templates() {
         for r in crate::template::refs(template).unwrap_or_default() {
             if r.namespace == "params" && !params.contains_key(r.key) {
                 let place = match header {

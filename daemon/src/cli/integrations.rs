@@ -47,8 +47,9 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
                     .map(|n| format!("{what} {n}"))
                     .collect()
             };
-            let types = names("removed_message_types", "message type");
-            let removed = [types.clone(), names("removed_connections", "connection")].concat();
+            let mut removed = names("removed_message_types", "message type");
+            let types_removed = !removed.is_empty();
+            removed.extend(names("removed_connections", "connection"));
             outln!(
                 "  {}: {}{}{}",
                 cell(&c, "integration"),
@@ -57,10 +58,10 @@ pub async fn apply(api: &ApiClient, json: bool, file: &str) -> CliResult {
                     .as_str()
                     .map(|a| format!(", active connection {a}"))
                     .unwrap_or_default(),
-                match (removed.is_empty(), types.is_empty()) {
+                match (removed.is_empty(), types_removed) {
                     (true, _) => String::new(),
-                    (false, true) => format!("; removed {}", removed.join(", ")),
-                    (false, false) => format!(
+                    (false, false) => format!("; removed {}", removed.join(", ")),
+                    (false, true) => format!(
                         "; removed {} (messages queued for it end in error when sent)",
                         removed.join(", ")
                     ),
