@@ -215,7 +215,9 @@ where
                 MaybeHttpsStream::Http(_) => None,
             }
         };
-        tokio::time::timeout(Duration::from_secs(2), probe)
+        // Boxed, as `request`'s connect is: a rare path kept out of the
+        // size of the caller's future.
+        tokio::time::timeout(Duration::from_secs(2), Box::pin(probe))
             .await
             .ok()
             .flatten()
@@ -236,7 +238,11 @@ where
             let reused = taken.is_some();
             let conn = match taken {
                 Some(conn) => conn,
-                None => self.connect(&origin, &target).await?,
+                // Boxed: connecting (TCP, TLS, the HTTP handshake) is a
+                // future of several KiB, and inline it made every request's
+                // future, and its caller's task, that large, copied on each
+                // spawn and move though a pooled connection is the rule.
+                None => Box::pin(self.connect(&origin, &target)).await?,
             };
             let sent = match conn {
                 Conn::Http2(mut sender) => {
