@@ -239,9 +239,10 @@ where
             let conn = match taken {
                 Some(conn) => conn,
                 // Boxed: connecting (TCP, TLS, the HTTP handshake) is a
-                // future of several KiB, and inline it made every request's
-                // future, and its caller's task, that large, copied on each
-                // spawn and move though a pooled connection is the rule.
+                // future of several KiB. Inline, it made every request's
+                // future that large, and every task around one, though most
+                // requests take a pooled connection; tokio copies a task's
+                // future when it spawns it and at each change of stage.
                 None => Box::pin(self.connect(&origin, &target)).await?,
             };
             let sent = match conn {
