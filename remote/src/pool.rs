@@ -245,7 +245,7 @@ where
                 // future when it spawns it and at each change of stage.
                 None => Box::pin(self.connect(&origin, &target)).await?,
             };
-            let sent = match conn {
+            let mut sent = match conn {
                 Conn::Http2(mut sender) => {
                     // HTTP/2 takes the scheme and authority from the URI.
                     *req.uri_mut() = target.clone();
@@ -285,7 +285,6 @@ where
                     }
                 }
             };
-            let mut sent = sent;
             // Given back unsent by a connection that was pooled: on a new one.
             match sent.take_message() {
                 Some(unsent) if reused => {
